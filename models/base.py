@@ -1,0 +1,80 @@
+"""The contract every behaviour CTR model (SARN, FAT, baselines) implements.
+
+A model is split into a user side and a candidate side so that serving can compute the user
+side once per user and share it across that user's whole slate (DESIGN.md, "slate-shared user
+side"):
+
+* `encode_user` takes U users' histories and returns a `UserState`: a tuple of tensors whose
+  leading axis is U (history embeddings, SARN's relation cube, user-field tokens, ...).
+* `score_candidates` takes a `UserState` whose rows are aligned with N candidates and returns
+  N logits.
+* `forward_slates` is the serving signature: a ragged layout where `cand_user_index [N]` points
+  each candidate to its user; the base class gathers the user side's *outputs* per candidate.
+* `forward` is the pairwise training form (one candidate per user row).
+
+Models return logits and own no optimizer or loss (STYLE.md). Models with auxiliary objectives
+(SARN) override `forward_train` to return them beside the logits; the trainer adds them.
+No Python control flow may depend on tensor values (the ONNX export relies on it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from models.batch import BehaviorBatch
+
+UserState = tuple[Tensor, ...]
+
+
+@dataclass
+class TrainOutput:
+    logits: Tensor  # [B]
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # scalars, added to the CTR loss
+
+
+class BehaviorModel(nn.Module, ABC):
+    """Base class of the behaviour CTR models; see the module docstring for the contract.
+
+    Subclasses set `config_class` (a dataclass with defaults) and take
+    `(sizes, config)` in their constructor, where `sizes` maps a vocabulary name (`item`,
+    `category`, `user`, `context_<name>`) to its embedding table size.
+    """
+
+    config_class: ClassVar[type[Any]]
+
+    @abstractmethod
+    def encode_user(
+        self, user: Tensor, hist_items: Tensor, hist_cats: Tensor, context: Tensor
+    ) -> UserState:
+        """[U], [U, L], [U, L], [U, C] -> tensors with leading axis U."""
+
+    @abstractmethod
+    def score_candidates(self, state: UserState, items: Tensor, cats: Tensor) -> Tensor:
+        """UserState rows aligned with the N candidates, [N], [N] -> logits [N]."""
+
+    def forward_slates(
+        self,
+        user: Tensor,
+        hist_items: Tensor,
+        hist_cats: Tensor,
+        context: Tensor,
+        cand_items: Tensor,
+        cand_cats: Tensor,
+        cand_user_index: Tensor,
+    ) -> Tensor:
+        """Scores N candidates of U users: the user side runs once per user. -> logits [N]."""
+        state = self.encode_user(user, hist_items, hist_cats, context)
+        per_candidate = tuple(s.index_select(0, cand_user_index) for s in state)
+        return self.score_candidates(per_candidate, cand_items, cand_cats)
+
+    def forward(self, batch: BehaviorBatch) -> Tensor:
+        """Pairwise form: row b's history scores row b's target. -> logits [B]."""
+        state = self.encode_user(batch.user, batch.hist_items, batch.hist_cats, batch.context)
+        return self.score_candidates(state, batch.items, batch.cats)
+
+    def forward_train(self, batch: BehaviorBatch) -> TrainOutput:
+        return TrainOutput(self(batch))
