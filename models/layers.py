@@ -18,6 +18,9 @@ class Dice(nn.Module):
     Works on [B, D] and on [..., D] (statistics over every axis but the last).
     """
 
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, dim: int, momentum: float = 0.01, eps: float = 1e-9) -> None:
         super().__init__()
         self.alpha = nn.Parameter(torch.zeros(dim))

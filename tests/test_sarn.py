@@ -1,0 +1,257 @@
+"""SARN: contract, masking, invariances, losses and trainability on tiny configurations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.batch import BehaviorBatch
+from models.sarn import SARN, SARNConfig
+
+torch.set_num_threads(1)
+
+N_ITEMS, N_CATS = 30, 8
+SIZES = {"item": N_ITEMS, "category": N_CATS, "user": 10, "context_device": 4}
+TINY = SARNConfig(
+    embedding_dim=4, relation_width=6, attention_hidden=5, hidden_dims=(7, 3), regression_hidden=3
+)
+
+
+def make_model(seed: int = 0, **overrides: object) -> SARN:
+    torch.manual_seed(seed)
+    return SARN(SIZES, dataclasses.replace(TINY, **overrides))
+
+
+def make_batch(lengths: list[int], max_len: int, seed: int = 0) -> BehaviorBatch:
+    """Random rows whose history has the given real lengths, PAD (0) at the end."""
+    g = torch.Generator().manual_seed(seed)
+    b = len(lengths)
+    real = torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]  # [B, L]
+
+    def ids(high: int, *shape: int) -> torch.Tensor:
+        return torch.randint(2, high, shape, generator=g)
+
+    return BehaviorBatch(
+        user=ids(10, b),
+        hist_items=ids(N_ITEMS, b, max_len) * real,
+        hist_cats=ids(N_CATS, b, max_len) * real,
+        items=ids(N_ITEMS, b),
+        cats=ids(N_CATS, b),
+        context=ids(4, b, 1),
+        label=torch.randint(0, 2, (b,), generator=g).float(),
+        neg_hist_items=ids(N_ITEMS, b, max_len) * real,
+        neg_hist_cats=ids(N_CATS, b, max_len) * real,
+    )
+
+
+def select_rows(batch: BehaviorBatch, index: torch.Tensor) -> BehaviorBatch:
+    return BehaviorBatch(
+        **{
+            f.name: (v.index_select(0, index) if v is not None else None)
+            for f in dataclasses.fields(batch)
+            for v in [getattr(batch, f.name)]
+        }
+    )
+
+
+def total_loss(model: SARN, batch: BehaviorBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model.forward_train(batch)
+    bce = F.binary_cross_entropy_with_logits(out.logits, batch.label)
+    return bce + sum(out.aux_losses.values(), torch.zeros(())), bce
+
+
+def test_output_shape_finite_and_probability_range() -> None:
+    model = make_model()
+    batch = make_batch([5, 3, 0, 1, 5, 2], max_len=5)
+    for training in (True, False):
+        model.train(training)
+        logits = model(batch)
+        assert logits.shape == (6,)
+        assert torch.isfinite(logits).all()
+        p = torch.sigmoid(logits)
+        assert ((p > 0) & (p < 1)).all()
+
+
+def test_logit_is_softmax_click_column() -> None:
+    """σ(l0 − l1) equals softmax([l0, l1])[0], the code's p_click."""
+    model = make_model().eval()
+    z = torch.randn(4, model.head.net[0].weight.shape[0])
+    two = model.head.net(z)
+    assert torch.allclose(torch.sigmoid(model.head(z)), two.softmax(-1)[:, 0], atol=1e-6)
+
+
+def test_relation_cube_matches_formula() -> None:
+    """G_ij = cos(ReLU(W_φ x_i), ReLU(W_ψ x_j))·x_i + x_j, written out with loops."""
+    model = make_model()
+    x = torch.randn(2, 3, 8)
+    x[1, 2] = 0.0  # a padded slot
+    cube = model.relational(x)
+    w_phi, w_psi = model.relational.phi.weight, model.relational.psi.weight
+    for b in range(2):
+        for i in range(3):
+            for j in range(3):
+                a, c = torch.relu(w_phi @ x[b, i]), torch.relu(w_psi @ x[b, j])
+                r = (a @ c) / ((a.norm() + 1e-10) * (c.norm() + 1e-10))
+                expected = r * x[b, i] + x[b, j]
+                assert torch.allclose(cube[b, i, j], expected, atol=1e-6)
+    assert torch.equal(cube[1, :, 2], torch.zeros(3, 8))  # padded target j: R = 0, x_j = 0
+
+
+def test_gate_split_matches_concatenated_gate() -> None:
+    """u from the per-user precomputed W1_G·G + b1 equals the code's σ(MLP([t; G]))·G max."""
+    model = make_model().eval()
+    batch = make_batch([4, 2, 3], max_len=4)
+    state = model.encode_user(batch.user, batch.hist_items, batch.hist_cats, batch.context)
+    t = model._embed(batch.items, batch.cats)
+    ell = batch.hist_items.shape[1]
+    joined = torch.cat([t[:, None, None, :].expand(-1, ell, ell, -1), state.cube], dim=-1)
+    gate = torch.sigmoid(model.gate.out(torch.relu(model.gate.hidden(joined))))
+    u = (gate * state.cube * state.mask[:, :, None, None]).amax(dim=(1, 2)).clamp_min(0.0)
+    z = torch.cat([t, u, t * state.mean, state.max, state.mean, state.context], dim=-1)
+    assert torch.allclose(model.score_candidates(state, batch.items, batch.cats), model.head(z))
+
+
+def test_appending_padding_changes_no_score() -> None:
+    """Includes full rows (no padding) and an empty row; eval mode."""
+    model = make_model().eval()
+    batch = make_batch([5, 5, 5, 5, 2, 0, 1], max_len=5, seed=3)
+    pad = (0, 3)
+    longer = dataclasses.replace(
+        batch,
+        hist_items=F.pad(batch.hist_items, pad),
+        hist_cats=F.pad(batch.hist_cats, pad),
+    )
+    with torch.no_grad():
+        assert torch.allclose(model(batch), model(longer), atol=1e-6)
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_score_invariant_to_history_permutation(positional: bool) -> None:
+    """Permuting slots permutes the cells (i, j) of R and G and the rows of X; the score
+    pools them with max/mean, which ignore order. The positional loss only shapes training,
+    it is not part of the score, so the invariance holds either way."""
+    model = make_model(positional_loss=positional).eval()
+    lengths = [5, 4, 3, 1]
+    batch = make_batch(lengths, max_len=6, seed=5)
+    items, cats = batch.hist_items.clone(), batch.hist_cats.clone()
+    g = torch.Generator().manual_seed(1)
+    for row, n in enumerate(lengths):
+        perm = torch.randperm(n, generator=g)
+        items[row, :n], cats[row, :n] = items[row, perm], cats[row, perm]
+    assert not torch.equal(items, batch.hist_items)
+    permuted = dataclasses.replace(batch, hist_items=items, hist_cats=cats)
+    with torch.no_grad():
+        assert torch.allclose(model(batch), model(permuted), atol=1e-5)
+
+
+def test_every_parameter_gets_a_gradient() -> None:
+    model = make_model().train()
+    batch = make_batch([5, 3, 0, 4, 1, 5, 2, 5], max_len=5)
+    out = model.forward_train(batch)
+    assert set(out.aux_losses) == {"positional", "auxiliary"}
+    loss, _ = total_loss(model, batch)
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_positional_loss_matches_hand_computed_value() -> None:
+    """With MLP_reg predicting 0 the loss is mean over (b,i,j) of m_i·d(i,j)², d² = |j−i|/L.
+    One full row of L = 4: Σ_ij |j−i|/4 = 20/4 = 5 over 16 cells; one empty row adds 0."""
+    model = make_model(auxiliary_loss=False, positional_weight=1.0)
+    assert model.positional is not None
+    for p in model.positional.parameters():
+        torch.nn.init.zeros_(p)
+    batch = make_batch([4, 0], max_len=4)
+    loss = model.forward_train(batch).aux_losses["positional"]
+    assert loss.item() == pytest.approx(5.0 / 32.0)
+
+
+def test_training_lowers_the_loss() -> None:
+    """Label = target category appears in the history: learnable from the relations."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 7, (64,), generator=g).tolist()
+    batch = make_batch(lengths, max_len=6, seed=11)
+    label = (batch.hist_cats == batch.cats[:, None]).any(dim=1).float()
+    batch = dataclasses.replace(batch, label=label)
+    assert 0.2 < label.mean() < 0.8
+    model = make_model(seed=2).train()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    first_total, first_bce = (v.item() for v in total_loss(model, batch))
+    for _ in range(40):
+        opt.zero_grad()
+        loss, _ = total_loss(model, batch)
+        loss.backward()
+        opt.step()
+    last_total, last_bce = (v.item() for v in total_loss(model, batch))
+    assert last_total < 0.8 * first_total
+    assert last_bce < 0.7 * first_bce
+
+
+def test_forward_slates_matches_pairwise_rows() -> None:
+    model = make_model().eval()
+    users = make_batch([4, 0, 2], max_len=4, seed=7)
+    g = torch.Generator().manual_seed(3)
+    index = torch.tensor([0, 0, 2, 1, 2, 2, 0])  # ragged: 3, 1 and 3 candidates
+    cand_items = torch.randint(2, N_ITEMS, (7,), generator=g)
+    cand_cats = torch.randint(2, N_CATS, (7,), generator=g)
+    with torch.no_grad():
+        slates = model.forward_slates(
+            users.user, users.hist_items, users.hist_cats, users.context,
+            cand_items, cand_cats, index,
+        )  # fmt: skip
+        rows = dataclasses.replace(select_rows(users, index), items=cand_items, cats=cand_cats)
+        pairwise = model(rows)
+    assert slates.shape == (7,)
+    assert torch.allclose(slates, pairwise, atol=1e-6)
+
+
+def test_eval_score_does_not_depend_on_other_rows() -> None:
+    model = make_model()
+    batch = make_batch([5, 3, 0, 4, 1, 5], max_len=5)
+    model.train()
+    for _ in range(3):  # move Dice's running statistics away from their initial values
+        model(batch)
+    model.eval()
+    with torch.no_grad():
+        together = model(batch)
+        alone = torch.cat([model(select_rows(batch, torch.tensor([r]))) for r in range(6)])
+        shuffled = model(select_rows(batch, torch.tensor([5, 4, 3, 2, 1, 0]))).flip(0)
+    assert torch.allclose(together, alone, atol=1e-6)
+    assert torch.allclose(together, shuffled, atol=1e-6)
+
+
+def test_empty_histories_are_finite_in_train_and_eval() -> None:
+    model = make_model().train()
+    batch = make_batch([0, 0, 0], max_len=4)
+    out = model.forward_train(batch)
+    assert torch.isfinite(out.logits).all()
+    assert all(torch.isfinite(v) for v in out.aux_losses.values())
+    total_loss(model, batch)[0].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    assert torch.isfinite(model(batch)).all()
+
+
+def test_auxiliary_losses_can_be_switched_off() -> None:
+    batch = make_batch([3, 2], max_len=3)
+    off = make_model(positional_loss=False, auxiliary_loss=False).train()
+    assert off.forward_train(batch).aux_losses == {}
+    assert not any(n.startswith(("positional", "auxiliary")) for n, _ in off.named_parameters())
+    only_pos = make_model(auxiliary_loss=False).train()
+    assert set(only_pos.forward_train(batch).aux_losses) == {"positional"}
+    no_negatives = dataclasses.replace(batch, neg_hist_items=None, neg_hist_cats=None)
+    assert set(make_model().forward_train(no_negatives).aux_losses) == {"positional"}
+
+
+def test_no_context_fields() -> None:
+    sizes = {k: v for k, v in SIZES.items() if not k.startswith("context_")}
+    torch.manual_seed(0)
+    model = SARN(sizes, TINY).eval()
+    batch = dataclasses.replace(make_batch([3, 0], max_len=3), context=torch.zeros(2, 0).long())
+    assert torch.isfinite(model(batch)).all()
