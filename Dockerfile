@@ -1,0 +1,105 @@
+# syntax=docker/dockerfile:1
+#
+# SlateCTR images (docs/deploy.md):
+#   docker build --target serve -t slatectr:serve .      scoring service, no torch (default target)
+#   docker build --target train -t slatectr:train .      simulate / train / evaluate / export
+# Bake a model repository into the serving image instead of mounting one at /models:
+#   docker build --target serve --build-arg MODEL_REPO=model_repo -t slatectr:serve-models .
+#
+# The serving base must match what the onnxruntime-gpu wheel was built against: 1.31 on PyPI is
+# built with CUDA 13.0 (capi/build_and_package_info.py: cuda_version = '13.0'; it links
+# libcudart.so.13 and libcublas.so.13) and cuDNN 9. CUDA 13 needs an NVIDIA driver >= 580 on the
+# host. Change CUDA_IMAGE and ORT_VERSION together (tests/test_deploy.py checks the pair).
+# For reproducible builds pin CUDA_IMAGE by digest (nvidia/cuda:...@sha256:...).
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+ARG TRAIN_IMAGE=python:3.12-slim-bookworm
+ARG ORT_VERSION=1.31.1
+ARG APP_UID=10001
+
+# ---------------------------------------------------------------------------------------------
+# serve-builder: a virtual environment with the serving dependencies, built on the same base as
+# the runtime stage so that the venv's interpreter (/usr/bin/python3.12) exists there too.
+# ---------------------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS serve-builder
+ARG ORT_VERSION
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Dependencies first (base + the `serve` extra, read from pyproject.toml): this layer is reused
+# until pyproject.toml changes, not on every source edit. No torch: that is the `train` extra.
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt "onnxruntime-gpu==${ORT_VERSION}"
+# The project itself (what .dockerignore lets through), without its dependencies again.
+COPY . .
+RUN pip install --no-deps . \
+    && python -c "import service.api, sys; assert 'torch' not in sys.modules, 'serving imports torch'"
+
+# ---------------------------------------------------------------------------------------------
+# serve: the scoring service. Non-root, read-only friendly (writes nothing outside /tmp).
+# ---------------------------------------------------------------------------------------------
+FROM ${CUDA_IMAGE} AS serve
+ARG APP_UID
+# A directory of the build context copied to /models; the default holds no model, so a model
+# repository is mounted read-only at /models at run time (compose, k8s volume) unless baked in.
+ARG MODEL_REPO=deploy/models-empty
+ENV DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid ${APP_UID} ctr \
+    && useradd --system --uid ${APP_UID} --gid ${APP_UID} --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin ctr
+COPY --from=serve-builder /opt/venv /opt/venv
+# Owned by root and not writable by the service user: the models are data, never state.
+COPY ${MODEL_REPO}/ /models/
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    CTR_HOST=0.0.0.0 \
+    CTR_PORT=8000 \
+    CTR_REPO=/models
+WORKDIR /tmp
+USER ${APP_UID}:${APP_UID}
+EXPOSE 8000
+# Liveness only (the process answers); readiness is /readyz and is the orchestrator's business.
+# No curl in this image: the standard library does the request.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('CTR_PORT', '8000'), timeout=2)"]
+# Exec form: `ctr` is PID 1 (or the child of compose's `init`), so SIGTERM reaches uvicorn and
+# the service drains (service/server.py) instead of being killed after the grace period.
+CMD ["ctr", "serve"]
+
+# ---------------------------------------------------------------------------------------------
+# train: the offline pipeline: simulate, train, evaluate, and export (which checks ONNX parity
+# with ONNX Runtime, hence the `serve` extra too). torch from PyPI brings its own CUDA libraries
+# and needs only the host driver. Usage (docs/deploy.md):
+#   docker run --rm --gpus all -v "$PWD/work:/work" slatectr:train train --model sarn ...
+# ---------------------------------------------------------------------------------------------
+FROM ${TRAIN_IMAGE} AS train
+ARG APP_UID
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1
+RUN groupadd --system --gid ${APP_UID} ctr \
+    && useradd --system --uid ${APP_UID} --gid ${APP_UID} --create-home --home-dir /home/ctr ctr
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['train'] + p['optional-dependencies']['serve']))" > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt
+# The project itself (what .dockerignore lets through), without its dependencies again.
+COPY . .
+RUN pip install --no-deps .
+WORKDIR /work
+USER ${APP_UID}:${APP_UID}
+ENTRYPOINT ["ctr"]
+CMD ["--help"]
+
+# The default target (last stage wins otherwise): the serving image.
+FROM serve
