@@ -1,0 +1,80 @@
+"""`ctr simulate`: a synthetic world with known ground truth.
+
+Users hold a mixture of drifting latent interests, items have categories, styles and latent
+vectors, and every click is drawn from a known probability: the behaviour truth is written
+out in `models.simulate.behavior`, the slate truth in `models.simulate.slates`, the static
+world in `models.simulate.world`, every knob in `SimulationConfig`. `simulate_world` writes
+
+    out/behavior/{train,test}.parquet   behaviour samples (+ click_prob, ts), split by user
+    out/slates/{train,test}.parquet     slate sessions (+ click_probs), same user split
+    out/events.parquet                  the raw click log of the behaviour stream
+    out/oracle.json                     test metrics of the true probabilities + the config
+
+Determinism: one `numpy.random.SeedSequence(seed)` is split into independent streams for the
+world, the behaviour stream and the slates, so the same config gives byte-identical files,
+and changing a slate knob does not change the behaviour data. Everything is vectorised over
+users (lockstep over steps), so a world of 1M events takes well under a minute on one core.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from models.simulate.behavior import BehaviorLog, simulate_behavior
+from models.simulate.config import SimulationConfig
+from models.simulate.oracle import behavior_oracle, slate_oracle
+from models.simulate.slates import SlateLog, simulate_slates
+from models.simulate.world import World, build_world
+from models.simulate.writer import Names, write_behavior, write_events, write_slates
+
+__all__ = ["SimulationConfig", "simulate_world"]
+
+
+def simulate_world(config: SimulationConfig, out: Path, progress: bool = True) -> dict[str, Any]:
+    """Simulates the world of `config` into `out` and returns the oracle (also oracle.json)."""
+    config.validate()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world_rng, behavior_rng, slate_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(3))
+    world = build_world(config, world_rng)
+    total = config.n_users * config.events_per_user
+    with tqdm(total=total, desc="simulate", unit="event", disable=not progress) as bar:
+        log = simulate_behavior(world, config, behavior_rng, on_clicks=bar.update)
+    slates = simulate_slates(world, config, log.interests, slate_rng)
+    _write_all(out, config, world, log, slates, progress)
+    oracle = {
+        "behavior": behavior_oracle(log, world.is_test),
+        "slates": slate_oracle(slates, world.is_test, config),
+        "config": asdict(config),
+    }
+    (out / "oracle.json").write_text(json.dumps(oracle, indent=2) + "\n")
+    return oracle
+
+
+def _write_all(
+    out: Path, config: SimulationConfig, world: World, log: BehaviorLog, slates: SlateLog,
+    progress: bool,
+) -> None:
+    names = Names(config)
+    sample_test = world.is_test[log.user]
+    session_test = np.repeat(world.is_test, config.sessions_per_user)
+    jobs = [
+        ("behavior/train", lambda: write_behavior(log, world, names, np.flatnonzero(
+            ~sample_test), config, out / "behavior" / "train.parquet")),
+        ("behavior/test", lambda: write_behavior(log, world, names, np.flatnonzero(
+            sample_test), config, out / "behavior" / "test.parquet")),
+        ("slates/train", lambda: write_slates(slates, world, names, np.flatnonzero(
+            ~session_test), config, out / "slates" / "train.parquet")),
+        ("slates/test", lambda: write_slates(slates, world, names, np.flatnonzero(
+            session_test), config, out / "slates" / "test.parquet")),
+        ("events", lambda: write_events(log, world, names, out / "events.parquet")),
+    ]
+    for _, job in tqdm(jobs, desc="write", unit="file", disable=not progress):
+        job()

@@ -1,0 +1,67 @@
+"""The oracle: test metrics of the TRUE click probabilities, the ceiling no model can pass.
+
+* Behaviour: AUC and LogLoss of p against the labels of the test users' samples.
+* Slates (the NCM protocol): AUC of p over the items of the last `slate_eval_fraction` of the
+  slates of each test session (the first ⌊0.8·S⌋ slates are context), and F1 of the click
+  class and accuracy at the threshold that maximises F1 on the training sessions' true
+  probabilities (grid 0.01..0.99), as the NCM benchmark fits its threshold on training
+  predictions. Decision: that threshold is fitted on every slate of the training sessions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from models.metrics import auc, logloss
+from models.simulate.behavior import BehaviorLog
+from models.simulate.config import SimulationConfig
+from models.simulate.slates import SlateLog
+
+THRESHOLD_GRID = np.round(np.arange(1, 100) / 100.0, 2)
+
+
+def context_slates(config: SimulationConfig) -> int:
+    """Number of leading slates per session that are context, never evaluated: ⌊0.8·S⌋."""
+    s = config.slates_per_session
+    n_ctx = int(np.floor(round((1.0 - config.slate_eval_fraction) * s, 9)))
+    return min(max(n_ctx, 1), s - 1)
+
+
+def f1_accuracy(labels: np.ndarray, probs: np.ndarray, threshold: float) -> tuple[float, float]:
+    """F1 of the positive class and accuracy of the prediction `probs >= threshold`."""
+    pred = probs >= threshold
+    true = labels.astype(bool)
+    tp = float(np.sum(pred & true))
+    denom = float(pred.sum() + true.sum())
+    f1 = 2.0 * tp / denom if denom else 0.0
+    return f1, float(np.mean(pred == true))
+
+
+def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+    """The grid threshold with the highest F1 (the lowest one on ties)."""
+    scores = [f1_accuracy(labels, probs, float(t))[0] for t in THRESHOLD_GRID]
+    return float(THRESHOLD_GRID[int(np.argmax(scores))])
+
+
+def behavior_oracle(log: BehaviorLog, is_test: np.ndarray) -> dict[str, Any]:
+    """AUC/LogLoss of the true probabilities on the test users' samples."""
+    test = is_test[log.user]
+    y, p = log.label[test], log.prob[test]
+    return {"auc": auc(y, p), "logloss": logloss(y, p), "n": int(test.sum()),
+            "ctr": float(y.mean()) if len(y) else float("nan")}
+
+
+def slate_oracle(log: SlateLog, is_test: np.ndarray, config: SimulationConfig) -> dict[str, Any]:
+    """AUC/F1/accuracy of the true probabilities on the evaluated slates of test sessions."""
+    session_test = np.repeat(is_test, config.sessions_per_user)  # [Q]
+    train_y = log.clicks[~session_test].ravel()
+    train_p = log.probs[~session_test].ravel()
+    threshold = best_f1_threshold(train_y, train_p)
+    evaluated = slice(context_slates(config), None)
+    y = log.clicks[session_test, evaluated].ravel()
+    p = log.probs[session_test, evaluated].ravel()
+    f1, accuracy = f1_accuracy(y, p, threshold)
+    return {"auc": auc(y, p), "f1": f1, "accuracy": accuracy, "n": int(y.size),
+            "threshold": threshold, "ctr": float(y.mean()) if y.size else float("nan")}
