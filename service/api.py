@@ -1,0 +1,68 @@
+"""The FastAPI application factory: `build_app(settings)`.
+
+The app's lifespan owns the engine (models, batchers, behaviour store, embedded Redis): they
+start before the first request is accepted and stop after the last in-flight one finished.
+Routes live in `service.routes` and only talk to the engine. `create_app()` builds from the
+environment, for `uvicorn --factory service.api:create_app`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.engine import ScoringEngine
+from service.errors import install_error_handlers
+from service.metrics import ServiceMetrics
+from service.middleware import RequestContextMiddleware
+from service.routes import router
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = ServiceMetrics()
+    engine = ScoringEngine(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _warn_open_scopes(settings)
+        await engine.start()
+        ready, reasons = engine.readiness()
+        log.info("service started", extra={"ready": ready, "reasons": reasons})
+        try:
+            yield
+        finally:
+            await engine.stop(settings.graceful_timeout_s)
+            log.info("service stopped")
+
+    app = FastAPI(
+        title="SlateCTR scoring service",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.engine = engine
+    install_error_handlers(app)
+    app.add_middleware(
+        RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
+    )
+    app.include_router(router)
+    return app
+
+
+def create_app() -> FastAPI:
+    return build_app(Settings())
+
+
+def _warn_open_scopes(settings: Settings) -> None:
+    if not settings.ingest_api_keys:
+        log.warning("CTR_INGEST_API_KEYS is empty: POST /v1/events accepts any caller")
+    if not settings.admin_api_keys:
+        log.warning("CTR_ADMIN_API_KEYS is empty: history read/erase accept any caller")

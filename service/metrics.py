@@ -1,0 +1,128 @@
+"""Prometheus metrics of the service (names, base units and labels from DESIGN.md).
+
+Labels stay low-cardinality: route templates, model names and versions, status codes, reasons;
+never a user, item or request id. Buckets are in seconds and put the 10-50 ms SLO range on
+bucket boundaries (the client's defaults start at 5 ms).
+
+Every app instance owns its own registry, so several apps can live in one process (tests).
+Deployment is one process per container; if you do run several worker processes, set
+`PROMETHEUS_MULTIPROC_DIR` (wiped) before start: values then go to files in that directory and
+`/metrics` aggregates them with `MultiProcessCollector` (gauges declare how they combine).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from service.batcher import BatchObserver
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.075,
+    0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
+CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000)
+REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServiceMetrics:
+    """All metrics of one app, registered on their own registry."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.request_duration = Histogram(
+            "ctr_request_duration_seconds", "HTTP request latency.",
+            ["endpoint", "model", "variant", "status"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "ctr_queue_wait_seconds", "Time from admission to the start of inference.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_duration = Histogram(
+            "ctr_inference_duration_seconds", "ONNX Runtime run() time per batch.",
+            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.encode_duration = Histogram(
+            "ctr_encode_duration_seconds", "Vocabulary mapping and array building per batch.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_candidates = Histogram(
+            "ctr_batch_candidates", "Candidates per inference batch.",
+            ["model"], buckets=CANDIDATE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_requests = Histogram(
+            "ctr_batch_requests", "Requests per inference batch.",
+            ["model"], buckets=REQUEST_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.store_duration = Histogram(
+            "ctr_store_duration_seconds", "Redis behaviour-store call latency.",
+            ["operation", "outcome"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "ctr_requests_rejected_total", "Scoring requests refused or dropped, by reason.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.history_source = Counter(
+            "ctr_history_source_total", "Where each scored request's history came from.",
+            ["source"], registry=r,
+        )  # fmt: skip
+        self.events = Counter(
+            "ctr_events_total", "Ingested events by outcome.", ["outcome"], registry=r
+        )
+        self.model_info = Gauge(
+            "ctr_model_info", "Loaded model versions and the execution provider in use (1).",
+            ["model", "version", "provider"], multiprocess_mode="max", registry=r,
+        )  # fmt: skip
+        self.dependency_up = Gauge(
+            "ctr_dependency_up", "1 when the dependency answered its last call.",
+            ["dependency"], multiprocess_mode="max", registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "ctr_queue_depth", "Requests waiting in a model's batch queue.",
+            ["model"], multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+        self.inflight = Gauge(
+            "ctr_inflight_requests", "HTTP requests being handled.",
+            multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+
+    def observer(self, model: str) -> BatchObserver:
+        return _MetricsObserver(self, model)
+
+    def render(self) -> bytes:
+        """The text exposition format, aggregated across processes in multiprocess mode."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+class _MetricsObserver(BatchObserver):
+    def __init__(self, metrics: ServiceMetrics, model: str) -> None:
+        self._m = metrics
+        self._model = model
+
+    def on_batch(self, requests: int, candidates: int) -> None:
+        self._m.batch_requests.labels(self._model).observe(requests)
+        self._m.batch_candidates.labels(self._model).observe(candidates)
+
+    def on_queue_wait(self, seconds: float) -> None:
+        self._m.queue_wait.labels(self._model).observe(seconds)
+
+    def on_reject(self, reason: str) -> None:
+        self._m.rejected.labels(reason).inc()
+
+    def on_depth(self, depth: int) -> None:
+        self._m.queue_depth.labels(self._model).set(depth)

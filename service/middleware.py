@@ -1,0 +1,136 @@
+"""Per-request context: request id, body-size limit, latency histogram, in-flight gauge and one
+JSON access line.
+
+A pure ASGI middleware (no BaseHTTPMiddleware: it would copy the body stream and add a task per
+request). The request id is the client's `X-Request-ID` when it is a sane token, otherwise a
+fresh one; it is returned on every response, errors included. The metric's labels are the
+route template (never the raw path), the model and variant the handler recorded in
+`request.state`, and the status code.
+
+The body limit is enforced here rather than with `FastAPI(max_body_size=...)`: Starlette's
+limiter answers in plain text, and this keeps the 413 in the service's JSON error envelope. A
+declared Content-Length over the limit is refused before reading; a chunked body is counted
+as it arrives and refused as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from fastapi import HTTPException
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_response
+from service.logs import request_id_var
+from service.metrics import ServiceMetrics
+
+access_log = logging.getLogger("service.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_QUIET = {"/healthz", "/readyz", "/metrics"}
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive`; FastAPI re-raises HTTPExceptions met while reading the body."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+def _header(scope: Scope, wanted: bytes) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == wanted:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    text = _header(scope, b"x-request-id")
+    return text if text is not None and _REQUEST_ID.match(text) else None
+
+
+def _declared_length(scope: Scope) -> int:
+    text = _header(scope, b"content-length")
+    return int(text) if text is not None and text.isdigit() else 0
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
+        status = 500  # what the client sees if the app fails before answering
+        started = False
+        start = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        self.metrics.inflight.inc()
+        try:
+            if _declared_length(scope) > self.max_body_bytes:
+                response = error_response(413, "payload_too_large", "request body too large")
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, limited_receive, send_with_id)
+        except Exception as exc:
+            # Answered here rather than by Starlette's outermost handler so that the generic
+            # 500 still carries the request id (header and body); the traceback goes to the log.
+            access_log.error("unhandled error", exc_info=exc)
+            if not started:
+                await error_response(500, "internal_error", "internal error")(
+                    scope, receive, send_with_id
+                )
+        finally:
+            self.metrics.inflight.dec()
+            self._record(scope, status, time.perf_counter() - start)
+            request_id_var.reset(token)
+
+    def _record(self, scope: Scope, status: int, elapsed: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        state = scope.get("state", {})
+        model, variant = state.get("model", ""), state.get("variant", "")
+        self.metrics.request_duration.labels(endpoint, model, variant, str(status)).observe(elapsed)
+        level = logging.DEBUG if endpoint in _QUIET else logging.INFO
+        access_log.log(
+            level,
+            "%s %s %d",
+            scope.get("method", ""), endpoint, status,
+            extra={
+                "method": scope.get("method", ""),
+                "endpoint": endpoint,
+                "status": status,
+                "duration_ms": round(elapsed * 1000, 3),
+                "model": model or None,
+                "variant": variant or None,
+                "history_source": state.get("history_source"),
+                "client_request_id": state.get("client_request_id"),
+            },
+        )  # fmt: skip

@@ -1,0 +1,178 @@
+"""The HTTP routes: thin translations between the API schemas and the engine."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.auth import require_key
+from service.engine import ScoreInput, ScoringEngine
+from service.errors import LimitExceeded
+from service.schemas import (
+    ID_PATTERN,
+    ErrorResponse,
+    EventsRequest,
+    EventsResponse,
+    HistoryEntry,
+    HistoryResponse,
+    ModelsResponse,
+    ModelStatus,
+    ScoreRequest,
+    ScoreResponse,
+)
+from service.settings import Settings
+from service.store import Event
+
+router = APIRouter()
+UserId = Annotated[str, Path(pattern=ID_PATTERN)]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422, 429, 503, 504)
+}
+
+
+def _engine(request: Request) -> ScoringEngine:
+    engine: ScoringEngine = request.app.state.engine
+    return engine
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+EngineDep = Annotated[ScoringEngine, Depends(_engine)]
+SettingsDep = Annotated[Settings, Depends(_settings)]
+
+
+@router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
+async def score(
+    body: ScoreRequest,
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    x_request_timeout_ms: Annotated[float | None, Header(gt=0, le=600_000)] = None,
+) -> ScoreResponse:
+    """Scores `candidates` for `user_id`; `scores[i]` belongs to `candidates[i]`."""
+    _check_score_limits(body, settings)
+    timeout_ms = min(x_request_timeout_ms or settings.request_timeout_ms,
+                     settings.max_request_timeout_ms)  # fmt: skip
+    inline = body.history
+    result = await engine.score(
+        ScoreInput(
+            request_id=body.request_id or request.state.request_id,
+            user_id=body.user_id,
+            candidates=[(c.item_id, c.category_id) for c in body.candidates],
+            context=body.context,
+            history=None if inline is None else [(h.item_id, h.category_id) for h in inline],
+            model=body.model,
+            deadline=time.monotonic() + timeout_ms / 1000,
+        )
+    )
+    request.state.model, request.state.variant = result.model, result.variant
+    request.state.history_source = result.history_source
+    request.state.client_request_id = body.request_id
+    return ScoreResponse(
+        request_id=body.request_id or request.state.request_id,
+        model=result.model,
+        version=str(result.version),
+        variant=result.variant,
+        scores=result.scores,
+        history_source=result.history_source,
+    )
+
+
+@router.post(
+    "/v1/events",
+    status_code=202,
+    response_model=EventsResponse,
+    responses=_ERRORS,
+    dependencies=[Depends(require_key("ingest"))],
+)
+async def ingest(body: EventsRequest, engine: EngineDep, settings: SettingsDep) -> EventsResponse:
+    """Appends behaviour events; idempotent per `event_id`. 503 when Redis is down."""
+    if len(body.events) > settings.max_events:
+        raise LimitExceeded(["body", "events"], f"at most {settings.max_events} events per request")
+    horizon = time.time() + settings.event_max_future_s
+    for i, e in enumerate(body.events):
+        if e.ts > horizon:
+            raise LimitExceeded(["body", "events", i, "ts"], "event timestamp is in the future")
+    events = [Event(e.user_id, e.item_id, e.category_id, e.ts, e.event_id) for e in body.events]
+    result = await engine.ingest(events)
+    return EventsResponse(accepted=result.accepted, duplicates=result.duplicates)
+
+
+@router.get(
+    "/v1/users/{user_id}/history",
+    response_model=HistoryResponse,
+    responses=_ERRORS,
+    dependencies=[Depends(require_key("admin"))],
+)
+async def get_history(user_id: UserId, engine: EngineDep) -> HistoryResponse:
+    """The stored sequence, oldest first (the order a model sees), at most the cap."""
+    items = await engine.history(user_id)
+    entries = [HistoryEntry(item_id=h.item_id, category_id=h.category_id, ts=h.ts) for h in items]
+    return HistoryResponse(user_id=user_id, items=entries)
+
+
+@router.delete(
+    "/v1/users/{user_id}/history",
+    status_code=204,
+    responses=_ERRORS,
+    dependencies=[Depends(require_key("admin"))],
+)
+async def erase_history(user_id: UserId, engine: EngineDep) -> Response:
+    """Erases everything stored about the user."""
+    await engine.erase(user_id)
+    return Response(status_code=204)
+
+
+@router.get("/v1/models", response_model=ModelsResponse)
+async def models(engine: EngineDep) -> ModelsResponse:
+    """Loaded models, their versions and execution providers; failed ones too."""
+    registry = engine.registry
+    statuses = [
+        ModelStatus(
+            name=name, version=str(m.version), kind=m.kind, max_history=m.max_history,
+            provider=m.providers[0], providers=m.providers,
+            default=name == registry.default, status="ready",
+        )
+        for name, m in registry.models.items()
+    ] + [
+        ModelStatus(
+            name=name, version=None, kind=None, max_history=None, provider=None, providers=[],
+            default=name == registry.default, status="failed",
+        )
+        for name in registry.failures
+    ]  # fmt: skip
+    return ModelsResponse(default_model=registry.default, models=statuses)
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers. Touches neither the models nor Redis."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Not ready (reasons listed)"}})
+async def readyz(engine: EngineDep) -> JSONResponse:
+    """Readiness: models loaded (on the GPU if required) and not draining. Not Redis."""
+    ready, reasons = engine.readiness()
+    body = {"status": "ready" if ready else "not_ready", "reasons": reasons}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus text format (aggregated across processes in multiprocess mode)."""
+    service_metrics = request.app.state.metrics
+    return Response(service_metrics.render(), media_type=service_metrics.content_type)
+
+
+def _check_score_limits(body: ScoreRequest, settings: Settings) -> None:
+    if len(body.candidates) > settings.max_candidates:
+        raise LimitExceeded(["body", "candidates"], f"at most {settings.max_candidates} candidates")
+    if body.history is not None and len(body.history) > settings.max_history:
+        raise LimitExceeded(["body", "history"], f"at most {settings.max_history} history items")

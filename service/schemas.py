@@ -1,0 +1,121 @@
+"""Request and response bodies of the HTTP API (DESIGN.md "HTTP API (v1)").
+
+Every request model forbids unknown fields and bounds its lists; ids match `ID_PATTERN`. The
+list bounds here are hard ceilings (they show in the OpenAPI schema); the configured limits in
+`Settings` can only be lower and are checked by the routes.
+
+Strictness: lax pydantic mode (an integral float is a valid number, as JSON Schema says) except
+that booleans are refused where numbers are expected (lax mode would read `true` as 1).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from service.engine import HistorySource
+from service.settings import HARD_MAX_CANDIDATES, HARD_MAX_EVENTS, HARD_MAX_HISTORY
+
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+MODEL_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+MAX_CONTEXT_FIELDS = 32
+MAX_TS = 1e11  # unix seconds; far beyond any real clock, catches milliseconds sent by mistake
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a number is required, not a boolean")
+    return value
+
+
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+ContextValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")]
+LongId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+ModelName = Annotated[str, StringConstraints(pattern=MODEL_PATTERN)]
+Timestamp = Annotated[float, BeforeValidator(_no_bool), Field(ge=0, le=MAX_TS)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ItemRef(_Strict):
+    item_id: Id
+    category_id: Id
+
+
+class ScoreRequest(_Strict):
+    request_id: LongId | None = None
+    user_id: Id
+    candidates: list[ItemRef] = Field(min_length=1, max_length=HARD_MAX_CANDIDATES)
+    context: dict[Id, ContextValue] = Field(default_factory=dict, max_length=MAX_CONTEXT_FIELDS)
+    history: list[ItemRef] | None = Field(
+        None, max_length=HARD_MAX_HISTORY, description="Oldest first; replaces stored history."
+    )
+    model: ModelName | None = None
+
+
+class ScoreResponse(BaseModel):
+    request_id: str
+    model: str
+    version: str
+    variant: str
+    scores: list[float]
+    history_source: HistorySource
+
+
+class EventIn(_Strict):
+    user_id: Id
+    item_id: Id
+    category_id: Id
+    ts: Timestamp
+    event_id: LongId | None = None
+    type: Id | None = None
+
+
+class EventsRequest(_Strict):
+    events: list[EventIn] = Field(min_length=1, max_length=HARD_MAX_EVENTS)
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+    duplicates: int
+
+
+class HistoryEntry(BaseModel):
+    item_id: str
+    category_id: str
+    ts: float
+
+
+class HistoryResponse(BaseModel):
+    user_id: str
+    items: list[HistoryEntry]
+
+
+class ModelStatus(BaseModel):
+    name: str
+    version: str | None
+    kind: str | None
+    max_history: int | None
+    provider: str | None
+    providers: list[str]
+    default: bool
+    status: Literal["ready", "failed"]
+
+
+class ModelsResponse(BaseModel):
+    default_model: str | None
+    models: list[ModelStatus]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+    request_id: str | None = None

@@ -1,0 +1,100 @@
+"""Service configuration: one pydantic-settings class, every field an env var with prefix CTR_.
+
+Validated at start-up so a bad configuration fails before the service reports ready. List
+settings accept either JSON (`'["a","b"]'`) or a comma-separated string (`a,b`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Hard ceilings that the request schemas enforce statically (and show in OpenAPI); the settings
+# below may only lower them, so a configured limit is always enforceable.
+HARD_MAX_CANDIDATES = 10_000
+HARD_MAX_HISTORY = 1_000
+HARD_MAX_EVENTS = 10_000
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of `ctr serve`; see the README's Service section for the table."""
+
+    model_config = SettingsConfigDict(env_prefix="CTR_", extra="ignore")
+
+    # --- models ---
+    repo: Path = Path("model_repo")  # model repository directory
+    # models to load, `name` (highest version) or `name:version`; empty = all in the repo
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    default_model: str | None = None  # used when a request pins none; unset = first model
+    # ONNX Runtime providers in order; empty = CUDA when available, else CPU
+    providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    require_gpu: bool = False  # not ready unless every model runs on CUDA
+    intra_op_threads: Annotated[int | None, Field(ge=1)] = None  # default: the manifest's
+
+    # --- behaviour store ---
+    redis_url: str | None = None  # unset = start an embedded redis-server
+    redis_cluster: bool = False  # redis_url points at a Redis Cluster node
+    redis_key_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,16}$")] = "v1"
+    redis_read_timeout_ms: Annotated[float, Field(gt=0)] = 30.0  # scoring-path budget
+    redis_write_timeout_ms: Annotated[float, Field(gt=0)] = 500.0  # ingest/admin budget
+    redis_max_connections: Annotated[int, Field(ge=1)] = 64
+    breaker_failures: Annotated[int, Field(ge=1)] = 5  # consecutive failures that open it
+    breaker_reset_s: Annotated[float, Field(gt=0)] = 5.0  # how long it stays open
+    history_cap: Annotated[int, Field(ge=1, le=HARD_MAX_HISTORY)] = 200  # events kept per user
+    history_ttl_s: Annotated[int, Field(ge=1)] = 30 * 86400  # per-user TTL, refreshed on write
+    dedup_cap: Annotated[int, Field(ge=1)] = 1000  # recent event ids remembered per user
+    event_max_future_s: Annotated[float, Field(ge=0)] = 300.0  # allowed clock skew of ts
+
+    # --- request limits ---
+    max_candidates: Annotated[int, Field(ge=1, le=HARD_MAX_CANDIDATES)] = 500
+    max_history: Annotated[int, Field(ge=0, le=HARD_MAX_HISTORY)] = 200  # inline history
+    max_events: Annotated[int, Field(ge=1, le=HARD_MAX_EVENTS)] = 1000  # per POST
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
+
+    # --- batching, deadlines, overload ---
+    batch_max_candidates: Annotated[int, Field(ge=1)] = 4096  # candidate budget of a batch
+    queue_max_requests: Annotated[int, Field(ge=1)] = 256  # queued requests before shedding
+    request_timeout_ms: Annotated[float, Field(gt=0)] = 100.0  # default per-request deadline
+    max_request_timeout_ms: Annotated[float, Field(gt=0)] = 10_000.0  # X-Request-Timeout-Ms cap
+    shed_status: Annotated[Literal[429, 503], BeforeValidator(int)] = 429  # queue-full status
+    retry_after_s: Annotated[int, Field(ge=0)] = 1
+    # benchmark baseline only (service.naive): no batching, history repeated per candidate
+    naive: bool = False
+
+    # --- security ---
+    ingest_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    # --- process ---
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    log_level: str = "info"
+    drain_delay_s: Annotated[float, Field(ge=0)] = 0.0  # readiness 503 before the listener closes
+    graceful_timeout_s: Annotated[float, Field(gt=0)] = 8.0  # in-flight grace on shutdown
+
+    @field_validator("models", "providers", "ingest_api_keys", "admin_api_keys", mode="before")
+    @classmethod
+    def _lists_from_csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.batch_max_candidates < self.max_candidates:
+            raise ValueError("batch_max_candidates must be >= max_candidates")
+        if self.request_timeout_ms > self.max_request_timeout_ms:
+            raise ValueError("request_timeout_ms must be <= max_request_timeout_ms")
+        return self

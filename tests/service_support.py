@@ -1,0 +1,112 @@
+"""Shared helpers of the service scoring tests: the app factory over the session's tiny model
+repository, the loader reference, an in-process HTTP client with the app's lifespan running,
+and a gate that holds a model's real `run()` so a test controls what runs and what queues."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from exporters.loader import LoadedModel, ScoringRequest, open_model
+from exporters.repository import latest_version, model_dir
+from service.api import build_app
+from service.embedded_redis import RedisServer
+from service.settings import Settings
+
+AppFactory = Callable[..., FastAPI]
+HISTORY = [(f"i{k}", f"c{k % 8}") for k in range(14)] + [("never-seen", "c-unknown")]
+CANDIDATES = [("i3", "c3"), ("i40", "c0"), ("nope", "c1"), ("i7", "c7")]
+
+
+@pytest.fixture
+def make_app(service_model_repo: Path, redis_server: RedisServer) -> AppFactory:
+    def factory(**overrides: Any) -> FastAPI:
+        values = {"repo": service_model_repo, "redis_url": redis_server.url,
+                  "default_model": "sarn", "request_timeout_ms": 5000.0, **overrides}  # fmt: skip
+        return build_app(Settings(**values))
+
+    return factory
+
+
+@pytest.fixture(scope="module")
+def reference(service_model_repo: Path) -> Callable[[str], LoadedModel]:
+    cache: dict[str, LoadedModel] = {}
+
+    def get(name: str) -> LoadedModel:
+        if name not in cache:
+            version = latest_version(service_model_repo, name)
+            cache[name] = open_model(model_dir(service_model_repo, name, version))
+        return cache[name]
+
+    return get
+
+
+def expected_scores(
+    model: LoadedModel, history: list[tuple[str, str]], cands: list[tuple[str, str]],
+    user: str = "u1",
+) -> list[float]:  # fmt: skip
+    (scores,) = model.score([ScoringRequest(user, history, cands)])
+    return [float(s) for s in scores]
+
+
+def score_body(user: str = "u1", cands: list[tuple[str, str]] = CANDIDATES, **extra: Any) -> Any:
+    candidates = [{"item_id": i, "category_id": c} for i, c in cands]
+    return {"user_id": user, "candidates": candidates, **extra}
+
+
+def events_body(user: str, history: list[tuple[str, str]]) -> Any:
+    events = [{"user_id": user, "item_id": i, "category_id": c, "ts": 1000 + k,
+               "event_id": f"{user}-{k}"} for k, (i, c) in enumerate(history)]  # fmt: skip
+    return {"events": events}
+
+
+@contextlib.asynccontextmanager
+async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
+            yield client
+
+
+def run(coro: Coroutine[Any, Any, None]) -> None:
+    asyncio.run(coro)
+
+
+class Gate:
+    """Wraps a loaded model's real `run()`: counts calls and holds them until opened."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.calls = 0
+        self.opened = threading.Event()
+        self.entered = threading.Event()
+        self._run = model.run
+        model.run = self.run  # type: ignore[method-assign]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        self.calls += 1
+        self.entered.set()
+        self.opened.wait(10)
+        return self._run(feeds)
+
+
+def hold(app: FastAPI, name: str = "sarn") -> Gate:
+    gate = Gate(app.state.engine.registry.models[name])
+    gate.opened.clear()
+    return gate
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)

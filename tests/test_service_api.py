@@ -1,0 +1,209 @@
+"""HTTP API without a model: validation, limits, auth, ingestion, history, health, metrics.
+
+The app runs in-process (TestClient runs its lifespan) against a real redis-server; the model
+repository is empty, so the service is live but not ready, as a service whose models failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api import build_app
+from service.embedded_redis import RedisServer
+from service.settings import Settings
+
+INGEST, ADMIN = "ingest-key-1", "admin-key"
+
+
+@pytest.fixture
+def client(redis_server: RedisServer, tmp_path: Path) -> Iterator[TestClient]:
+    settings = Settings(
+        repo=tmp_path / "empty-repo",
+        redis_url=redis_server.url,
+        ingest_api_keys=[INGEST, "ingest-key-2"],  # type: ignore[list-item]
+        admin_api_keys=[ADMIN],  # type: ignore[list-item]
+        max_candidates=50,
+        max_history=20,
+        max_events=5,
+        max_body_bytes=4096,
+    )
+    with TestClient(build_app(settings)) as test_client:
+        yield test_client
+
+
+def _event(k: int, user: str = "u1", **extra: Any) -> dict[str, Any]:
+    return {"user_id": user, "item_id": f"i{k}", "category_id": "c1", "ts": 1000 + k,
+            "event_id": f"e{k}", **extra}  # fmt: skip
+
+
+def _post_events(client: TestClient, events: list[dict[str, Any]], key: str | None = INGEST) -> Any:
+    headers = {"X-API-Key": key} if key else {}
+    return client.post("/v1/events", json={"events": events}, headers=headers)
+
+
+def _assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    return dict(body)
+
+
+def test_liveness_is_up_and_readiness_says_why_not(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "not_ready", "reasons": ["default model not loaded"]}
+
+
+def test_scoring_without_a_model_is_a_503_not_a_crash(client: TestClient) -> None:
+    body = {"user_id": "u1", "candidates": [{"item_id": "i1", "category_id": "c1"}]}
+    response = client.post("/v1/score", json=body)
+    _assert_error(response, 503, "model_unavailable")
+    assert "Retry-After" in response.headers
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"user_id": "u1", "candidates": []}, ["body", "candidates"]),
+        ({"user_id": "u 1", "candidates": [{"item_id": "i", "category_id": "c"}]},
+         ["body", "user_id"]),
+        ({"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c", "x": 1}]},
+         ["body", "candidates", 0, "x"]),
+        ({"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c"}], "extra": 1},
+         ["body", "extra"]),
+        ({"user_id": 5, "candidates": [{"item_id": "i", "category_id": "c"}]},
+         ["body", "user_id"]),
+        ({"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c"}],
+          "model": "../etc"}, ["body", "model"]),
+        ({"user_id": "u1", "candidates": [{"item_id": "i" * 65, "category_id": "c"}]},
+         ["body", "candidates", 0, "item_id"]),
+    ],
+)  # fmt: skip
+def test_malformed_score_requests_get_422_with_the_location(
+    client: TestClient, body: dict[str, Any], where: list[Any]
+) -> None:
+    response = client.post("/v1/score", json=body)
+    details = _assert_error(response, 422, "invalid_request")["error"]["details"]
+    assert where in [d["loc"] for d in details]
+    assert "\"input\"" not in response.text  # the submitted values are not echoed back
+    assert client.get("/healthz").status_code == 200
+
+
+def test_configured_limits_give_422(client: TestClient) -> None:
+    candidates = [{"item_id": f"i{k}", "category_id": "c"} for k in range(51)]
+    over = client.post("/v1/score", json={"user_id": "u1", "candidates": candidates})
+    assert _assert_error(over, 422, "invalid_request")["error"]["details"][0]["loc"] == [
+        "body", "candidates"]  # fmt: skip
+    history = [{"item_id": "h", "category_id": "c"}] * 21
+    body = {"user_id": "u1", "candidates": candidates[:1], "history": history}
+    _assert_error(client.post("/v1/score", json=body), 422, "invalid_request")
+    _assert_error(_post_events(client, [_event(k) for k in range(6)]), 422, "invalid_request")
+
+
+def test_oversized_and_broken_bodies_get_4xx(client: TestClient) -> None:
+    big = json.dumps({"user_id": "u1", "candidates": [], "pad": "x" * 5000}).encode()
+    headers = {"content-type": "application/json"}
+    _assert_error(client.post("/v1/score", content=big, headers=headers), 413,
+                  "payload_too_large")  # fmt: skip
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield from (b" " * 1000 for _ in range(6))
+
+    _assert_error(client.post("/v1/score", content=chunks(), headers=headers), 413,
+                  "payload_too_large")  # fmt: skip
+    _assert_error(client.post("/v1/score", content=b"{not json", headers=headers), 422,
+                  "invalid_request")  # fmt: skip
+    deep = b"[" * 2000 + b"]" * 2000  # within the byte limit, deeper than the JSON parser allows
+    _assert_error(client.post("/v1/score", content=deep, headers=headers), 400, "bad_request")
+    _assert_error(client.get("/v1/nothing-here"), 404, "not_found")
+    _assert_error(client.put("/v1/score"), 405, "method_not_allowed")
+    assert client.get("/healthz").status_code == 200
+
+
+def test_event_timestamps_are_checked(client: TestClient) -> None:
+    bad = [_event(1, ts=True), _event(1, ts=-1), _event(1, ts=4e9), _event(1, ts="soon")]
+    for event in bad:
+        _assert_error(_post_events(client, [event]), 422, "invalid_request")
+
+
+def test_ingest_requires_an_ingest_key(client: TestClient) -> None:
+    _assert_error(_post_events(client, [_event(1)], key=None), 401, "unauthorized")
+    _assert_error(_post_events(client, [_event(1)], key="wrong"), 403, "forbidden")
+    _assert_error(_post_events(client, [_event(1)], key=ADMIN), 403, "forbidden")  # other scope
+    assert _post_events(client, [_event(1)], key="ingest-key-2").status_code == 202  # rotation
+
+
+def test_history_endpoints_require_the_admin_key(client: TestClient) -> None:
+    _assert_error(client.get("/v1/users/u1/history"), 401, "unauthorized")
+    _assert_error(client.get("/v1/users/u1/history", headers={"X-API-Key": INGEST}), 403,
+                  "forbidden")  # fmt: skip
+    _assert_error(client.delete("/v1/users/u1/history", headers={"X-API-Key": "x"}), 403,
+                  "forbidden")  # fmt: skip
+
+
+def test_events_are_idempotent_and_history_round_trips(client: TestClient) -> None:
+    first = _post_events(client, [_event(2), _event(1), _event(3)])
+    assert first.status_code == 202
+    assert first.json() == {"accepted": 3, "duplicates": 0}
+    assert _post_events(client, [_event(3), _event(4)]).json() == {"accepted": 1, "duplicates": 1}
+    admin = {"X-API-Key": ADMIN}
+    history = client.get("/v1/users/u1/history", headers=admin).json()
+    assert history["user_id"] == "u1"
+    assert [h["item_id"] for h in history["items"]] == ["i1", "i2", "i3", "i4"]  # oldest first
+    assert history["items"][0] == {"item_id": "i1", "category_id": "c1", "ts": 1001.0}
+    assert client.delete("/v1/users/u1/history", headers=admin).status_code == 204
+    assert client.get("/v1/users/u1/history", headers=admin).json()["items"] == []
+    _assert_error(client.get("/v1/users/bad%20id/history", headers=admin), 422, "invalid_request")
+
+
+def test_ingest_answers_503_while_redis_is_down(
+    client: TestClient, redis_server: RedisServer
+) -> None:
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        response = _post_events(client, [_event(1)])
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    _assert_error(response, 503, "store_unavailable")
+    assert response.headers["Retry-After"] == "1"
+    assert _post_events(client, [_event(1)]).status_code == 202  # and recovers
+    assert client.get("/readyz").json()["reasons"] == ["default model not loaded"]  # not Redis
+
+
+def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
+    echoed = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert echoed.headers["X-Request-ID"] == "abc-123"
+    unsafe = client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"})
+    assert unsafe.headers["X-Request-ID"] != "bad id\twith spaces"
+    assert len(unsafe.headers["X-Request-ID"]) == 32
+
+
+def test_metrics_carry_histograms_with_route_templates(client: TestClient) -> None:
+    _post_events(client, [_event(1)])
+    client.get("/v1/users/u1/history", headers={"X-API-Key": ADMIN})
+    text = client.get("/metrics").text
+    assert "# TYPE ctr_request_duration_seconds histogram" in text
+    assert 'ctr_request_duration_seconds_bucket{endpoint="/v1/users/{user_id}/history"' in text
+    assert 'endpoint="/v1/events",le="0.01",model="",status="202",variant=""' in text
+    assert 'ctr_store_duration_seconds_count{operation="ingest",outcome="ok"} 1.0' in text
+    assert 'ctr_events_total{outcome="accepted"} 1.0' in text
+    assert "u1" not in text  # no user ids in labels
+    assert client.get("/v1/models").json() == {"default_model": None, "models": []}
+
+
+def test_openapi_shows_the_limits(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    score = schema["components"]["schemas"]["ScoreRequest"]
+    assert score["additionalProperties"] is False
+    assert score["properties"]["candidates"]["minItems"] == 1
+    assert "X-API-Key" in json.dumps(schema["components"]["securitySchemes"])

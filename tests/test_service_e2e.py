@@ -1,0 +1,175 @@
+"""End to end: `ctr serve` as a real uvicorn process, over HTTP, with its embedded Redis.
+
+The server is launched with `torch` made unimportable (`sys.modules["torch"] = None`), so it
+starting at all proves the serving path never imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from exporters.loader import ScoringRequest, open_model
+from exporters.repository import latest_version, model_dir
+from service.embedded_redis import free_port
+
+pytestmark = pytest.mark.slow
+LAUNCH = ("import sys; sys.modules['torch'] = None; sys.argv = ['ctr', 'serve']; "
+          "from slatectr.cli import main; main()")  # fmt: skip
+INGEST, ADMIN = "e2e-ingest", "e2e-admin"
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+
+def _start(repo: Path, log: Path, **env: str) -> Server:
+    port = free_port()
+    environment = {**os.environ, "CTR_REPO": str(repo), "CTR_PORT": str(port),
+                   "CTR_DEFAULT_MODEL": "sarn", "CTR_INGEST_API_KEYS": INGEST,
+                   "CTR_ADMIN_API_KEYS": ADMIN, "CTR_REQUEST_TIMEOUT_MS": "5000",
+                   **env}  # fmt: skip
+    environment.pop("CTR_REDIS_URL", None)  # the embedded redis-server
+    with log.open("wb") as sink:
+        process = subprocess.Popen([sys.executable, "-c", LAUNCH], env=environment,
+                                   stdout=sink, stderr=sink)  # fmt: skip
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError("server did not become ready:\n" + log.read_text())
+
+
+def _stop(server: Server) -> None:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(20)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(service_model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = _start(service_model_repo, tmp_path_factory.mktemp("e2e") / "server.log")
+    yield running
+    _stop(running)
+
+
+def _score_body(user: str, cands: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"user_id": user, "candidates": [{"item_id": i, "category_id": c} for i, c in cands]}
+
+
+def test_ingest_then_score_over_http_matches_the_loader(
+    server: Server, service_model_repo: Path
+) -> None:
+    history = [("i5", "c5"), ("i6", "c6"), ("i13", "c5")]
+    cands = [("i1", "c1"), ("i2", "c2"), ("i77", "c5")]
+    events = [{"user_id": "e2e", "item_id": i, "category_id": c, "ts": 100 + k,
+               "event_id": f"ev{k}"} for k, (i, c) in enumerate(history)]  # fmt: skip
+    with httpx.Client(base_url=server.url) as client:
+        posted = client.post("/v1/events", json={"events": events}, headers={"X-API-Key": INGEST})
+        assert posted.status_code == 202
+        assert posted.json() == {"accepted": 3, "duplicates": 0}
+        answer = client.post("/v1/score", json=_score_body("e2e", cands),
+                             headers={"X-Request-ID": "e2e-req-1"})  # fmt: skip
+    assert answer.status_code == 200
+    assert answer.headers["X-Request-ID"] == "e2e-req-1"
+    version = latest_version(service_model_repo, "sarn")
+    sarn = open_model(model_dir(service_model_repo, "sarn", version))
+    (expected,) = sarn.score([ScoringRequest("e2e", history, cands)])
+    assert answer.json()["scores"] == [float(s) for s in expected]
+    assert answer.json()["history_source"] == "redis"
+
+
+def test_logs_are_json_lines_carrying_the_request_id(server: Server) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        client.post("/v1/score", json=_score_body("log-user", [("i1", "c1")]),
+                    headers={"X-Request-ID": "trace-me-42"})  # fmt: skip
+    time.sleep(0.2)
+    lines = server.log_lines()  # every line parses as JSON
+    mine = [line for line in lines if line.get("request_id") == "trace-me-42"]
+    assert any(line.get("endpoint") == "/v1/score" and line.get("status") == 200 for line in mine)
+    assert any("execution provider" in line["message"] for line in lines)  # logged at load
+    assert not any(INGEST in json.dumps(line) for line in lines)  # keys never logged
+
+
+def test_metrics_endpoint_serves_prometheus_text(server: Server) -> None:
+    with httpx.Client(base_url=server.url) as client:
+        client.post("/v1/score", json=_score_body("m", [("i1", "c1")]))
+        metrics = client.get("/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'ctr_request_duration_seconds_bucket{endpoint="/v1/score"' in metrics.text
+    assert "ctr_inference_duration_seconds_bucket" in metrics.text
+
+
+def test_sigterm_drains_then_exits(service_model_repo: Path, tmp_path: Path) -> None:
+    server = _start(service_model_repo, tmp_path / "drain.log", CTR_DRAIN_DELAY_S="1.0")
+    outcomes: list[tuple[float, int | str]] = []
+    stop = threading.Event()
+    body = _score_body("load", [(f"i{k}", f"c{k % 8}") for k in range(200)])
+
+    def load() -> None:  # keeps requests in flight across the signal
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            while not stop.is_set():
+                try:
+                    status = client.post("/v1/score", json=body).status_code
+                    outcomes.append((time.monotonic(), status))
+                except httpx.TransportError as exc:
+                    outcomes.append((time.monotonic(), type(exc).__name__))
+                    time.sleep(0.02)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with httpx.Client(base_url=server.url) as probe:
+        draining = probe.get("/readyz")
+        refused = probe.post("/v1/score", json=_score_body("late", [("i1", "c1")]))
+    exit_code = server.process.wait(20)
+    exited = time.monotonic()
+    stop.set()
+    for thread in threads:
+        thread.join(10)
+    assert draining.status_code == 503
+    assert "draining" in draining.json()["reasons"]
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "1"
+    statuses = [s for _, s in outcomes]
+    assert 200 in statuses
+    assert set(statuses) <= {200, 503, "ConnectError", "RemoteProtocolError", "ReadError"}
+    # Before the listener closed (the drain delay), every request got an HTTP answer.
+    assert all(isinstance(s, int) for t, s in outcomes if t < signalled + 0.9)
+    assert exit_code in (0, -signal.SIGTERM)
+    assert exited - signalled < 10
+    messages = [line["message"] for line in server.log_lines()]
+    assert "service stopped" in messages

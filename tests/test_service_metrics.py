@@ -1,0 +1,34 @@
+"""Metrics across processes: prometheus-client multiprocess mode through ServiceMetrics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = """
+from service.metrics import ServiceMetrics
+m = ServiceMetrics()
+m.rejected.labels("queue_full").inc(3)
+m.request_duration.labels("/v1/score", "sarn", "default", "200").observe(0.004)
+"""
+SCRAPE = "from service.metrics import ServiceMetrics; print(ServiceMetrics().render().decode())"
+
+
+def _python(code: str, env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=60, check=True)  # fmt: skip
+    return done.stdout
+
+
+def test_two_worker_processes_are_aggregated_in_one_scrape(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for _ in range(2):
+        _python(WORKER, env)
+    text = _python(SCRAPE, env)
+    assert 'ctr_requests_rejected_total{reason="queue_full"} 6.0' in text
+    assert ('ctr_request_duration_seconds_count{endpoint="/v1/score",model="sarn",'
+            'status="200",variant="default"} 2.0') in text  # fmt: skip
+    # le="0.005" bucket holds both 4 ms observations: the SLO-sized buckets survive aggregation.
+    assert 'le="0.005",model="sarn",status="200",variant="default"} 2.0' in text

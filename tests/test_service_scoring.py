@@ -1,0 +1,170 @@
+"""Scoring through the app with real exported models, a real redis-server and real ORT sessions.
+
+The reference for every score is the torch-free loader (`exporters.loader.open_model(...)
+.score`), whose output the export step has checked against PyTorch. Requests run in-process
+(httpx over ASGI, the app's lifespan running); see `service_support`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from service_support import (
+    CANDIDATES,
+    HISTORY,
+    AppFactory,
+    events_body,
+    expected_scores,
+    make_app,
+    reference,
+    run,
+    running,
+    score_body,
+)
+
+from exporters.loader import LoadedModel
+from exporters.repository import latest_version, model_dir
+from service.embedded_redis import RedisServer
+
+__all__ = ["make_app", "reference"]  # fixtures used by the tests below
+
+
+def test_stored_and_inline_history_score_exactly_like_the_loader(
+    make_app: AppFactory, reference: Callable[[str], LoadedModel]
+) -> None:
+    async def scenario() -> None:
+        async with running(make_app()) as client:
+            posted = await client.post("/v1/events", json=events_body("u1", HISTORY))
+            assert posted.status_code == 202
+            stored = (await client.post("/v1/score", json=score_body(request_id="r-1"))).json()
+            inline_history = [{"item_id": i, "category_id": c} for i, c in HISTORY]
+            inline_body = score_body(history=inline_history)
+            inline = (await client.post("/v1/score", json=inline_body)).json()
+            fresh = (await client.post("/v1/score", json=score_body(user="new-user"))).json()
+        sarn = reference("sarn")
+        assert sarn.max_history < len(HISTORY)  # truncation to the newest items is exercised
+        assert stored["scores"] == expected_scores(sarn, HISTORY, CANDIDATES)
+        assert inline["scores"] == stored["scores"]
+        assert fresh["scores"] == expected_scores(sarn, [], CANDIDATES, "new-user")
+        assert fresh["scores"] != stored["scores"]  # the history does change the scores
+        assert (stored["history_source"], inline["history_source"]) == ("redis", "inline")
+        assert stored["request_id"] == "r-1"
+        assert (stored["model"], stored["version"], stored["variant"]) == (
+            "sarn", str(sarn.version), "default")
+
+    run(scenario())
+
+
+def test_a_pinned_slate_model_scores_like_its_loader(
+    make_app: AppFactory, reference: Callable[[str], LoadedModel]
+) -> None:
+    async def scenario() -> None:
+        async with running(make_app()) as client:
+            await client.post("/v1/events", json=events_body("u2", HISTORY[:5]))
+            answer = (await client.post("/v1/score", json=score_body("u2", model="ncm"))).json()
+            models = (await client.get("/v1/models")).json()
+            unknown = await client.post("/v1/score", json=score_body(model="nosuchmodel"))
+        ncm = reference("ncm")
+        assert answer["model"] == "ncm"
+        assert answer["scores"] == expected_scores(ncm, HISTORY[:5], CANDIDATES, "u2")
+        assert models["default_model"] == "sarn"
+        by_name = {m["name"]: m for m in models["models"]}
+        assert set(by_name) == {"sarn", "ncm"}
+        assert by_name["ncm"]["kind"] == "slate"
+        assert by_name["sarn"]["provider"] == reference("sarn").providers[0]
+        assert unknown.status_code == 404
+
+    run(scenario())
+
+
+def test_hung_redis_falls_back_within_the_deadline_and_recovers(
+    make_app: AppFactory, reference: Callable[[str], LoadedModel], redis_server: RedisServer
+) -> None:
+    async def scenario() -> None:
+        app = make_app(redis_read_timeout_ms=30.0)
+        async with running(app) as client:
+            await client.post("/v1/events", json=events_body("u1", HISTORY))
+            os.kill(redis_server.pid, signal.SIGSTOP)
+            try:
+                start = time.perf_counter()
+                degraded = await client.post(
+                    "/v1/score", json=score_body(), headers={"X-Request-Timeout-Ms": "1000"})
+                elapsed = time.perf_counter() - start
+            finally:
+                os.kill(redis_server.pid, signal.SIGCONT)
+            recovered = (await client.post("/v1/score", json=score_body())).json()
+            metrics = (await client.get("/metrics")).text
+            ready = await client.get("/readyz")
+        sarn = reference("sarn")
+        assert degraded.status_code == 200
+        assert degraded.json()["history_source"] == "fallback"
+        assert degraded.json()["scores"] == expected_scores(sarn, [], CANDIDATES)
+        assert elapsed < 1.0
+        assert recovered["history_source"] == "redis"
+        assert recovered["scores"] == expected_scores(sarn, HISTORY, CANDIDATES)
+        assert 'ctr_history_source_total{source="fallback"} 1.0' in metrics
+        assert 'ctr_history_source_total{source="redis"} 1.0' in metrics
+        assert ready.status_code == 200
+
+    run(scenario())
+
+
+def test_metrics_cover_the_scoring_path(make_app: AppFactory) -> None:
+    async def scenario() -> None:
+        async with running(make_app()) as client:
+            await client.post("/v1/score", json=score_body())
+            text = (await client.get("/metrics")).text
+        for histogram in ("ctr_request_duration_seconds", "ctr_queue_wait_seconds",
+                          "ctr_inference_duration_seconds", "ctr_batch_candidates",
+                          "ctr_store_duration_seconds"):  # fmt: skip
+            assert f"# TYPE {histogram} histogram" in text
+        assert 'ctr_batch_candidates_sum{model="sarn"} 4.0' in text
+        assert ('endpoint="/v1/score",le="+Inf",model="sarn",status="200",variant="default"'
+                in text)  # fmt: skip
+        assert 'ctr_model_info{model="sarn",provider="' in text
+
+    run(scenario())
+
+
+def test_gpu_requirement_decides_readiness(make_app: AppFactory) -> None:
+    async def scenario() -> None:
+        async with running(make_app(require_gpu=True)) as client:
+            ready = await client.get("/readyz")
+            providers = [m["provider"] for m in (await client.get("/v1/models")).json()["models"]]
+        on_gpu = all(p == "CUDAExecutionProvider" for p in providers)
+        assert ready.status_code == (200 if on_gpu else 503)
+        if not on_gpu:
+            assert "model sarn is not on the GPU" in ready.json()["reasons"]
+
+    run(scenario())
+
+
+def test_a_corrupt_model_is_refused_and_the_others_serve(
+    make_app: AppFactory, service_model_repo: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(service_model_repo, repo)
+    onnx_file = model_dir(repo, "sarn", latest_version(repo, "sarn")) / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-100])
+
+    async def scenario() -> None:
+        async with running(make_app(repo=repo)) as client:
+            ready = await client.get("/readyz")
+            models = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
+            sarn = await client.post("/v1/score", json=score_body())
+            ncm = await client.post("/v1/score", json=score_body(model="ncm"))
+            alive = await client.get("/healthz")
+        assert ready.status_code == 503
+        assert "model sarn failed to load" in ready.json()["reasons"]
+        assert models["sarn"]["status"] == "failed"
+        assert sarn.status_code == 503
+        assert str(repo) not in sarn.text  # no paths in error bodies
+        assert ncm.status_code == 200
+        assert alive.status_code == 200
+
+    run(scenario())
