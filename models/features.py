@@ -11,7 +11,7 @@ the model; a `Vocabulary` maps them to dense int64 indices with two reserved slo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,11 @@ class Vocabulary:
         counts: dict[str, int] = {}
         for token in ids:
             counts[token] = counts.get(token, 0) + 1
+        return cls.from_counts(counts, min_count)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], min_count: int = 1) -> Vocabulary:
+        """`fit` from precomputed id counts (e.g. a vectorised count over millions of ids)."""
         kept = [t for t, c in counts.items() if c >= min_count]
         kept.sort(key=lambda t: (-counts[t], t))
         return cls(kept)
