@@ -45,6 +45,9 @@ class BehaviorModel(nn.Module, ABC):
     """
 
     config_class: ClassVar[type[Any]]
+    # True when forward_train uses batch.neg_hist_items/neg_hist_cats (SARN's auxiliary loss):
+    # the trainer samples negatives only for such models.
+    needs_negatives: ClassVar[bool] = False
 
     @abstractmethod
     def encode_user(

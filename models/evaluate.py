@@ -1,0 +1,35 @@
+"""`ctr evaluate`: a trained run directory scored on a sample file.
+
+The metrics are those `ctr train` logs for validation (same batches, same code path), so
+evaluating on the validation file reproduces metrics.json's "valid" numbers. Behaviour models
+report {"model", "auc", "logloss", "n"}; slate click models add "f1" and "accuracy" (their
+task in `models.ncm.task` computes them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from models.behavior_task import eval_batches, evaluate_behavior, load_arrays
+from models.checkpoint import load_run
+from models.registry import is_slate_model
+from models.train import TrainConfig, resolve_device
+
+
+def evaluate_run(run_dir: Path, data_path: Path, device: str = "auto") -> dict[str, Any]:
+    """-> {"model": name, "auc": .., "logloss": .., "n": .., ...} for the run on data_path."""
+    run = load_run(run_dir)
+    run.model.to(resolve_device(device))
+    if is_slate_model(run.name):
+        from models.ncm.task import evaluate_slate_run  # the one dispatch point for slate models
+
+        metrics = evaluate_slate_run(run, data_path)
+    else:
+        batch_size = int(run.config["train_config"].get("eval_batch_size", _EVAL_BATCH))
+        arrays = load_arrays(data_path, run.spec, run.vocabs)
+        metrics = evaluate_behavior(run.model, eval_batches(arrays, batch_size))
+    return {"model": run.name, **metrics}
+
+
+_EVAL_BATCH = TrainConfig.eval_batch_size

@@ -1,0 +1,308 @@
+"""The trainer (early stopping, repeatability), run directories (round trip, corruption, no
+pickle) and `ctr evaluate`'s metrics, on tiny in-memory tasks and tiny sample files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import Tensor, nn
+
+from models.baselines import DIN
+from models.batch import BehaviorBatch
+from models.checkpoint import CheckpointError, load_run, save_run
+from models.evaluate import evaluate_run
+from models.features import FeatureSpec, Vocabulary, vocab_sizes
+from models.metrics import auc, logloss
+from models.registry import BEHAVIOR_MODELS, model_class
+from models.schema import write_table
+from models.train import TrainConfig, fit, train_config_for, train_run
+
+torch.set_num_threads(1)
+
+TINY_DIN = {"embed_dim": 4, "context_dim": 2, "attention_hidden": [8], "mlp_hidden": [16, 8]}
+
+
+# --- metrics ----------------------------------------------------------------------------------
+def test_auc_counts_ties_as_one_half() -> None:
+    # Positives {0.8, 0.5}, negatives {0.5, 0.1}: pairs won 1, 1, 1 and one tie -> 3.5 / 4.
+    assert auc([1, 1, 0, 0], [0.8, 0.5, 0.5, 0.1]) == pytest.approx(0.875)
+    assert auc([1, 0], [0.2, 0.9]) == 0.0
+    assert np.isnan(auc([1, 1], [0.2, 0.9]))
+
+
+def test_logloss_is_clipped_and_matches_the_definition() -> None:
+    assert logloss([1, 0], [0.5, 0.5]) == pytest.approx(np.log(2))
+    assert np.isfinite(logloss([1], [0.0]))  # a confident miss is large but finite
+    assert logloss([1], [0.0]) == pytest.approx(-np.log(1e-7), rel=1e-6)
+
+
+# --- the generic loop: early stopping ---------------------------------------------------------
+class FlippingTask:
+    """Validation labels say "x > 0"; training labels say "x < 0". Training pushes the weight of
+    a 1-d logistic model from +1 through 0, so validation AUC is 1 and then falls to 0."""
+
+    def __init__(self) -> None:
+        self.x = torch.linspace(-1, 1, 20).unsqueeze(1)
+
+    def train_batches(self, epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
+        return [(self.x, (self.x[:, 0] < 0).float())]
+
+    def valid_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
+        return [(self.x, (self.x[:, 0] > 0).float())]
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        x, y = batch
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(1), y)
+        return loss, {}
+
+    def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
+        ((x, y),) = list(batches)
+        weight = float(model.weight.item())  # type: ignore[operator]
+        return {"auc": auc(y.numpy(), model(x).squeeze(1).numpy()), "weight": weight}
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.ones_(model.weight)
+    config = TrainConfig(epochs=10, lr=0.6, patience=2, device="cpu")
+    result = fit(model, FlippingTask(), config, progress=False)
+    aucs = [e["valid_auc"] for e in result["epochs"]]
+    assert aucs[0] == 1.0 and aucs[1] == 0.0  # the weight crossed 0 in epoch 2
+    assert len(aucs) == 3  # best at 1, then 2 epochs without improvement
+    assert result["stopped_early"] is True
+    assert result["best_epoch"] == 1
+    assert result["valid"]["auc"] == 1.0
+    # The model holds epoch 1's weights, not the last epoch's.
+    assert model.weight.item() == pytest.approx(result["epochs"][0]["valid_weight"])
+    assert model.weight.item() > 0 > result["epochs"][-1]["valid_weight"]
+
+
+def test_a_tie_is_not_an_improvement_and_the_first_best_epoch_is_kept() -> None:
+    model = nn.Linear(1, 1, bias=False)
+    nn.init.constant_(model.weight, -1.0)  # wrong sign: training on "x > 0" labels fixes it
+    task = FlippingTask()
+    task.train_batches = lambda epoch: task.valid_batches()  # type: ignore[method-assign]
+    config = TrainConfig(epochs=20, lr=0.3, patience=5, device="cpu")
+    result = fit(model, task, config, progress=False)
+    weights = [e["valid_weight"] for e in result["epochs"]]
+    crossing = next(i for i, w in enumerate(weights, start=1) if w > 0)
+    assert crossing > 1  # AUC 0 for a few epochs (ties with epoch 1), then 1 for good
+    assert result["best_epoch"] == crossing
+    assert len(weights) == crossing + config.patience
+    assert model.weight.item() == pytest.approx(weights[crossing - 1])
+
+
+def test_model_defaults_apply_unless_overridden() -> None:
+    assert train_config_for("sarn").lr == 0.01
+    assert train_config_for("din").lr == 1e-3
+    assert train_config_for("sarn", lr=0.002, epochs=None).lr == 0.002
+    assert train_config_for("ncm").grad_clip == 1.0
+    with pytest.raises(ValueError, match="no field"):
+        train_config_for("din", epoch=3)
+
+
+# --- tiny sample files ------------------------------------------------------------------------
+def behaviour_frame(n: int, seed: int) -> pd.DataFrame:
+    """Label 1 (mostly) when the target's category occurs in the history: learnable."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        hist = [int(i) for i in rng.integers(0, 60, rng.integers(0, 7))]
+        target = int(rng.integers(0, 60))
+        seen = target % 6 in {h % 6 for h in hist}
+        rows.append(
+            {
+                "user_id": f"u{rng.integers(0, 50)}",
+                "item_id": f"i{target}",
+                "category_id": f"c{target % 6}",
+                "hist_item_ids": [f"i{h}" for h in hist],
+                "hist_category_ids": [f"c{h % 6}" for h in hist],
+                "label": int(seen == (rng.random() < 0.9)),
+                "context_device": str(rng.choice(["ios", "web"])),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("data")
+    write_table(behaviour_frame(600, seed=1), root / "train.parquet")
+    write_table(behaviour_frame(300, seed=2), root / "valid.parquet")
+    return root / "train.parquet", root / "valid.parquet"
+
+
+def tiny_run(files: tuple[Path, Path], run_dir: Path, seed: int = 0) -> dict[str, Any]:
+    config = TrainConfig(epochs=2, batch_size=64, lr=1e-2, max_len=8, seed=seed, device="cpu")
+    return train_run("din", *files, run_dir, config, TINY_DIN, progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained(files: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    tiny_run(files, run_dir)
+    return run_dir
+
+
+def test_a_run_learns_and_writes_a_complete_run_directory(trained: Path) -> None:
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["model"] == "din" and len(metrics["epochs"]) == 2
+    assert metrics["valid"]["auc"] > 0.6  # the rule is learnable; chance is 0.5
+    assert metrics["valid"]["n"] == 300
+    config = json.loads((trained / "config.json").read_text())
+    assert config["model_config"]["embed_dim"] == 4 and config["train_config"]["max_len"] == 8
+    spec, vocabs = FeatureSpec.load(trained)
+    assert spec.context_fields and spec.max_len == 8
+    assert "i5" in vocabs["item"] and "c3" in vocabs["category"]
+    log = (trained / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in log] == [1, 2]
+
+
+def test_same_seed_gives_identical_metrics(files: tuple[Path, Path], tmp_path: Path) -> None:
+    first = tiny_run(files, tmp_path / "a")
+    second = tiny_run(files, tmp_path / "b")
+    other = tiny_run(files, tmp_path / "c", seed=1)
+    assert first == second
+    assert other["epochs"][0]["train_loss"] != first["epochs"][0]["train_loss"]
+
+
+def test_evaluate_on_the_validation_file_reproduces_the_logged_metrics(
+    trained: Path, files: tuple[Path, Path]
+) -> None:
+    logged = json.loads((trained / "metrics.json").read_text())["valid"]
+    result = evaluate_run(trained, files[1], device="cpu")
+    assert list(result) == ["model", "auc", "logloss", "n"]
+    assert result["model"] == "din" and result["n"] == 300
+    assert result["auc"] == pytest.approx(logged["auc"], abs=1e-9)
+    assert result["logloss"] == pytest.approx(logged["logloss"], abs=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(BEHAVIOR_MODELS))
+def test_every_behaviour_model_trains_saves_and_evaluates(
+    name: str, files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config = TrainConfig(epochs=1, batch_size=128, max_len=8, device="cpu")
+    metrics = train_run(name, *files, tmp_path, config, progress=False)
+    record = metrics["epochs"][0]
+    assert np.isfinite(record["train_loss"]) and 0 < metrics["valid"]["auc"] < 1
+    if name == "sarn":  # needs_negatives: the sampler fed its interest (auxiliary) loss
+        assert model_class(name).needs_negatives and "train_auxiliary" in record
+    result = evaluate_run(tmp_path, files[1], device="cpu")
+    assert result["auc"] == pytest.approx(metrics["valid"]["auc"], abs=1e-9)
+
+
+# --- run directories --------------------------------------------------------------------------
+def saved_din(run_dir: Path) -> tuple[DIN, BehaviorBatch]:
+    vocabs = {
+        "item": Vocabulary([f"i{k}" for k in range(20)]),
+        "category": Vocabulary(["c0", "c1", "c2"]),
+        "user": Vocabulary(["u0"]),
+        "context_device": Vocabulary(["ios", "web"]),
+    }
+    config = DIN.config_class(embed_dim=4, context_dim=2, attention_hidden=(8,), mlp_hidden=(8,))
+    torch.manual_seed(3)
+    model = DIN(vocab_sizes(vocabs), config)
+    model.train()(make_batch())  # moves Dice's running statistics away from their init
+    save_run(
+        run_dir,
+        name="din",
+        model=model,
+        model_config=config,
+        train_config=TrainConfig(),
+        sizes=vocab_sizes(vocabs),
+        spec=FeatureSpec(max_len=5, context_fields=["device"]),
+        vocabs=vocabs,
+        metrics={"valid": {"auc": 0.5}},
+    )
+    return model.eval(), make_batch()
+
+
+def make_batch() -> BehaviorBatch:
+    g = torch.Generator().manual_seed(0)
+    hist = torch.randint(2, 22, (8, 5), generator=g) * (torch.arange(5) < 3)
+    return BehaviorBatch(
+        user=torch.full((8,), 2),
+        hist_items=hist,
+        hist_cats=torch.where(hist == 0, 0, 2 + hist % 3),
+        items=torch.randint(2, 22, (8,), generator=g),
+        cats=torch.randint(2, 5, (8,), generator=g),
+        context=torch.randint(2, 4, (8, 1), generator=g),
+        label=torch.zeros(8),
+    )
+
+
+def test_round_trip_gives_identical_scores(tmp_path: Path) -> None:
+    model, batch = saved_din(tmp_path)
+    run = load_run(tmp_path)
+    assert run.name == "din" and not run.model.training
+    assert run.spec.context_fields == ["device"] and run.vocabs["item"].index("i4") == 6
+    assert run.metrics == {"valid": {"auc": 0.5}}
+    with torch.no_grad():
+        assert torch.equal(run.model(batch), model(batch))
+    dice = "attention.mlp.net.1.running_mean"  # a buffer, not a parameter: saved as well
+    assert torch.equal(run.model.state_dict()[dice], model.state_dict()[dice])
+    assert not torch.equal(model.state_dict()[dice], torch.zeros_like(model.state_dict()[dice]))
+
+
+def test_weights_are_safetensors_and_load_without_pickle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, batch = saved_din(tmp_path)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header size, JSON header
+    header = json.loads(raw[8 : 8 + header_len])
+    assert "embed.item.weight" in header
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("unpickling during load_run")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    with torch.no_grad():
+        assert torch.equal(load_run(tmp_path).model(batch), model(batch))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 5), "model.safetensors"),
+        (lambda d: _truncate(d / "model.safetensors"), "model.safetensors"),
+        (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+        (lambda d: (d / "config.json").write_text("{not json"), "config.json"),
+        (lambda d: (d / "metrics.json").unlink(), "metrics.json is missing"),
+        (lambda d: _edit_config(d, sizes={"item": 99}), "does not"),
+        (lambda d: _edit_config(d, model="nope"), "config.json"),
+        (lambda d: _edit_config(d, model_config={"heads": 2}), "config.json"),
+        (lambda d: (d / "vocab_item.json").write_text("[]"), "vocabularies"),
+    ],
+)
+def test_a_damaged_run_directory_raises_a_clear_error(
+    tmp_path: Path, damage: Any, message: str
+) -> None:
+    saved_din(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        load_run(tmp_path)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _edit_config(run_dir: Path, **changes: Any) -> None:
+    config = json.loads((run_dir / "config.json").read_text())
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (run_dir / "config.json").write_text(json.dumps(config))
