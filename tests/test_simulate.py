@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from models.schema import load_behavior, load_events, load_slates
 from models.simulate import SimulationConfig, simulate_world
 from models.simulate.behavior import true_logit
-from models.simulate.config import with_overrides
+from models.overrides import with_overrides
 from models.simulate.slates import attractiveness
 from models.simulate.world import build_world
 from slatectr.cli import app

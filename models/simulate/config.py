@@ -11,7 +11,7 @@ The truth functions the weights enter are written out in `models.simulate.behavi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -101,24 +101,3 @@ class SimulationConfig:
                 raise ValueError("exposure probabilities must be >= 0 and sum to at most 1")
         if not 0.0 < self.satisfaction <= 1.0 or not 0.0 <= self.interest_stickiness <= 1.0:
             raise ValueError("satisfaction must be in (0, 1], interest_stickiness in [0, 1]")
-
-
-def with_overrides(config: SimulationConfig, assignments: list[str]) -> SimulationConfig:
-    """A copy of `config` with "name=value" assignments applied, typed by the field's default.
-
-    Used by `ctr simulate --set NAME=VALUE` so that every knob is reachable from the command
-    line without one option per field. Unknown names and unparsable values raise ValueError.
-    """
-    values = asdict(config)
-    for assignment in assignments:
-        name, sep, text = assignment.partition("=")
-        name = name.strip().replace("-", "_")
-        if not sep or name not in values:
-            known = ", ".join(sorted(values))
-            raise ValueError(f"expected NAME=VALUE with NAME one of: {known}; got {assignment!r}")
-        kind = type(values[name])
-        try:
-            values[name] = kind(text.strip())
-        except ValueError as err:
-            raise ValueError(f"{name}: {text!r} is not a valid {kind.__name__}") from err
-    return SimulationConfig(**values)
