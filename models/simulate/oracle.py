@@ -15,11 +15,10 @@ from typing import Any
 import numpy as np
 
 from models.metrics import auc, logloss
+from models.ncm.metrics import f1_accuracy, fit_threshold
 from models.simulate.behavior import BehaviorLog
 from models.simulate.config import SimulationConfig
 from models.simulate.slates import SlateLog
-
-THRESHOLD_GRID = np.round(np.arange(1, 100) / 100.0, 2)
 
 
 def context_slates(config: SimulationConfig) -> int:
@@ -27,22 +26,6 @@ def context_slates(config: SimulationConfig) -> int:
     s = config.slates_per_session
     n_ctx = int(np.floor(round((1.0 - config.slate_eval_fraction) * s, 9)))
     return min(max(n_ctx, 1), s - 1)
-
-
-def f1_accuracy(labels: np.ndarray, probs: np.ndarray, threshold: float) -> tuple[float, float]:
-    """F1 of the positive class and accuracy of the prediction `probs >= threshold`."""
-    pred = probs >= threshold
-    true = labels.astype(bool)
-    tp = float(np.sum(pred & true))
-    denom = float(pred.sum() + true.sum())
-    f1 = 2.0 * tp / denom if denom else 0.0
-    return f1, float(np.mean(pred == true))
-
-
-def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The grid threshold with the highest F1 (the lowest one on ties)."""
-    scores = [f1_accuracy(labels, probs, float(t))[0] for t in THRESHOLD_GRID]
-    return float(THRESHOLD_GRID[int(np.argmax(scores))])
 
 
 def behavior_oracle(log: BehaviorLog, is_test: np.ndarray) -> dict[str, Any]:
@@ -58,7 +41,7 @@ def slate_oracle(log: SlateLog, is_test: np.ndarray, config: SimulationConfig) -
     session_test = np.repeat(is_test, config.sessions_per_user)  # [Q]
     train_y = log.clicks[~session_test].ravel()
     train_p = log.probs[~session_test].ravel()
-    threshold = best_f1_threshold(train_y, train_p)
+    threshold = fit_threshold(train_y, train_p)
     evaluated = slice(context_slates(config), None)
     y = log.clicks[session_test, evaluated].ravel()
     p = log.probs[session_test, evaluated].ravel()
