@@ -1,0 +1,171 @@
+"""Opens an exported model directory for serving, without torch.
+
+`open_model(dir)` reads the manifest, verifies the sha256 of every file it lists *before* the
+ONNX Runtime session exists (a truncated or altered model is refused with
+`ModelIntegrityError`), loads the vocabularies, and creates the session with the options the
+exporter recorded in the manifest. `LoadedModel.score(requests)` maps raw string ids to
+indices, runs the graph and splits the flat scores back per request.
+
+Imports: numpy, onnxruntime, models.features and the torch-free exporters modules only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import numpy as np
+import onnxruntime as ort
+
+from exporters.feeds import ScoringRequest, encode_behavior, slate_sizes
+from exporters.repository import MODEL_FILE, ModelIntegrityError, read_manifest, verify_files
+from exporters.slate_feeds import SlateContract, encode_slates, flatten_slate_scores
+from models.features import FeatureSpec
+
+__all__ = ["LoadedModel", "ModelIntegrityError", "ScoringRequest", "open_model", "session_options"]
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# Recorded in every manifest by the exporter; see docs/export.md for why each value.
+DEFAULT_SESSION_OPTIONS: dict[str, Any] = {
+    "graph_optimization_level": "ORT_ENABLE_ALL",
+    "execution_mode": "ORT_SEQUENTIAL",
+    "intra_op_num_threads": 1,
+    "inter_op_num_threads": 1,
+    "allow_spinning": False,
+}
+_LEVELS = {
+    "ORT_DISABLE_ALL": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "ORT_ENABLE_BASIC": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "ORT_ENABLE_EXTENDED": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "ORT_ENABLE_ALL": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_MODES = {
+    "ORT_SEQUENTIAL": ort.ExecutionMode.ORT_SEQUENTIAL,
+    "ORT_PARALLEL": ort.ExecutionMode.ORT_PARALLEL,
+}
+
+
+def session_options(
+    recorded: dict[str, Any] | None = None, intra_op_threads: int | None = None
+) -> ort.SessionOptions:
+    """ORT SessionOptions from the manifest's `session_options` (defaults above), with an
+    optional thread-count override (the service sets cores ÷ workers)."""
+    config = {**DEFAULT_SESSION_OPTIONS, **(recorded or {})}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[config["graph_optimization_level"]]
+    options.execution_mode = _MODES[config["execution_mode"]]
+    threads = intra_op_threads if intra_op_threads is not None else config["intra_op_num_threads"]
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = int(config["inter_op_num_threads"])
+    if not config["allow_spinning"]:
+        # Spinning workers steal the cores that uvicorn and the Redis client need (SERVING §3.1).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return options
+
+
+def default_providers() -> list[str]:
+    return [CUDA, CPU] if CUDA in ort.get_available_providers() else [CPU]
+
+
+def _create_session(
+    path: Path, options: ort.SessionOptions, providers: Sequence[str] | None
+) -> ort.InferenceSession:
+    chosen = list(providers) if providers is not None else default_providers()
+    if providers is None and CUDA in chosen:
+        # A GPU build on a host without CUDA libraries logs a loud error before falling back
+        # to the CPU; that fallback is expected here and reported once through `logging`.
+        ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+    except Exception as exc:  # ORT raises its own exception types for corrupt protobufs
+        raise ModelIntegrityError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    finally:
+        ort.set_default_logger_severity(2)
+    if CUDA in chosen and CUDA not in session.get_providers():
+        log.warning("CUDA execution provider unavailable; %s runs on the CPU", path)
+    return session
+
+
+def _candidate_count(feeds: dict[str, np.ndarray]) -> int:
+    """N for the behaviour layout, B·K slots for the slate layout (0 when nothing to score)."""
+    return int(feeds["cand_items"].size if "cand_items" in feeds else feeds["items"].size)
+
+
+class LoadedModel:
+    """One served model version: ORT session + vocabularies + the request encoder."""
+
+    def __init__(
+        self, directory: Path, manifest: dict[str, Any], session: ort.InferenceSession
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.session = session
+        self.name: str = manifest["name"]
+        self.version: int = int(manifest["version"])
+        self.kind: Literal["behavior", "slate"] = manifest["kind"]
+        self.max_history: int = int(manifest["max_history"])
+        self.providers: list[str] = list(session.get_providers())
+        self.outputs: list[str] = [o.name for o in session.get_outputs()]
+        self.input_names: list[str] = [i.name for i in session.get_inputs()]
+        self.spec, self.vocabs = FeatureSpec.load(directory)
+        self.slate = SlateContract.from_manifest(manifest) if self.kind == "slate" else None
+
+    def encode(self, requests: Sequence[ScoringRequest]) -> dict[str, np.ndarray]:
+        """Raw requests -> the graph's feeds (vocabulary mapping, OOV, truncation, layout)."""
+        if self.slate is not None:
+            return encode_slates(requests, self.spec, self.vocabs, self.max_history, self.slate)
+        return encode_behavior(requests, self.spec, self.vocabs, self.max_history)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Click probabilities [N] float32: every request's candidates, in request order."""
+        if _candidate_count(feeds) == 0:
+            # Never hand ORT an empty batch: some CPU kernels divide by the batch size
+            # (ORT 1.31 kills the process with SIGFPE on FAT's graph at N = 0).
+            return np.zeros(0, dtype=np.float32)
+        # The exporter may have pruned inputs a model ignores (e.g. SARN has no user id).
+        graph_feeds = {name: feeds[name] for name in self.input_names}
+        (scores,) = self.session.run(["scores"], graph_feeds)
+        scores = np.asarray(scores, dtype=np.float32)
+        if self.slate is not None:
+            return flatten_slate_scores(scores, feeds)
+        return cast(np.ndarray, scores)
+
+    def split(self, requests: Sequence[ScoringRequest], flat: np.ndarray) -> list[np.ndarray]:
+        bounds = np.cumsum(slate_sizes(requests))[:-1]
+        return list(np.split(flat, bounds))
+
+    def score(self, requests: Sequence[ScoringRequest]) -> list[np.ndarray]:
+        """encode + run + split: one array of click probabilities per request."""
+        if sum(slate_sizes(requests)) == 0:
+            return [np.zeros(0, dtype=np.float32) for _ in requests]
+        return self.split(requests, self.run(self.encode(requests)))
+
+
+def open_model(
+    model_dir: Path,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int | None = None,
+    precision: Literal["fp32", "fp16"] = "fp32",
+) -> LoadedModel:
+    """Verifies and opens `model_dir`. `precision="fp16"` opens the fp16 variant (for GPUs),
+    with the session options its manifest entry overrides."""
+    directory = Path(model_dir)
+    manifest = read_manifest(directory)
+    recorded = dict(manifest.get("session_options") or {})
+    model_file = manifest.get("onnx", {}).get("file", MODEL_FILE)
+    if precision != "fp32":
+        variant = manifest.get("variants", {}).get(precision)
+        if variant is None:
+            raise ModelIntegrityError(f"{directory} has no {precision} variant")
+        model_file = variant["file"]
+        recorded.update(variant.get("session_options", {}))
+    verify_files(directory, manifest)  # before the session: ORT must never parse an altered file
+    options = session_options(recorded, intra_op_threads)
+    session = _create_session(directory / model_file, options, providers)
+    return LoadedModel(directory, manifest, session)

@@ -1,0 +1,212 @@
+"""PyTorch -> ONNX for the serving graphs (torch; never imported by the service).
+
+Exporter: the TorchScript-based `torch.onnx.export(..., dynamo=False)`, opset 17. Measured on
+torch 2.13 for all eleven models (docs/export.md): both it and the torch.export-based
+`dynamo=True` path (opset 18) reproduce eager PyTorch to ≤ 6e-8 on the parity shapes, but the
+TorchScript path exports a model in 0.05-1.5 s against 2-12 s, which matters for a test suite
+on two shared cores, and prunes inputs a model ignores. It is deprecated upstream, so
+`exporter="dynamo"` stays selectable (`ctr export --exporter dynamo`) and the same parity gate
+decides whether its file is kept.
+
+What a serving graph computes (every graph returns probabilities, never logits):
+* behaviour models: `model.forward_slates` + sigmoid on the slate-shared ragged layout
+  (`exporters.feeds`): the user side runs once per user inside the graph and its outputs are
+  gathered per candidate with `cand_user_index`.
+* slate models (NCM family): see `exporters.slate_export`.
+
+Models are exported in `eval()` (Dice uses its running statistics) and, where a model offers
+`materialized()` (FAT's hypernetwork), from that constant-weight copy, so the graph holds no
+TopK over parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from exporters.feeds import BEHAVIOR_INPUTS
+from models.base import BehaviorModel
+
+OPSET = 17
+DYNAMO_OPSET = 18  # the torch.export-based exporter's lowest supported opset
+Exporter = Literal["torchscript", "dynamo"]
+_ONNX_TYPES: dict[int, str] = {
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """Names and dynamic axes of one exported signature."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+BEHAVIOR_GRAPH = GraphSpec(
+    inputs=BEHAVIOR_INPUTS,
+    outputs=("scores",),
+    dynamic_axes={
+        "user": {0: "U"},
+        "hist_items": {0: "U", 1: "L"},
+        "hist_cats": {0: "U", 1: "L"},
+        "context": {0: "U"},
+        "cand_items": {0: "N"},
+        "cand_cats": {0: "N"},
+        "cand_user_index": {0: "N"},
+        "scores": {0: "N"},
+    },
+)
+
+
+class SlateScoringGraph(nn.Module):
+    """The behaviour models' serving graph: ragged slates in, click probabilities [N] out."""
+
+    def __init__(self, model: BehaviorModel) -> None:
+        super().__init__()
+        self.model = model
+        self.eval()
+
+    def forward(
+        self,
+        user: Tensor,
+        hist_items: Tensor,
+        hist_cats: Tensor,
+        context: Tensor,
+        cand_items: Tensor,
+        cand_cats: Tensor,
+        cand_user_index: Tensor,
+    ) -> Tensor:
+        logits = self.model.forward_slates(
+            user, hist_items, hist_cats, context, cand_items, cand_cats, cand_user_index
+        )
+        return torch.sigmoid(logits)  # [N]
+
+
+def serving_copy(model: nn.Module) -> nn.Module:
+    """The module to export: eval mode, hypernetwork weights materialised where it has any."""
+    model = model.eval()
+    materialize = getattr(model, "materialized", None)
+    if callable(materialize) and not getattr(model, "is_materialized", False):
+        model = materialize()
+    return model.eval().requires_grad_(False)
+
+
+def example_behavior_inputs(num_context: int) -> tuple[Tensor, ...]:
+    """Tracing inputs: U=3, L=5, N=7, all distinct and > 1 so no dynamic axis is specialised.
+
+    Ids are OOV (1) and PAD (0), the only indices every table has; the values do not shape
+    the trace (no data-dependent control flow), the parity check covers real ids.
+    """
+    hist = torch.ones(3, 5, dtype=torch.long)
+    hist[0, 3:] = 0  # one padded row so the mask path is traced with data
+    return (
+        torch.ones(3, dtype=torch.long),  # user [U]
+        hist,  # hist_items [U, L]
+        hist.clone(),  # hist_cats [U, L]
+        torch.ones(3, num_context, dtype=torch.long),  # context [U, C]
+        torch.ones(7, dtype=torch.long),  # cand_items [N]
+        torch.ones(7, dtype=torch.long),  # cand_cats [N]
+        torch.tensor([0, 0, 0, 1, 1, 2, 2]),  # cand_user_index [N]
+    )
+
+
+def _dynamic_shapes(spec: GraphSpec) -> dict[str, dict[int, Any]]:
+    """dynamic_axes -> torch.export Dims, one Dim per axis name (shared names stay equal)."""
+    dims = {
+        name: torch.export.Dim(name)
+        for axes in spec.dynamic_axes.values()
+        for name in axes.values()
+    }
+    return {
+        name: {axis: dims[label] for axis, label in spec.dynamic_axes.get(name, {}).items()}
+        for name in spec.inputs
+    }
+
+
+def export_graph(
+    module: nn.Module,
+    example: tuple[Tensor, ...],
+    path: Path,
+    spec: GraphSpec,
+    exporter: Exporter = "torchscript",
+    opset: int = OPSET,
+) -> int:
+    """Writes one self-contained .onnx file (weights inline) and checks it; returns the opset."""
+    path = Path(path)
+    # The exporter restores the module's *own* mode afterwards, recursively: a wrapper left in
+    # training mode would switch the wrapped model (Dice!) to batch statistics after export.
+    module.eval()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # Shape checks inside nn.GRU and static sizes (√d_h) raise TracerWarnings that do not
+        # depend on data; data-dependent control flow is caught by the multi-shape parity
+        # check that every export must pass instead.
+        warnings.simplefilter("ignore")
+        if exporter == "torchscript":
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes=spec.dynamic_axes,
+                do_constant_folding=True,
+            )
+        elif exporter == "dynamo":
+            opset = max(opset, DYNAMO_OPSET)
+            torch.onnx.export(
+                module,
+                example,
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_shapes=_dynamic_shapes(spec),
+                external_data=False,
+            )
+        else:
+            raise ValueError(f"unknown exporter {exporter!r}: torchscript or dynamo")
+    onnx.checker.check_model(str(path), full_check=True)
+    return opset
+
+
+def export_behavior(
+    model: BehaviorModel, path: Path, num_context: int, exporter: Exporter = "torchscript"
+) -> tuple[nn.Module, int]:
+    """Exports a behaviour model's slate-shared graph; returns (the traced module, opset)."""
+    graph = SlateScoringGraph(serving_copy(model))  # type: ignore[arg-type]
+    opset = export_graph(
+        graph, example_behavior_inputs(num_context), path, BEHAVIOR_GRAPH, exporter
+    )
+    return graph, opset
+
+
+def describe_graph(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Input/output names, dtypes and shapes (axis names for dynamic axes) read from the file."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def entry(value: onnx.ValueInfoProto) -> dict[str, Any]:
+        tensor = value.type.tensor_type
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in tensor.shape.dim]
+        return {
+            "name": value.name,
+            "dtype": _ONNX_TYPES.get(int(tensor.elem_type), str(tensor.elem_type)),
+            "shape": shape,
+        }
+
+    return {"inputs": [entry(v) for v in graph.input], "outputs": [entry(v) for v in graph.output]}

@@ -1,0 +1,270 @@
+"""`ctr export`: a training run -> a verified, versioned model directory (torch).
+
+Order of work, all inside the repository's temporary directory so a failure publishes nothing:
+feature spec + vocabularies -> ONNX graph -> parity gate (fp32, 1e-5) -> optional fp16 variant
+and its gate -> manifest (sha256 of every file) -> atomic rename to `REPO/<name>/<version>`.
+Afterwards the published directory is opened once through the torch-free loader, so the file
+the service will read is the file that was checked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import torch
+from torch import nn
+
+from exporters import cases as case_lib
+from exporters import fp16
+from exporters.feeds import BEHAVIOR_INPUTS, ScoringRequest, encode_behavior
+from exporters.loader import DEFAULT_SESSION_OPTIONS, open_model, session_options
+from exporters.onnx_export import Exporter, describe_graph, export_behavior
+from exporters.parity import FP32_TOLERANCE, Encoder, Flatten, ParityReport, check_parity
+from exporters.repository import MODEL_FILE, publish, sha256_file, write_manifest
+from exporters.slate_export import export_slate
+from exporters.slate_feeds import SLATE_INPUTS, SlateContract, encode_slates, flatten_slate_scores
+from models.base import BehaviorModel
+from models.checkpoint import LoadedRun, load_run
+from models.registry import ALL_MODELS, is_slate_model
+from models.schema import load_behavior, load_slates
+
+SLATE_HISTORY = 50  # history items a slate model's serving graph holds by default
+
+
+@dataclass
+class ExportOptions:
+    name: str | None = None  # default: the run's --model name
+    version: int | None = None  # default: the next free one
+    data: Path | None = None  # labelled samples for real-data parity and the fp16 AUC check
+    fp16: bool = False
+    exporter: Exporter = "torchscript"
+    intra_op_threads: int = 1  # recorded default; the service may override per process
+    slate_history: int = SLATE_HISTORY  # slate models: history items in the serving graph
+    parity_rows: int = 512  # data rows used as real parity batches
+    auc_rows: int = 20_000  # data rows used for the fp16 validation AUC
+    tolerance: float = FP32_TOLERANCE  # max |ONNX − PyTorch| accepted in fp32
+
+
+@dataclass
+class ExportResult:
+    directory: Path
+    name: str
+    version: int
+    parity: ParityReport
+    fp16: dict[str, Any] | None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "dir": str(self.directory),
+            "max_abs_diff": self.parity.max_abs_diff,
+            "tolerance": self.parity.tolerance,
+            "fp16": self.fp16,
+        }
+
+
+@dataclass
+class _Plan:
+    """How one run is encoded, traced and checked (behaviour vs slate differ only here)."""
+
+    kind: str
+    max_history: int
+    encode: Encoder
+    flatten: Flatten | None
+    inputs: Sequence[str]
+    contract: SlateContract | None
+    labelled: tuple[list[ScoringRequest], np.ndarray] | None
+    edge: case_lib.Cases
+
+
+def _plan(run: LoadedRun, options: ExportOptions, frame: pd.DataFrame | None) -> _Plan:
+    spec, vocabs = run.spec, run.vocabs
+    if is_slate_model(run.name):
+        contract = SlateContract.for_history(spec.max_len, options.slate_history)
+
+        def encode_s(requests: Sequence[ScoringRequest]) -> dict[str, np.ndarray]:
+            return encode_slates(requests, spec, vocabs, contract.max_history, contract, seed=0)
+
+        labelled = case_lib.slate_requests(frame) if frame is not None else None
+        edge = case_lib.edge_cases(spec, vocabs, contract.max_history, contract.max_slate_size)
+        return _Plan(
+            "slate",
+            contract.max_history,
+            encode_s,
+            flatten_slate_scores,
+            SLATE_INPUTS,
+            contract,
+            labelled,
+            edge,
+        )
+
+    def encode_b(requests: Sequence[ScoringRequest]) -> dict[str, np.ndarray]:
+        return encode_behavior(requests, spec, vocabs, spec.max_len)
+
+    labelled = case_lib.behavior_requests(frame, spec.context_fields) if frame is not None else None
+    edge = case_lib.edge_cases(spec, vocabs, spec.max_len, max_slate=100)
+    return _Plan("behavior", spec.max_len, encode_b, None, BEHAVIOR_INPUTS, None, labelled, edge)
+
+
+def _load_frame(run: LoadedRun, path: Path | None, rows: int) -> pd.DataFrame | None:
+    if path is None:
+        return None
+    frame = load_slates(path) if is_slate_model(run.name) else load_behavior(path)
+    return frame.head(rows)
+
+
+def _export(run: LoadedRun, plan: _Plan, path: Path, exporter: Exporter) -> tuple[nn.Module, int]:
+    if plan.contract is not None:
+        return export_slate(run.model, path, plan.contract, exporter)
+    assert isinstance(run.model, BehaviorModel)
+    return export_behavior(run.model, path, len(run.spec.context_fields), exporter)
+
+
+def export_run(run_dir: Path, repo: Path, options: ExportOptions | None = None) -> ExportResult:
+    """Exports `run_dir` into `repo`; raises ParityError / Fp16Error (nothing published)."""
+    options = options or ExportOptions()
+    torch.set_num_threads(max(1, options.intra_op_threads))
+    run = load_run(run_dir)
+    plan = _plan(run, options, _load_frame(run, options.data, options.parity_rows))
+    cases = dict(plan.edge)
+    if plan.labelled is not None:
+        cases.update(case_lib.real_cases(plan.labelled[0]))
+    job = _Job(Path(run_dir), run, options, plan, cases)
+    directory, version = publish(repo, options.name or run.name, options.version, job.write)
+    _smoke_test(directory, cases)
+    assert job.parity is not None
+    return ExportResult(directory, options.name or run.name, version, job.parity, job.fp16)
+
+
+@dataclass
+class _Job:
+    """One export, written into the repository's temporary directory by `write`."""
+
+    run_dir: Path
+    run: LoadedRun
+    options: ExportOptions
+    plan: _Plan
+    cases: case_lib.Cases
+    parity: ParityReport | None = None
+    fp16: dict[str, Any] | None = None
+
+    @property
+    def session_options(self) -> dict[str, Any]:
+        return {**DEFAULT_SESSION_OPTIONS, "intra_op_num_threads": self.options.intra_op_threads}
+
+    def write(self, tmp: Path, version: int) -> None:
+        self.run.spec.save(tmp, self.run.vocabs)
+        graph, opset = _export(self.run, self.plan, tmp / MODEL_FILE, self.options.exporter)
+        self.parity = self._check_parity(tmp / MODEL_FILE, graph)
+        variants = {"fp16": self._fp16_variant(tmp)} if self.options.fp16 else {}
+        self.fp16 = variants.get("fp16")
+        write_manifest(tmp, self._manifest(version, opset, variants, tmp / MODEL_FILE))
+
+    def _check_parity(self, path: Path, graph: nn.Module) -> ParityReport:
+        options = session_options(self.session_options)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        pairwise = self.run.model if isinstance(self.run.model, BehaviorModel) else None
+        report = check_parity(
+            session,
+            graph,
+            self.plan.inputs,
+            self.cases,
+            self.plan.encode,
+            self.plan.flatten,
+            pairwise,
+            self.options.tolerance,
+        )
+        report.raise_if_failed()
+        return report
+
+    def _fp16_variant(self, tmp: Path) -> dict[str, Any]:
+        if self.options.data is None:
+            raise ValueError("--fp16 needs --data: the fp16 variant is accepted on validation AUC")
+        fp16.convert(tmp / MODEL_FILE, tmp / fp16.FP16_FILE)
+        frame = _load_frame(self.run, self.options.data, self.options.auc_rows)
+        assert frame is not None
+        labelled = (
+            case_lib.slate_requests(frame)
+            if self.plan.kind == "slate"
+            else case_lib.behavior_requests(frame, self.run.spec.context_fields)
+        )
+        options = session_options({**self.session_options, **fp16.SESSION_OVERRIDES})
+        report = fp16.validate(
+            tmp / MODEL_FILE,
+            tmp / fp16.FP16_FILE,
+            options,
+            self.cases,
+            self.plan.encode,
+            self.plan.flatten,
+            labelled,
+        )
+        report.raise_if_failed()
+        return report.to_json()
+
+    def _manifest(
+        self, version: int, opset: int, variants: dict[str, Any], onnx_path: Path
+    ) -> dict[str, Any]:
+        run, options, plan = self.run, self.options, self.plan
+        assert self.parity is not None
+        manifest: dict[str, Any] = {
+            "name": options.name or run.name,
+            "version": version,
+            "model_type": run.name,
+            "model_class": ALL_MODELS[run.name],
+            "kind": plan.kind,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "source_run": str(self.run_dir.resolve()),
+            "onnx": _onnx_info(onnx_path, opset, options.exporter),
+            **describe_graph(onnx_path),  # "inputs", "outputs"
+            "max_history": plan.max_history,
+            "context_fields": list(run.spec.context_fields),
+            "vocabularies": {
+                vocab: {"file": run.spec.vocab_files[vocab], "size": len(v)}
+                for vocab, v in run.vocabs.items()
+            },
+            "feature_spec": "feature_spec.json",
+            "training_metrics": {
+                k: run.metrics.get(k) for k in ("valid", "best_epoch", "stopped_early")
+            },
+            "model_config": run.config.get("model_config", {}),
+            "session_options": self.session_options,
+            "parity": {
+                **self.parity.to_json(),
+                "data": str(options.data) if options.data else None,
+            },
+            "variants": variants,
+        }
+        if plan.contract is not None:
+            manifest["slate"] = plan.contract.to_manifest()
+        return manifest
+
+
+def _onnx_info(path: Path, opset: int, exporter: str) -> dict[str, Any]:
+    versions = {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "python": platform.python_version(),
+    }
+    return {
+        "file": MODEL_FILE, "sha256": sha256_file(path), "opset": opset,
+        "exporter": exporter, "versions": versions,
+    }  # fmt: skip
+
+
+def _smoke_test(directory: Path, cases: case_lib.Cases) -> None:
+    """The published directory opens through the torch-free loader and scores a request."""
+    model = open_model(directory, providers=["CPUExecutionProvider"])
+    scores = model.score(cases["mixed_slate_sizes"])
+    if not all(np.isfinite(s).all() for s in scores):
+        raise RuntimeError(f"{directory}: the loader produced non-finite scores")
