@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -151,10 +152,11 @@ def _train_epoch(
     config: TrainConfig,
     progress: bool,
 ) -> dict[str, float]:
-    """One pass over the training batches -> mean loss and mean loss parts."""
+    """One pass over the training batches -> mean loss parts, wall time and samples/s."""
     model.train()
     sums: dict[str, float] = {}
-    steps = 0
+    steps = samples = 0
+    started = time.perf_counter()
     batches = task.train_batches(epoch)
     total = len(batches) if isinstance(batches, Sized) else None
     bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not progress, file=sys.stderr)
@@ -166,12 +168,16 @@ def _train_epoch(
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         steps += 1
+        samples += len(batch) if isinstance(batch, Sized) else 0
         for name, value in {"loss": float(loss.detach()), **parts}.items():
             sums[name] = sums.get(name, 0.0) + value
         bar.set_postfix(loss=f"{sums['loss'] / steps:.4f}", refresh=False)
     if steps == 0:
         raise ValueError("the training task yielded no batches")
-    return {f"train_{name}": value / steps for name, value in sums.items()}
+    seconds = time.perf_counter() - started
+    stats = {f"train_{name}": value / steps for name, value in sums.items()}
+    # Data preparation is inside the timed loop on purpose: it is part of what training costs.
+    return {**stats, "train_seconds": seconds, "train_samples_per_s": samples / seconds}
 
 
 def _evaluate(model: nn.Module, task: TrainingTask) -> dict[str, float]:
