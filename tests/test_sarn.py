@@ -1,15 +1,27 @@
-"""SARN: contract, masking, invariances, losses and trainability on tiny configurations."""
+"""SARN: contract, masking, invariances, losses and trainability on tiny configurations.
+
+The model computes the relation cube G_ij = R_ij·x_i + x_j only implicitly (linearity, custom
+backward passes, an expanded serving graph); `sarn_literal.literal_sarn` is the paper/code
+formulas written out with a materialised cube, and every optimised path is checked against it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from sarn_literal import literal_sarn
 
 from models.batch import BehaviorBatch
+from models.layers import AffineNorm
 from models.sarn import SARN, SARNConfig
+from models.sarn_ops import pairwise_max_pool, pairwise_relu_dot
 
 torch.set_num_threads(1)
 
@@ -20,7 +32,7 @@ TINY = SARNConfig(
 )
 
 
-def make_model(seed: int = 0, **overrides: object) -> SARN:
+def make_model(seed: int = 0, **overrides: Any) -> SARN:
     torch.manual_seed(seed)
     return SARN(SIZES, dataclasses.replace(TINY, **overrides))
 
@@ -47,20 +59,202 @@ def make_batch(lengths: list[int], max_len: int, seed: int = 0) -> BehaviorBatch
     )
 
 
+def with_duplicates(batch: BehaviorBatch) -> BehaviorBatch:
+    """Slot 1 repeats slot 0 (item and category) wherever both are real: re-clicks tie cells."""
+    items, cats = batch.hist_items.clone(), batch.hist_cats.clone()
+    both = (items[:, 0] != 0) & (items[:, 1] != 0)
+    items[both, 1], cats[both, 1] = items[both, 0], cats[both, 0]
+    return dataclasses.replace(batch, hist_items=items, hist_cats=cats)
+
+
 def select_rows(batch: BehaviorBatch, index: torch.Tensor) -> BehaviorBatch:
-    return BehaviorBatch(
-        **{
-            f.name: (v.index_select(0, index) if v is not None else None)
-            for f in dataclasses.fields(batch)
-            for v in [getattr(batch, f.name)]
-        }
-    )
+    rows: dict[str, Any] = {
+        f.name: (v.index_select(0, index) if v is not None else None)
+        for f in dataclasses.fields(batch)
+        for v in [getattr(batch, f.name)]
+    }
+    return BehaviorBatch(**rows)
 
 
 def total_loss(model: SARN, batch: BehaviorBatch) -> tuple[torch.Tensor, torch.Tensor]:
     out = model.forward_train(batch)
     bce = F.binary_cross_entropy_with_logits(out.logits, batch.label)
     return bce + sum(out.aux_losses.values(), torch.zeros(())), bce
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimised model against the literal formulas (sarn_literal.py), with the same weights
+# ---------------------------------------------------------------------------------------------
+
+
+def randomized(model: SARN, seed: int) -> SARN:
+    """Every parameter random, biases and Dice/AffineNorm included (the init zeroes biases,
+    which would hide a dropped bias term)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def perm_for(seed: int, length: int) -> torch.Tensor:
+    """The permutation forward_train draws after torch.manual_seed(seed) (its only RNG use)."""
+    torch.manual_seed(seed)
+    return torch.randperm(length)
+
+
+MIXED = [6, 3, 0, 6, 1, 5, 0, 2]  # full rows, padded rows, empty histories; max_len 6
+CONFIGS = {"tiny": TINY, "paper": SARNConfig()}  # paper dims: D = 36, H = 36, MLP_reg 10
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_training_outputs_equal_the_literal_formulas(config: SARNConfig, duplicates: bool) -> None:
+    model = randomized(SARN(SIZES, config), seed=0).train()
+    batch = make_batch(MIXED, max_len=6, seed=4)
+    batch = with_duplicates(batch) if duplicates else batch
+    expected = literal_sarn(model, batch, perm_for(9, 6))
+    torch.manual_seed(9)
+    out = model.forward_train(batch)
+    assert torch.allclose(out.logits, expected.logits, atol=1e-5, rtol=0)
+    assert out.aux_losses["positional"].item() == pytest.approx(expected.positional.item(), 1e-5)
+    assert out.aux_losses["auxiliary"].item() == pytest.approx(expected.auxiliary.item(), 1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_gradients_equal_those_of_the_literal_formulas(
+    config: SARNConfig, duplicates: bool
+) -> None:
+    """The custom backward passes (sarn_ops) give autograd's gradients of the literal model,
+    also where duplicate history items tie cells of the max-pooling."""
+    model = randomized(SARN(SIZES, config), seed=1).train()
+    batch = make_batch(MIXED, max_len=6, seed=5)
+    batch = with_duplicates(batch) if duplicates else batch
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.autograd.grad(loss, list(model.parameters())))
+
+    expected = literal_sarn(model, batch, perm_for(3, 6))
+    bce = F.binary_cross_entropy_with_logits(expected.logits, batch.label)
+    want = grads(bce + expected.positional + expected.auxiliary)
+    torch.manual_seed(3)
+    got = grads(total_loss(model, batch)[0])
+    for (name, _), g, w in zip(model.named_parameters(), got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-6, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_eval_scores_equal_the_literal_formulas(config: SARNConfig) -> None:
+    """Pairwise forward, the slate layout (eager: gathered state) and the expanded serving
+    formulation that the ONNX export uses, against the literal model, in eval mode."""
+    model = randomized(SARN(SIZES, config), seed=2)
+    batch = with_duplicates(make_batch(MIXED, max_len=6, seed=6))
+    model.train()
+    model(batch)  # move Dice's running statistics off their initial values
+    model.eval()
+    users = make_batch([6, 0, 2, 4], max_len=6, seed=8)
+    index = torch.tensor([0, 0, 2, 1, 2, 2, 0, 3])  # ragged: 3, 1, 3 and 1 candidates
+    g = torch.Generator().manual_seed(3)
+    cand_items = torch.randint(2, N_ITEMS, (8,), generator=g)
+    cand_cats = torch.randint(2, N_CATS, (8,), generator=g)
+    rows = dataclasses.replace(select_rows(users, index), items=cand_items, cats=cand_cats)
+    hist = (users.user, users.hist_items, users.hist_cats, users.context)
+    slates = (*hist, cand_items, cand_cats, index)
+    with torch.no_grad():
+        pairwise = literal_sarn(model, batch, torch.arange(6)).logits
+        assert torch.allclose(model(batch), pairwise, atol=1e-5, rtol=0)
+        expected = literal_sarn(model, rows, torch.arange(6)).logits
+        assert torch.allclose(model.forward_slates(*slates), expected, atol=1e-5, rtol=0)
+        assert torch.allclose(model.forward_slates_expanded(*slates), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter
+def test_onnx_export_matches_torch_with_dynamic_shapes(tmp_path: Path) -> None:
+    """The TorchScript exporter (opset 17) on `forward_slates` in eval, traced at one shape and
+    run by ONNX Runtime at others (dynamic U, L, N), against the literal model."""
+
+    class Graph(torch.nn.Module):
+        def __init__(self, model: SARN) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.model.forward_slates(*inputs))
+
+    model = randomized(make_model(), seed=4).train()
+    model(make_batch(MIXED, max_len=6))  # non-trivial Dice running statistics
+    graph = Graph(model).eval()  # the exporter restores the wrapper's mode, recursively
+    names = ["user", "hist_items", "hist_cats", "context", "cand_items", "cand_cats", "index"]
+
+    def inputs(lengths: list[int], max_len: int, index: list[int], seed: int) -> tuple:
+        users = make_batch(lengths, max_len=max_len, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        n = len(index)
+        cand_items = torch.randint(2, N_ITEMS, (n,), generator=g)
+        cand_cats = torch.randint(2, N_CATS, (n,), generator=g)
+        hist = (users.user, users.hist_items, users.hist_cats, users.context)
+        return (*hist, cand_items, cand_cats, torch.tensor(index))
+
+    path = tmp_path / "sarn.onnx"
+    dynamic = {name: {0: "N"} for name in ("cand_items", "cand_cats", "index", "scores")}
+    dynamic |= {"user": {0: "U"}, "context": {0: "U"}}
+    dynamic |= {"hist_items": {0: "U", 1: "L"}, "hist_cats": {0: "U", 1: "L"}}
+    traced = inputs([3, 1, 0], 3, [0, 1, 1, 2, 2], 0)  # U = 3, L = 3, N = 5
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            traced,
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=names,
+            output_names=["scores"],
+            dynamic_axes=dynamic,
+        )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    declared = {i.name for i in session.get_inputs()}
+    cases = [
+        ([7, 0, 4, 7], 7, [3, 0, 0, 2, 1, 0, 3, 3, 3], 1),  # bigger U, L and N
+        ([5], 5, [0] * 12, 2),  # one user, one full history, many candidates
+        ([0], 1, [0], 3),  # an empty history, L = 1, one candidate
+    ]
+    for lengths, max_len, index, seed in cases:
+        feed = inputs(lengths, max_len, index, seed)
+        arrays = {k: v.numpy() for k, v in zip(names, feed, strict=True) if k in declared}
+        (onnx_scores,) = session.run(None, arrays)
+        users = make_batch(lengths, max_len=max_len, seed=seed)
+        rows = dataclasses.replace(select_rows(users, feed[-1]), items=feed[4], cats=feed[5])
+        with torch.no_grad():
+            expected = torch.sigmoid(literal_sarn(model, rows, torch.arange(max_len)).logits)
+            eager = graph(*feed)
+        assert onnx_scores.shape == (len(index),)
+        assert np.abs(onnx_scores - expected.numpy()).max() <= 1e-5
+        assert np.abs(onnx_scores - eager.numpy()).max() <= 1e-5
+
+
+@pytest.mark.parametrize("op", ["relu_dot", "max_pool"])
+def test_custom_backward_passes_pass_gradcheck(op: str) -> None:
+    """Analytic vs finite-difference gradients (float64) of the sarn_ops kernels."""
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    relation = torch.rand(2, 4, 4, generator=g, dtype=torch.float64).requires_grad_()
+    if op == "relu_dot":
+        args = (relation, leaf(2, 4, 3), leaf(2, 4, 3), leaf(3))
+        assert torch.autograd.gradcheck(pairwise_relu_dot, args)
+    else:
+        weight = torch.rand(2, 4, 4, generator=g, dtype=torch.float64).requires_grad_()
+        assert torch.autograd.gradcheck(pairwise_max_pool, (weight, relation, leaf(2, 4, 5)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract, masking and invariances
+# ---------------------------------------------------------------------------------------------
 
 
 def test_output_shape_finite_and_probability_range() -> None:
@@ -78,40 +272,28 @@ def test_output_shape_finite_and_probability_range() -> None:
 def test_logit_is_softmax_click_column() -> None:
     """σ(l0 − l1) equals softmax([l0, l1])[0], the code's p_click."""
     model = make_model().eval()
-    z = torch.randn(4, model.head.net[0].weight.shape[0])
+    norm = model.head.net[0]
+    assert isinstance(norm, AffineNorm)
+    z = torch.randn(4, norm.weight.shape[0])
     two = model.head.net(z)
     assert torch.allclose(torch.sigmoid(model.head(z)), two.softmax(-1)[:, 0], atol=1e-6)
 
 
-def test_relation_cube_matches_formula() -> None:
-    """G_ij = cos(ReLU(W_φ x_i), ReLU(W_ψ x_j))·x_i + x_j, written out with loops."""
+def test_relation_matches_formula() -> None:
+    """R_ij = cos(ReLU(W_φ x_i), ReLU(W_ψ x_j)), written out with loops."""
     model = make_model()
     x = torch.randn(2, 3, 8)
     x[1, 2] = 0.0  # a padded slot
-    cube = model.relational(x)
+    relation = model.relational(x)
     w_phi, w_psi = model.relational.phi.weight, model.relational.psi.weight
     for b in range(2):
         for i in range(3):
             for j in range(3):
                 a, c = torch.relu(w_phi @ x[b, i]), torch.relu(w_psi @ x[b, j])
                 r = (a @ c) / ((a.norm() + 1e-10) * (c.norm() + 1e-10))
-                expected = r * x[b, i] + x[b, j]
-                assert torch.allclose(cube[b, i, j], expected, atol=1e-6)
-    assert torch.equal(cube[1, :, 2], torch.zeros(3, 8))  # padded target j: R = 0, x_j = 0
-
-
-def test_gate_split_matches_concatenated_gate() -> None:
-    """u from the per-user precomputed W1_G·G + b1 equals the code's σ(MLP([t; G]))·G max."""
-    model = make_model().eval()
-    batch = make_batch([4, 2, 3], max_len=4)
-    state = model.encode_user(batch.user, batch.hist_items, batch.hist_cats, batch.context)
-    t = model._embed(batch.items, batch.cats)
-    ell = batch.hist_items.shape[1]
-    joined = torch.cat([t[:, None, None, :].expand(-1, ell, ell, -1), state.cube], dim=-1)
-    gate = torch.sigmoid(model.gate.out(torch.relu(model.gate.hidden(joined))))
-    u = (gate * state.cube * state.mask[:, :, None, None]).amax(dim=(1, 2)).clamp_min(0.0)
-    z = torch.cat([t, u, t * state.mean, state.max, state.mean, state.context], dim=-1)
-    assert torch.allclose(model.score_candidates(state, batch.items, batch.cats), model.head(z))
+                assert torch.allclose(relation[b, i, j], r, atol=1e-6)
+    assert torch.equal(relation[1, :, 2], torch.zeros(3))  # padded j: ψ = 0
+    assert torch.equal(relation[1, 2, :], torch.zeros(3))  # padded i: φ = 0
 
 
 def test_appending_padding_changes_no_score() -> None:
