@@ -14,10 +14,10 @@ import pytest
 from sklearn.metrics import f1_score, log_loss, roc_auc_score
 from typer.testing import CliRunner
 
+from models.overrides import with_overrides
 from models.schema import load_behavior, load_events, load_slates
 from models.simulate import SimulationConfig, simulate_world
 from models.simulate.behavior import true_logit
-from models.overrides import with_overrides
 from models.simulate.slates import attractiveness
 from models.simulate.world import build_world
 from slatectr.cli import app
