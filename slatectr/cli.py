@@ -3,9 +3,11 @@ not import torch, and `ctr --help` must stay fast."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -28,12 +30,347 @@ def simulate(
     users: Annotated[int, typer.Option(help="Number of users.")] = 5000,
     items: Annotated[int, typer.Option(help="Number of items.")] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed; the world is deterministic.")] = 0,
+    events_per_user: Annotated[
+        int, typer.Option(help="Clicks per user in the behaviour stream.")] = 50,
+    pair_strength: Annotated[
+        float, typer.Option(help="Weight of the relational (history-pair) truth term.")] = 3.0,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Any SimulationConfig field, NAME=VALUE (repeatable), e.g. "
+        "--set slate_size=8 --set satisfaction=0.3.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars (stderr).")] = True,
 ) -> None:
     """Write a synthetic world with known ground truth (samples, slates, events, oracle)."""
+    from models.overrides import with_overrides
     from models.simulate import SimulationConfig, simulate_world
 
-    oracle = simulate_world(SimulationConfig(n_users=users, n_items=items, seed=seed), out)
+    base = SimulationConfig(n_users=users, n_items=items, seed=seed,
+                            events_per_user=events_per_user, pair_strength=pair_strength)
+    try:
+        config = with_overrides(base, set_ or [])
+        config.validate()
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    oracle = simulate_world(config, out, progress=progress)
     typer.echo(json.dumps(oracle))
+
+
+_MODEL_HELP = "sarn, fat, din, gru, wdl, ncm, ncm-lr, ncm-gru, ncm-adv, scot or ncm-tgru."
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help=_MODEL_HELP)],
+    train: Annotated[Path, typer.Option(help="Training samples (.parquet or .csv).")],
+    valid: Annotated[Path, typer.Option(help="Validation samples (early stopping).")],
+    out: Annotated[Path, typer.Option(help="Run directory the checkpoint is written to.")],
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 10).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default 128).")] = None,
+    max_len: Annotated[int | None, typer.Option(help="History slots kept (default 50).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate (default 1e-3; sarn 0.01).")
+    ] = None,
+    patience: Annotated[
+        int | None, typer.Option(help="Epochs without a better valid AUC before stop (default 2).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Model config field NAME=VALUE (repeatable), e.g. --set auxiliary_loss=false.",
+        ),
+    ] = None,
+) -> None:
+    """Train a model with early stopping; prints one JSON summary line, progress to stderr."""
+    from models.registry import ALL_MODELS
+
+    if model not in ALL_MODELS:
+        known = ", ".join(sorted(ALL_MODELS))
+        raise typer.BadParameter(f"choose one of: {known}", param_hint="--model")
+    from models.overrides import parse_assignments
+    from models.registry import model_class
+    from models.train import resolve_device, train_config_for, train_run
+
+    try:
+        overrides = parse_assignments(model_class(model).config_class(), set_ or [])
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
+    config = train_config_for(
+        model, epochs=epochs, batch_size=batch_size, max_len=max_len, seed=seed, device=device,
+        lr=lr, patience=patience,
+    )
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
+    with _user_errors():
+        metrics = train_run(
+            model, train, valid, out, config, model_overrides=overrides, progress=not quiet
+        )
+    summary = {"model": model, "run": str(out), "best_epoch": metrics["best_epoch"]}
+    summary.update({f"valid_{k}": v for k, v in metrics["valid"].items()})
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option(help="Run directory written by `ctr train`.")],
+    data: Annotated[Path, typer.Option(help="Samples to score (.parquet or .csv).")],
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
+) -> None:
+    """Score a trained run on a file; prints ONE JSON line {"model","auc","logloss","n"}."""
+    from models.evaluate import evaluate_run
+    from models.train import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
+    with _user_errors():
+        metrics = evaluate_run(run, data, device)
+    typer.echo(json.dumps(metrics))
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad input files and run directories end with a one-line message and exit code 2."""
+    from models.checkpoint import CheckpointError
+    from models.schema import DataError
+
+    try:
+        yield
+    except (DataError, CheckpointError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    repo: Annotated[Path | None, typer.Option(help="Model repository [CTR_REPO].")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL; unset: embedded redis-server [CTR_REDIS_URL].")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [CTR_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [CTR_PORT].")] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated name[:version] to load [CTR_MODELS].")
+    ] = None,
+    default_model: Annotated[str | None, typer.Option(help="[CTR_DEFAULT_MODEL]")] = None,
+    log_level: Annotated[str | None, typer.Option(help="[CTR_LOG_LEVEL]")] = None,
+) -> None:
+    """Run the scoring service (uvicorn). Every setting is also a CTR_* environment variable."""
+    from pydantic import ValidationError
+
+    from service.server import serve as run_server
+    from service.settings import Settings
+
+    given: dict[str, Any] = {
+        "repo": repo, "redis_url": redis_url, "host": host, "port": port, "models": models,
+        "default_model": default_model, "log_level": log_level,
+    }  # fmt: skip
+    try:
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        typer.echo(f"error: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+    run_server(settings)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Option(help="Run directory written by `ctr train`.")],
+    repo: Annotated[Path, typer.Option(help="Model repository root.")],
+    name: Annotated[str | None, typer.Option(help="Model name (default: the run's model).")] = None,
+    version: Annotated[
+        int | None, typer.Option(help="Integer version (default: the next free).")
+    ] = None,
+    fp16: Annotated[bool, typer.Option(help="Also write model_fp16.onnx (needs --data).")] = False,
+    data: Annotated[
+        Path | None, typer.Option(help="Labelled samples: real parity batches + fp16 AUC check.")
+    ] = None,
+    exporter: Annotated[str, typer.Option(help="torchscript (default) or dynamo.")] = "torchscript",
+    threads: Annotated[int, typer.Option(help="ORT intra-op threads recorded.")] = 1,
+    slate_history: Annotated[
+        int, typer.Option(help="Slate models: history items in the serving graph.")
+    ] = 50,
+) -> None:
+    """Export a run to REPO/NAME/VERSION (ONNX + manifest + vocabularies) after a parity check;
+    prints one JSON line with the directory and the max abs difference."""
+    from exporters.fp16 import Fp16Error
+    from exporters.parity import ParityError
+    from exporters.pipeline import ExportOptions, export_run
+
+    if exporter not in ("torchscript", "dynamo"):
+        raise typer.BadParameter("torchscript or dynamo", param_hint="--exporter")
+    if fp16 and data is None:
+        raise typer.BadParameter("--fp16 needs --data (validation AUC check)", param_hint="--data")
+    options = ExportOptions(
+        name=name, version=version, data=data, fp16=fp16, exporter=exporter,  # type: ignore[arg-type]
+        intra_op_threads=threads, slate_history=slate_history,
+    )  # fmt: skip
+    with _user_errors():
+        try:
+            result = export_run(run, repo, options)
+        except (ParityError, Fp16Error) as exc:  # the export was checked and refused
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except (FileExistsError, ValueError) as exc:  # bad name, taken version, bad data
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    typer.echo(json.dumps(result.summary()))
+
+
+bench_app = typer.Typer(help="Benchmark tables (docs/*.md say which command made each).",
+                        no_args_is_help=True)  # fmt: skip
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("models")
+def bench_models(
+    world: Annotated[Path, typer.Option(help="World written by `ctr simulate`.")],
+    out: Annotated[Path, typer.Option(help="Directory for runs, rows.jsonl and models.md.")],
+    only: Annotated[
+        str | None, typer.Option(help="Comma-separated --model names to keep (default all).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs per model.")] = 10,
+    max_len: Annotated[int, typer.Option(help="History slots kept.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
+) -> None:
+    """Test AUC/LogLoss and training samples/s of every behaviour model beside the oracle."""
+    from models.benchmark import VARIANTS, format_table, run_model_bench
+    from models.train import TrainConfig, train_config_for
+
+    keep = {m.strip() for m in only.split(",")} if only else None
+    variants = [v for v in VARIANTS if keep is None or v.model in keep]
+
+    def config_for(name: str) -> TrainConfig:
+        return train_config_for(
+            name, epochs=epochs, max_len=max_len, batch_size=batch_size, device=device
+        )
+
+    table = format_table(run_model_bench(world, out, config_for, variants))
+    (out / "models.md").write_text(table + "\n")
+    typer.echo(table)
+
+
+@bench_app.command("export")
+def bench_export(
+    models: Annotated[str, typer.Option(help="Comma-separated behaviour models.")] = "sarn,fat",
+    users: Annotated[str, typer.Option(help="Users per call, comma-separated.")] = "1,8,32",
+    slate: Annotated[int, typer.Option(help="Candidates per user (K).")] = 100,
+    history: Annotated[int, typer.Option(help="History length per user (L).")] = 50,
+    repeats: Annotated[int, typer.Option(help="Timed calls per cell (best is kept).")] = 5,
+    threads: Annotated[int, typer.Option(help="Threads for ORT and torch.")] = 1,
+    out: Annotated[Path | None, typer.Option(help="Also write the table as JSON here.")] = None,
+) -> None:
+    """Candidates/s of slate-shared ONNX vs pairwise ONNX vs PyTorch eager (CPU)."""
+    from exporters.bench import BenchConfig, format_table, run_bench
+
+    config = BenchConfig(
+        models=[m.strip() for m in models.split(",") if m.strip()],
+        users=[int(u) for u in users.split(",")], slate=slate, history=history,
+        repeats=repeats, threads=threads,
+    )  # fmt: skip
+    rows = run_bench(config)
+    typer.echo(format_table(rows, config))
+    if out is not None:
+        out.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
+
+
+@bench_app.command("suite")
+def bench_suite(
+    repo: Annotated[Path, typer.Option(help="Model repository with the model to serve.")],
+    world: Annotated[Path, typer.Option(help="World the model was trained on (ids, histories).")],
+    out: Annotated[Path, typer.Option(help="Report directory (bench.md, bench.json, bench.png).")],
+    model: Annotated[str, typer.Option(help="Model name in the repository.")] = "sarn",
+    slate: Annotated[int, typer.Option(help="Candidates per request (K).")] = 100,
+    history: Annotated[int, typer.Option(help="History length per user (L).")] = 50,
+    users: Annotated[str, typer.Option(help="Raw ORT users per call, comma-separated.")] = "1,8,32",
+    concurrency: Annotated[int, typer.Option(help="Closed-loop locust users.")] = 16,
+    seconds: Annotated[float, typer.Option(help="Seconds per load measurement.")] = 20.0,
+    peer: Annotated[str, typer.Option(help="triton (PyTriton) or none.")] = "triton",
+    peer_python: Annotated[Path | None, typer.Option(
+        help="Python with the bench extra [CTR_BENCH_PEER_PYTHON, ./.venv-bench].")] = None,
+    export_models: Annotated[
+        str, typer.Option(help="Models for the export benchmark; empty = skip.")] = "sarn",
+) -> None:
+    """Raw ORT vs the service vs the naive service vs Triton, plus the export benchmark.
+
+    Writes bench.md, bench.json and bench.png to --out and prints the tables."""
+    from loadtest.bench import SuiteConfig, run_suite
+
+    if peer not in ("triton", "none"):
+        raise typer.BadParameter("triton or none", param_hint="--peer")
+    config = SuiteConfig(
+        repo=repo, world=world, out=out, model=model, slate=slate, history=history,
+        users_per_call=[int(u) for u in users.split(",")], concurrency=concurrency,
+        seconds=seconds, peer=peer, peer_python=peer_python,
+        export_models=[m.strip() for m in export_models.split(",") if m.strip()],
+    )  # fmt: skip
+    run_suite(config)
+    typer.echo((out / "bench.md").read_text())
+
+
+@app.command()
+def loadtest(
+    world: Annotated[Path, typer.Option(help="World dir (ctr simulate --out) or events file.")],
+    out: Annotated[Path, typer.Option(help="Report directory.")],
+    url: Annotated[
+        str | None, typer.Option(help="Service to drive; unset: start `ctr serve` on --repo.")
+    ] = None,
+    repo: Annotated[Path | None, typer.Option(help="Model repository (local service).")] = None,
+    steps: Annotated[str, typer.Option(help="Concurrent users per step, comma-separated.")] = (
+        "4,8,16,32"),
+    step_seconds: Annotated[float, typer.Option(help="Seconds per step.")] = 10.0,
+    user_rate: Annotated[
+        float, typer.Option(help="Requests/s per user; 0 = closed loop, no think time.")] = 0.0,
+    arrival: Annotated[str, typer.Option(help="pacing or poisson (with --user-rate).")] = "pacing",
+    slate: Annotated[str, typer.Option(help="Candidates per request: N or LOW-HIGH.")] = "100",
+    history: Annotated[
+        str, typer.Option(help="Inline history length N or LOW-HIGH; 0 = stored in Redis.")] = "0",
+    ingest_ratio: Annotated[float, typer.Option(help="Share of event posts.")] = 0.1,
+    model: Annotated[str, typer.Option(help="Pin a model (default: the service's).")] = "",
+    timeout_ms: Annotated[float, typer.Option(help="X-Request-Timeout-Ms (0: none).")] = 0.0,
+    seed_history: Annotated[
+        int, typer.Option(help="Events per user seeded through /v1/events; 0 = none.")] = 50,
+    workers: Annotated[int, typer.Option(help="Locust worker processes (0: one).")] = 0,
+    slo_p99_ms: Annotated[
+        float | None, typer.Option(help="Fail (exit 1) if the scoring p99 exceeds this.")] = None,
+    slo_error_rate: Annotated[
+        float | None, typer.Option(help="Fail (exit 1) if failures/requests exceeds this.")
+    ] = None,
+    serve_env: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE for the local service, repeatable (e.g. CTR_NAIVE=true).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Seed, run locust headless and write a report; exit 1 when the SLO is missed.
+    The ingest API key, if the service needs one, is read from CTR_LT_API_KEY."""
+    import os
+
+    from loadtest.report import Slo
+    from loadtest.runner import EXIT_ERROR, LoadTestConfig, LoadTestError, run_loadtest
+
+    env = dict(item.split("=", 1) for item in (serve_env or []) if "=" in item)
+    config = LoadTestConfig(
+        world=world, out=out, url=url, repo=repo, steps=steps, step_seconds=step_seconds,
+        user_rate=user_rate, arrival=arrival, slate=slate, history=history,
+        ingest_ratio=ingest_ratio, model=model, timeout_ms=timeout_ms,
+        api_key=os.environ.get("CTR_LT_API_KEY", ""), seed_history=seed_history,
+        workers=workers, seed=seed, slo=Slo(slo_p99_ms, slo_error_rate), service_env=env,
+    )  # fmt: skip
+    try:
+        result = run_loadtest(config)
+    except (LoadTestError, ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_ERROR) from None
+    totals, slo = result.summary["totals"], result.summary["slo"]
+    typer.echo(json.dumps({"report": str(out), "rps": totals["rps"], "p99_ms": totals["p99_ms"],
+                           "error_rate": totals["error_rate"], "shed_rate": totals["shed_rate"],
+                           "slo_passed": slo["passed"], "violations": slo["violations"]}))
+    raise typer.Exit(result.exit_code)
 
 
 def main() -> None:
