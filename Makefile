@@ -27,19 +27,23 @@ test: lint
 
 RUN_DIR ?= runs/demo
 MODEL_REPO ?= model_repo
-run: venv
-	@# A small world and a short SARN run (well under a minute on 2 CPU cores); see
-	@# `ctr train --help` for full-size settings. simulate prints the oracle (true-probability)
-	@# AUC first, train one line per epoch, evaluate one JSON line of test metrics.
+
+# A small model, only when the repository has none: a small world and a short SARN run (about
+# a minute on 2 CPU cores; see `ctr train --help` for full-size settings). simulate prints the
+# oracle (true-probability) AUC, train one line per epoch, evaluate one JSON line of test
+# metrics; export checks ONNX-vs-PyTorch parity before the version appears.
+$(MODEL_REPO)/sarn: | venv
 	$(BIN)/ctr simulate --out $(RUN_DIR)/world --users 300 --items 200 --seed 0
 	$(BIN)/ctr train --model sarn --train $(RUN_DIR)/world/behavior/train.parquet \
 		--valid $(RUN_DIR)/world/behavior/test.parquet --out $(RUN_DIR)/sarn \
 		--epochs 2 --max-len 10 --batch-size 256
 	$(BIN)/ctr evaluate --run $(RUN_DIR)/sarn --data $(RUN_DIR)/world/behavior/test.parquet
-	@# Serving (service owner): export into MODEL_REPO unless a sarn model is already there, then
-	@# serve it on an embedded redis-server (no CTR_REDIS_URL); see README "Service".
-	test -d $(MODEL_REPO)/sarn || $(BIN)/ctr export --run $(RUN_DIR)/sarn --repo $(MODEL_REPO) --name sarn
+	$(BIN)/ctr export --run $(RUN_DIR)/sarn --repo $(MODEL_REPO) --name sarn
+
+# Serves the repository on an embedded redis-server (no CTR_REDIS_URL); see README "Service".
+run: venv $(MODEL_REPO)/sarn
 	CTR_REPO=$(MODEL_REPO) $(BIN)/ctr serve
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	@echo "kept $(MODEL_REPO)/ (exported models); remove it by hand to rebuild the demo model"
