@@ -280,6 +280,17 @@ def bench_export(
         out.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
 
 
+def _key_values(items: list[str] | None) -> dict[str, str]:
+    """KEY=VALUE options -> dict (items without '=' are a usage error)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--serve-env")
+        out[key] = value
+    return out
+
+
 @bench_app.command("suite")
 def bench_suite(
     repo: Annotated[Path, typer.Option(help="Model repository with the model to serve.")],
@@ -296,6 +307,8 @@ def bench_suite(
         help="Python with the bench extra [CTR_BENCH_PEER_PYTHON, ./.venv-bench].")] = None,
     export_models: Annotated[
         str, typer.Option(help="Models for the export benchmark; empty = skip.")] = "sarn",
+    serve_env: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE for both services, repeatable (e.g. CTR_INTRA_OP_THREADS=2).")] = None,
 ) -> None:
     """Raw ORT vs the service vs the naive service vs Triton, plus the export benchmark.
 
@@ -310,6 +323,7 @@ def bench_suite(
         seconds=seconds, peer=peer, peer_python=peer_python,
         export_models=[m.strip() for m in export_models.split(",") if m.strip()],
     )  # fmt: skip
+    config.service_env.update(_key_values(serve_env))
     run_suite(config)
     typer.echo((out / "bench.md").read_text())
 
@@ -353,7 +367,7 @@ def loadtest(
     from loadtest.report import Slo
     from loadtest.runner import EXIT_ERROR, LoadTestConfig, LoadTestError, run_loadtest
 
-    env = dict(item.split("=", 1) for item in (serve_env or []) if "=" in item)
+    env = _key_values(serve_env)
     config = LoadTestConfig(
         world=world, out=out, url=url, repo=repo, steps=steps, step_seconds=step_seconds,
         user_rate=user_rate, arrival=arrival, slate=slate, history=history,

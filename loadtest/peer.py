@@ -1,0 +1,154 @@
+"""Starts and stops the benchmark peer (loadtest/peer_triton.py) in its own Python.
+
+`nvidia-pytriton` pins numpy < 2, so it cannot share the project's environment: it goes into a
+separate venv (`pip install -e ".[bench]" onnxruntime` there, see docs/performance.md) and
+the peer runs with that venv's interpreter. Its Python backend stub links against
+`libpython3.x.so`, which a pyenv or venv interpreter does not put on the loader path, hence
+`LD_LIBRARY_PATH` set to the interpreter's own LIBDIR (SERVING.md, key finding 5).
+
+The peer runs in a new session (process group) because PyTriton starts `tritonserver` as a
+child; stopping signals the whole group so no Triton process outlives the benchmark.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from loadtest.local_service import ServiceError
+from service.embedded_redis import free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PEER_PYTHON_ENV = "CTR_BENCH_PEER_PYTHON"
+
+
+def find_peer_python(given: Path | None) -> Path:
+    """--peer-python, else $CTR_BENCH_PEER_PYTHON, else ./.venv-bench, else this Python if it
+    has pytriton."""
+    candidates = [given, os.environ.get(PEER_PYTHON_ENV), REPO_ROOT / ".venv-bench/bin/python"]
+    for candidate in candidates:
+        if candidate and Path(candidate).exists():
+            return Path(candidate)
+    if importlib.util.find_spec("pytriton") is not None:
+        return Path(sys.executable)
+    raise ServiceError(
+        "no Python with nvidia-pytriton: create one with `python -m venv .venv-bench && "
+        ".venv-bench/bin/pip install -e '.[bench]' onnxruntime` "
+        "(or pass --peer-python, or --peer none)"
+    )
+
+
+def python_libdir(python: Path) -> str:
+    done = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return done.stdout.strip()
+
+
+class TritonPeer:
+    """`with TritonPeer(model_dir, python, log) as peer:` -> `peer.url` (Triton HTTP)."""
+
+    def __init__(
+        self, model_dir: Path, python: Path, log: Path, name: str = "ctr", delay_us: int = 0,
+        max_batch: int = 64, ready_timeout_s: float = 240.0,
+    ) -> None:  # fmt: skip
+        self.model_dir = Path(model_dir)
+        self.python = python
+        self.log = log
+        self.name = name
+        self.delay_us = delay_us
+        self.max_batch = max_batch
+        self.ready_timeout_s = ready_timeout_s
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> TritonPeer:
+        self.port, grpc, metrics = free_port(), free_port(), free_port()
+        libdir = python_libdir(self.python)
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT),
+               "LD_LIBRARY_PATH": os.pathsep.join(
+                   p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)}  # fmt: skip
+        command = [str(self.python), "-m", "loadtest.peer_triton", "--model-dir",
+                   str(self.model_dir), "--name", self.name, "--http-port", str(self.port),
+                   "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+                   "--delay-us", str(self.delay_us),
+                   "--max-batch", str(self.max_batch)]  # fmt: skip
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=sink,
+                                            stderr=sink, start_new_session=True)  # fmt: skip
+        try:
+            self._wait_ready()
+        except ServiceError:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout_s
+        ready = f"{self.url}/v2/models/{self.name}/ready"
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-2000:]
+                raise ServiceError(f"the Triton peer exited; log tail:\n{tail}")
+            try:
+                if httpx.get(ready, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise ServiceError(f"the Triton peer was not ready after {self.ready_timeout_s:.0f}s")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process is None:
+            return
+        group = self.process.pid  # a session leader: its pid is the group id
+        for sig in (signal.SIGINT, signal.SIGKILL):
+            try:
+                os.killpg(group, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # tritonserver may still be exiting after its parent: give it the same grace.
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _group_alive(group):
+            time.sleep(0.2)
+        if _group_alive(group):
+            os.killpg(group, signal.SIGKILL)
+        self.process = None
+
+    def __enter__(self) -> TritonPeer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
