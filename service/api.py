@@ -2,8 +2,8 @@
 
 The app's lifespan owns the engine (models, batchers, behaviour store, embedded Redis): they
 start before the first request is accepted and stop after the last in-flight one finished.
-Routes live in `service.routes` and only talk to the engine. `create_app()` builds from the
-environment, for `uvicorn --factory service.api:create_app`.
+Routes live in `service.routes` and `service.management` and only talk to the engine.
+`create_app()` builds from the environment, for `uvicorn --factory service.api:create_app`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from service.engine import ScoringEngine
 from service.errors import install_error_handlers
+from service.management import router as management_router
 from service.metrics import ServiceMetrics
 from service.middleware import RequestContextMiddleware
 from service.routes import router
@@ -54,6 +55,7 @@ def build_app(settings: Settings | None = None) -> FastAPI:
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes
     )
     app.include_router(router)
+    app.include_router(management_router)
     return app
 
 
@@ -65,4 +67,7 @@ def _warn_open_scopes(settings: Settings) -> None:
     if not settings.ingest_api_keys:
         log.warning("CTR_INGEST_API_KEYS is empty: POST /v1/events accepts any caller")
     if not settings.admin_api_keys:
-        log.warning("CTR_ADMIN_API_KEYS is empty: history read/erase accept any caller")
+        log.warning(
+            "CTR_ADMIN_API_KEYS is empty: history read/erase and model/routing reloads accept "
+            "any caller"
+        )

@@ -1,33 +1,51 @@
 """The scoring engine: what the HTTP layer talks to (it never touches a model or Redis itself).
 
-`score(request)`: router -> the model's batcher -> (per batch) one pipelined history read from
-the behaviour store, or the request's inline history -> vocabulary mapping and ONNX Runtime in
-the model's worker thread -> this request's scores. A failed or skipped history read degrades
-to an empty history (`history_source="fallback"`), never to an error.
+`score(request)`: router (A/B variant, pinned version, shadow) -> that model version's batcher
+-> (per batch) one pipelined history read from the behaviour store, or the request's inline
+history -> vocabulary mapping and ONNX Runtime in the version's worker thread -> this
+request's scores; then, if the variant has a shadow and the request is sampled, a copy goes to
+the shadow's own queue (`service.shadow`) and the answer is returned without waiting for it.
+A failed or skipped history read degrades to an empty history (`history_source="fallback"`),
+never to an error.
 
-`Router` is the seam for traffic experiments: the default router honours a pinned model and
-otherwise picks the configured default (variant "default"); an A/B or shadow router replaces
-`engine.router` without touching the batching path.
+Models live in a `ModelPool` (one handle per loaded version); `service.reload` swaps versions
+and routing files in while serving. The version a response names is the version of the handle
+the request was queued on, so in-flight requests finish on the version they started with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
 from exporters.loader import LoadedModel, ScoringRequest
 from service.batcher import Batcher, BatcherConfig
+from service.contracts import (
+    PINNED_VARIANT,
+    HistorySource,
+    ModelUnavailable,
+    Route,
+    Router,
+    ScoreInput,
+    ScoreResult,
+    UnknownModel,
+)
 from service.embedded_redis import RedisServer
 from service.metrics import ServiceMetrics
 from service.naive import UnbatchedRunner, score_per_candidate
+from service.pool import ModelPool, Runner
 from service.registry import ModelRegistry, ModelSpec
+from service.reload import Reloader
+from service.routing import ExperimentRouter, LoadedRouting, read_routing
 from service.settings import Settings
+from service.shadow import ShadowJob, ShadowScorer, ShadowSettings
 from service.store import (
     BehaviorStore,
     Event,
@@ -37,76 +55,14 @@ from service.store import (
     StoreUnavailable,
 )
 
+__all__ = [
+    "HistorySource", "ModelUnavailable", "Route", "Router", "ScoreInput", "ScoreResult",
+    "ScoringEngine", "UnknownModel",
+]  # fmt: skip
+
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-HistorySource = Literal["redis", "inline", "fallback"]
 _FALLBACK_WARNING_INTERVAL_S = 10.0
-
-
-class UnknownModel(LookupError):
-    """The request names a model the service does not have (a client error)."""
-
-
-class ModelUnavailable(Exception):
-    """The model exists in the configuration but is not loaded (a server-side condition)."""
-
-
-@dataclass(frozen=True)
-class ScoreInput:
-    request_id: str
-    user_id: str
-    candidates: Sequence[tuple[str, str]]
-    context: Mapping[str, str]
-    history: Sequence[tuple[str, str]] | None  # inline history, oldest first; None: use store
-    model: str | None
-    deadline: float  # time.monotonic() seconds
-
-
-@dataclass(frozen=True)
-class ScoreResult:
-    model: str
-    version: int
-    variant: str
-    scores: list[float]
-    history_source: HistorySource
-
-
-@dataclass(frozen=True)
-class Route:
-    model: str
-    variant: str
-
-
-class Router(Protocol):
-    def route(self, request: ScoreInput) -> Route: ...
-
-
-class DefaultRouter:
-    """A pinned model wins; otherwise the default model. No experiments."""
-
-    def __init__(self, default_model: str | None) -> None:
-        self.default_model = default_model
-
-    def route(self, request: ScoreInput) -> Route:
-        model = request.model or self.default_model
-        if model is None:
-            raise ModelUnavailable("no default model")
-        return Route(model, "default")
-
-
-class Runner(Protocol):
-    """What the engine needs from a model's request runner: the `Batcher`, or the naive one."""
-
-    @property
-    def depth(self) -> int: ...
-
-    def start(self) -> None: ...
-
-    def begin_drain(self) -> None: ...
-
-    async def stop(self, timeout_s: float = 5.0) -> None: ...
-
-    async def submit(self, request: ScoreInput, size: int, deadline: float) -> _Scored: ...
 
 
 @dataclass(frozen=True)
@@ -119,24 +75,36 @@ class _Prepared:
 class _Scored:
     scores: np.ndarray
     source: HistorySource
+    request: ScoringRequest  # what was scored, history included (the shadow gets the same)
 
 
 class ScoringEngine:
-    """Owns the models, their batchers, the behaviour store (and an embedded Redis if any)."""
+    """Owns the models, their batchers, the router, the shadow scorer, the behaviour store (and
+    an embedded Redis if any)."""
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
         self.registry = ModelRegistry()
-        self.router: Router = DefaultRouter(None)
+        self.pool = ModelPool(self.registry, self._runner, metrics)
+        self.router: Router = ExperimentRouter(read_routing(None), None)
+        # Set while no scoring request is inside `score`: shadow threads only run then.
+        self.primary_idle = threading.Event()
+        self.primary_idle.set()
+        self._scoring = 0
+        self.shadow = ShadowScorer(
+            _shadow_settings(settings), metrics, lambda: self.store, self.primary_idle
+        )
+        self.reloader = Reloader(self)
         self.store: BehaviorStore | None = None
-        self._batchers: dict[str, Runner] = {}
+        self.history_floor = 0  # the longest history a shadow model reads (see `use_routing`)
         self._redis: RedisServer | None = None
         self._draining = False
         self._last_fallback_warning = -_FALLBACK_WARNING_INTERVAL_S
 
     async def start(self) -> None:
         s = self.settings
+        routing = read_routing(s.routing_file)  # an invalid file stops the start-up here
         # Started on the loop's thread (about 0.1 s, once): the embedded server is tied to the
         # life of the thread that starts it, and executor threads may come and go.
         url = s.redis_url if s.redis_url is not None else self._start_embedded_redis()
@@ -145,12 +113,28 @@ class ScoringEngine:
         self.registry = await asyncio.to_thread(
             ModelRegistry.load, s.repo, specs, s.default_model, s.providers, s.intra_op_threads
         )
-        self.router = DefaultRouter(self.registry.default)
-        for name, model in self.registry.models.items():
-            self.metrics.model_info.labels(name, str(model.version), model.providers[0]).set(1)
-            self._batchers[name] = self._batcher(model)
-            self._batchers[name].start()
+        self.pool = ModelPool(self.registry, self._runner, self.metrics)
+        for model in self.registry.models.values():
+            self.pool.add(model)
+        await self.reloader.start(routing, specs)
         self.metrics.dependency_up.labels("redis").set(1 if await self.store.ping() else 0)
+
+    def use_routing(self, routing: LoadedRouting) -> None:
+        """Swaps the router in (one assignment: the next request sees the new routing)."""
+        router = ExperimentRouter(routing, self.registry.default)
+        self.metrics.init_shadow_pairs(router.shadow_pairs())
+        self.router = router
+        self.refresh_history_floor()
+
+    def refresh_history_floor(self) -> None:
+        """Primary reads fetch as much history as the longest-reaching shadow model needs; the
+        primary's own encoder keeps only its newest `max_history`, so its scores are the same."""
+        floor = 0
+        if isinstance(self.router, ExperimentRouter):
+            for spec in self.router.shadow_specs():
+                handle = self.pool.resolve(spec.model, spec.version)
+                floor = max(floor, handle.model.max_history if handle is not None else 0)
+        self.history_floor = floor
 
     @property
     def draining(self) -> bool:
@@ -159,12 +143,13 @@ class ScoringEngine:
     def begin_drain(self) -> None:
         """Readiness turns 503 and new scoring requests are refused; in-flight ones finish."""
         self._draining = True
-        for batcher in self._batchers.values():
-            batcher.begin_drain()
+        for handle in self.pool.handles.values():
+            handle.runner.begin_drain()
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         self.begin_drain()
-        await asyncio.gather(*(b.stop(timeout_s) for b in self._batchers.values()))
+        await self.reloader.stop()
+        await self.pool.stop(timeout_s)
         if self.store is not None:
             await self.store.close()
         if self._redis is not None:
@@ -182,23 +167,43 @@ class ScoringEngine:
         return not reasons, reasons
 
     def queue_depth(self, model: str) -> int:
-        """Requests waiting for `model`'s next batch (0 for an unknown model)."""
-        runner = self._batchers.get(model)
-        return runner.depth if runner is not None else 0
+        """Requests waiting for `model`'s next batch at its current version (0 if unknown)."""
+        handle = self.pool.resolve(model)
+        return handle.runner.depth if handle is not None else 0
 
     async def score(self, request: ScoreInput) -> ScoreResult:
         route = self.router.route(request)
-        batcher = self._batchers.get(route.model)
-        if batcher is None:
-            if route.model in self.registry.failures:
-                raise ModelUnavailable(route.model)
-            raise UnknownModel(route.model)
-        scored = await batcher.submit(request, len(request.candidates), request.deadline)
+        handle = self.pool.resolve(route.model, route.version)
+        if handle is None:
+            raise self._missing(route)
+        self._scoring += 1
+        self.primary_idle.clear()
+        try:
+            # No await between resolving the handle and entering its queue (submit admits
+            # before its first suspension): a swap cannot retire the handle in between.
+            scored: _Scored = await handle.runner.submit(
+                request, len(request.candidates), request.deadline
+            )
+        finally:
+            self._scoring -= 1
+            if not self._scoring:
+                self.primary_idle.set()
         self.metrics.history_source.labels(scored.source).inc()
-        model = self.registry.models[route.model]
-        return ScoreResult(
-            route.model, model.version, route.variant, scored.scores.tolist(), scored.source
-        )
+        model = handle.model
+        if route.shadow is not None and self.shadow.sampled(route.shadow):
+            job = ShadowJob(request.request_id, route.variant, model.name, model.version,
+                            scored.request, scored.scores, time.monotonic())  # fmt: skip
+            target = self.pool.shadow_target(route.shadow, self.shadow.worker_for)
+            self.shadow.offer(route.shadow, job, target)
+        return ScoreResult(model.name, model.version, route.variant, scored.scores.tolist(),
+                           scored.source, route.experiment)  # fmt: skip
+
+    def _missing(self, route: Route) -> Exception:
+        """A client naming an unknown model gets 404; anything routing chose is ours (503)."""
+        failed = route.model in self.registry.failures
+        if route.variant == PINNED_VARIANT and not failed:
+            return UnknownModel(route.model)
+        return ModelUnavailable(route.model)
 
     async def ingest(self, events: Sequence[Event]) -> IngestResult:
         result = await self._store_call("ingest", self._require_store().ingest(events))
@@ -212,7 +217,7 @@ class ScoringEngine:
     async def erase(self, user_id: str) -> None:
         await self._store_call("erase", self._require_store().erase(user_id))
 
-    def _batcher(self, model: LoadedModel) -> Runner:
+    def _runner(self, model: LoadedModel) -> Runner:
         s = self.settings
         config = BatcherConfig(
             s.batch_max_candidates, s.queue_max_requests, s.shed_status, s.retry_after_s
@@ -226,7 +231,8 @@ class ScoringEngine:
 
         def infer_naive(prepared: list[_Prepared]) -> list[_Scored]:
             start = time.perf_counter()
-            scored = [_Scored(score_per_candidate(model, p.request), p.source) for p in prepared]
+            scored = [_Scored(score_per_candidate(model, p.request), p.source, p.request)
+                      for p in prepared]  # fmt: skip
             elapsed = time.perf_counter() - start
             self.metrics.inference_duration.labels(model.name, str(model.version)).observe(elapsed)
             return scored
@@ -243,7 +249,7 @@ class ScoringEngine:
         if wanted:
             try:
                 store = self._require_store()
-                read = store.recent(wanted, model.max_history)
+                read = store.recent(wanted, max(model.max_history, self.history_floor))
                 stored = await self._store_call("read", read)
             except StoreUnavailable as exc:
                 self._warn_fallback(exc)
@@ -288,7 +294,7 @@ class ScoringEngine:
         self.metrics.encode_duration.labels(model.name).observe(t1 - t0)
         self.metrics.inference_duration.labels(model.name, str(model.version)).observe(t2 - t1)
         parts = model.split(requests, flat)
-        return [_Scored(part, p.source) for part, p in zip(parts, prepared, strict=True)]
+        return [_Scored(part, p.source, p.request) for part, p in zip(parts, prepared, strict=True)]
 
     def _warn_fallback(self, exc: StoreUnavailable) -> None:
         """At most one warning per interval: an outage must not flood the log."""
@@ -321,6 +327,19 @@ class ScoringEngine:
         self._redis = RedisServer().start()
         log.info("no CTR_REDIS_URL: started an embedded redis-server at %s", self._redis.url)
         return self._redis.url
+
+
+def _shadow_settings(s: Settings) -> ShadowSettings:
+    stream = f"{s.redis_key_prefix}:shadow:pairs" if s.shadow_stream else None
+    return ShadowSettings(
+        queue_max=s.shadow_queue_max_requests,
+        timeout_s=s.shadow_timeout_ms / 1000,
+        # One request's worth per shadow batch: short runs, so the shadow looks at the primary
+        # queues again every few milliseconds instead of holding a core for a long batch.
+        batch_max_candidates=s.max_candidates,
+        stream_key=stream,
+        stream_maxlen=s.shadow_stream_maxlen,
+    )
 
 
 def _store_config(s: Settings) -> StoreConfig:

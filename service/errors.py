@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.batcher import DeadlineExceeded, Rejected
 from service.engine import ModelUnavailable, UnknownModel
 from service.logs import request_id_var
+from service.reload import ReloadFailed
 from service.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,11 @@ async def _on_model_unavailable(request: Request, exc: Exception) -> JSONRespons
     )
 
 
+async def _on_reload_failed(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ReloadFailed)
+    return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     handlers = {
         RequestValidationError: _on_validation,
@@ -124,6 +130,7 @@ def install_error_handlers(app: FastAPI) -> None:
         StoreUnavailable: _on_store,
         UnknownModel: _on_unknown_model,
         ModelUnavailable: _on_model_unavailable,
+        ReloadFailed: _on_reload_failed,
     }
     for exc_class, handler in handlers.items():
         app.add_exception_handler(exc_class, handler)

@@ -32,6 +32,10 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# |primary - shadow| of a click probability: 0.1 pp .. 50 pp.
+ABS_DIFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# Spearman's rho of the two slate orderings; finest where healthy shadows live (near 1).
+RANK_BUCKETS = (-0.5, 0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
 
 
 class ServiceMetrics:
@@ -96,6 +100,67 @@ class ServiceMetrics:
             "ctr_inflight_requests", "HTTP requests being handled.",
             multiprocess_mode="livesum", registry=r,
         )  # fmt: skip
+        self._shadow_metrics(r)
+        self._reload_metrics(r)
+
+    def _shadow_metrics(self, r: CollectorRegistry) -> None:
+        # Labels come from the routing file (bounded there): variant, primary model, shadow model.
+        pair = ["variant", "model", "shadow"]
+        self.shadow_abs_diff = Histogram(
+            "ctr_shadow_abs_diff", "|primary - shadow| click probability, one per candidate.",
+            pair, buckets=ABS_DIFF_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.shadow_rank_correlation = Histogram(
+            "ctr_shadow_rank_correlation",
+            "Spearman rank correlation of primary and shadow slate orderings, one per request "
+            "(not observed for slates of one candidate or with all scores tied on a side).",
+            pair, buckets=RANK_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.shadow_duration = Histogram(
+            "ctr_shadow_duration_seconds", "Shadow scoring time, from enqueue to scores.",
+            pair, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.shadow_dropped = Counter(
+            "ctr_shadow_dropped_total", "Shadow requests not scored, by reason.",
+            ["shadow", "reason"], registry=r,
+        )  # fmt: skip
+        self.shadow_errors = Counter(
+            "ctr_shadow_errors_total", "Shadow failures (never seen by clients), by stage.",
+            ["shadow", "stage"], registry=r,
+        )  # fmt: skip
+
+    def _reload_metrics(self, r: CollectorRegistry) -> None:
+        self.model_reloads = Counter(
+            "ctr_model_reloads_total", "Model versions swapped in while serving.",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.model_reload_failures = Counter(
+            "ctr_model_reload_failures_total",
+            "Model versions that failed to load or warm up; the old version kept serving.",
+            ["model", "stage"], registry=r,
+        )  # fmt: skip
+        self.routing_reloads = Counter(
+            "ctr_routing_reloads_total", "Routing file reloads, by outcome.",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        for outcome in ("ok", "unchanged", "invalid", "failed"):
+            self.routing_reloads.labels(outcome)
+
+    def init_model(self, name: str) -> None:
+        """Zero series of a loaded model's reload counters (known label values up front)."""
+        self.model_reloads.labels(name)
+        for stage in ("load", "warmup"):
+            self.model_reload_failures.labels(name, stage)
+
+    def init_shadow_pairs(self, pairs: list[tuple[str, str, str]]) -> None:
+        """Creates the series of every configured shadow at zero, so dashboards and alerts see
+        them before the first shadowed request (Prometheus' advice for known label values)."""
+        for variant, model, shadow in pairs:
+            for histogram in (self.shadow_abs_diff, self.shadow_rank_correlation,
+                              self.shadow_duration):  # fmt: skip
+                histogram.labels(variant, model, shadow)
+            self.shadow_dropped.labels(shadow, "queue_full")
+            self.shadow_errors.labels(shadow, "inference")
 
     def observer(self, model: str) -> BatchObserver:
         return _MetricsObserver(self, model)

@@ -130,6 +130,8 @@ class RequestContextMiddleware:
                 "duration_ms": round(elapsed * 1000, 3),
                 "model": model or None,
                 "variant": variant or None,
+                "experiment": state.get("experiment"),
+                "model_version": state.get("model_version"),
                 "history_source": state.get("history_source"),
                 "client_request_id": state.get("client_request_id"),
             },

@@ -3,9 +3,10 @@
 Several models are loaded at once (`CTR_MODELS`, default every model in the repository at its
 highest version). A model that cannot be loaded is recorded as failed, not fatal: the process
 stays live and reports not-ready (Triton's rule), and the failure's details go to the log only.
-Each model is warmed up with one tiny request and its output checked to be probabilities before
-it counts as loaded. The execution provider actually in use is read back from the session,
-logged once and exported as `ctr_model_info{provider}`.
+Each model is warmed up with golden inputs (`warmup_requests`) and its outputs checked to be
+finite probabilities of the right shape before it counts as loaded; a hot reload
+(`service.reload`) goes through the same two steps. The execution provider actually in use is
+read back from the session, logged once and exported as `ctr_model_info{provider}`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exporters.loader import LoadedModel, ScoringRequest, open_model
+import numpy as np
+
+from exporters.loader import LoadedModel, ModelIntegrityError, ScoringRequest, open_model
 from exporters.repository import latest_version, list_models, model_dir
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
+
+
+class WarmupError(ValueError):
+    """A model version that loaded but did not answer the golden inputs with probabilities."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ class ModelRegistry:
         registry = cls()
         for spec in specs:
             try:
-                registry.models[spec.name] = _open(repo, spec, providers, intra_op_threads)
+                registry.models[spec.name] = open_spec(repo, spec, providers, intra_op_threads)
             except Exception as exc:  # any failure leaves this model out, never the process
                 log.error("model %s failed to load: %s", spec.name, exc)
                 registry.failures[spec.name] = type(exc).__name__
@@ -77,12 +84,12 @@ class ModelRegistry:
         return [name for name, m in self.models.items() if m.providers[0] != CUDA]
 
 
-def _open(
+def open_spec(
     repo: Path, spec: ModelSpec, providers: Sequence[str] | None, threads: int | None
 ) -> LoadedModel:
-    version = spec.version if spec.version is not None else latest_version(repo, spec.name)
-    model = open_model(model_dir(repo, spec.name, version), providers or None, threads)
-    _warm_up(model)
+    """Opens (sha256 checked) and warms up `spec`. Blocking: run it off the event loop."""
+    model = load_version(repo, spec, providers, threads)
+    warm_up(model)
     log.info(
         "model %s v%d (%s) loaded; execution provider %s",
         model.name, model.version, model.kind, model.providers[0],
@@ -90,10 +97,41 @@ def _open(
     return model
 
 
-def _warm_up(model: LoadedModel) -> None:
-    """One tiny request through the whole path; the output must be probabilities."""
-    probe = ScoringRequest("warmup", [("warmup", "warmup")], [("warmup", "warmup")] * 2)
-    (scores,) = model.score([probe])
-    # NaN fails the range check too.
-    if scores.shape != (2,) or not all(0.0 <= float(s) <= 1.0 for s in scores):
-        raise ValueError(f"warm-up produced {scores!r}, not two probabilities")
+def load_version(
+    repo: Path, spec: ModelSpec, providers: Sequence[str] | None, threads: int | None
+) -> LoadedModel:
+    """The ORT session of `spec` (its highest complete version when none is pinned); only
+    names and versions inside `repo` (`model_dir` refuses anything that would leave it)."""
+    version = spec.version if spec.version is not None else latest_version(repo, spec.name)
+    model = open_model(model_dir(repo, spec.name, version), providers or None, threads)
+    if (model.name, model.version) != (spec.name, version):
+        raise ModelIntegrityError(
+            f"{spec.name}/{version} holds a manifest for {model.name} v{model.version}"
+        )
+    return model
+
+
+def warmup_requests(model: LoadedModel) -> list[ScoringRequest]:
+    """Golden inputs: a new user with one candidate, a full history of known ids with a slate
+    of known candidates, and ids the model has never seen (the OOV path)."""
+    items = model.vocabs["item"].tokens[:8] if "item" in model.vocabs else []
+    categories = model.vocabs["category"].tokens[:8] if "category" in model.vocabs else []
+    unknown = ("warmup-unknown", "warmup-unknown")
+    known = [(item, categories[k % len(categories)] if categories else unknown[1])
+             for k, item in enumerate(items)] or [unknown]  # fmt: skip
+    history = (known * model.max_history)[: model.max_history]
+    return [
+        ScoringRequest("warmup-1", [], [known[0]]),
+        ScoringRequest("warmup-2", history, known),
+        ScoringRequest("warmup-3", [unknown] * 3, [unknown] * 2),
+    ]
+
+
+def warm_up(model: LoadedModel) -> None:
+    """Runs the golden inputs as one batch; every output must be K finite probabilities."""
+    requests = warmup_requests(model)
+    for request, scores in zip(requests, model.score(requests), strict=True):
+        k = len(request.candidates)
+        finite = bool(np.all(np.isfinite(scores)))
+        if scores.shape != (k,) or not finite or not np.all((scores >= 0) & (scores <= 1)):
+            raise WarmupError(f"warm-up produced {scores!r}, not {k} probabilities")

@@ -18,8 +18,6 @@ from service.schemas import (
     EventsResponse,
     HistoryEntry,
     HistoryResponse,
-    ModelsResponse,
-    ModelStatus,
     ScoreRequest,
     ScoreResponse,
 )
@@ -72,6 +70,7 @@ async def score(
         )
     )
     request.state.model, request.state.variant = result.model, result.variant
+    request.state.model_version, request.state.experiment = result.version, result.experiment
     request.state.history_source = result.history_source
     request.state.client_request_id = body.request_id
     return ScoreResponse(
@@ -127,27 +126,6 @@ async def erase_history(user_id: UserId, engine: EngineDep) -> Response:
     """Erases everything stored about the user."""
     await engine.erase(user_id)
     return Response(status_code=204)
-
-
-@router.get("/v1/models", response_model=ModelsResponse)
-async def models(engine: EngineDep) -> ModelsResponse:
-    """Loaded models, their versions and execution providers; failed ones too."""
-    registry = engine.registry
-    statuses = [
-        ModelStatus(
-            name=name, version=str(m.version), kind=m.kind, max_history=m.max_history,
-            provider=m.providers[0], providers=m.providers,
-            default=name == registry.default, status="ready",
-        )
-        for name, m in registry.models.items()
-    ] + [
-        ModelStatus(
-            name=name, version=None, kind=None, max_history=None, provider=None, providers=[],
-            default=name == registry.default, status="failed",
-        )
-        for name in registry.failures
-    ]  # fmt: skip
-    return ModelsResponse(default_model=registry.default, models=statuses)
 
 
 @router.get("/healthz")

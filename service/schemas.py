@@ -94,20 +94,62 @@ class HistoryResponse(BaseModel):
     items: list[HistoryEntry]
 
 
+class VersionStatus(BaseModel):
+    version: str
+    current: bool  # serves requests that pin no version
+    provider: str
+    queue_depth: int
+    shadow_queue_depth: int  # shadow requests waiting or running on this version
+
+
 class ModelStatus(BaseModel):
     name: str
-    version: str | None
+    version: str | None  # the current version
     kind: str | None
     max_history: int | None
     provider: str | None
     providers: list[str]
     default: bool
     status: Literal["ready", "failed"]
+    versions: list[VersionStatus] = Field(default_factory=list, description="Loaded versions.")
+    follows_latest: bool = False  # moves to the repository's highest version when polling
+
+
+class ShadowState(BaseModel):
+    queue_max_requests: int
+    timeout_ms: float
+    stream: str | None  # Redis stream key of the score pairs, when enabled
 
 
 class ModelsResponse(BaseModel):
     default_model: str | None
     models: list[ModelStatus]
+    routing: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The routing file's name and sha256, and its experiments (salts omitted).",
+    )
+    shadow: ShadowState | None = None
+    reload_poll_s: float = 0.0
+
+
+class ReloadModelRequest(_Strict):
+    version: Annotated[int, Field(ge=1, strict=True)] | None = Field(
+        None, description="A version in the repository; default: the highest."
+    )
+
+
+class ModelReloadResponse(BaseModel):
+    model: str
+    version: str
+    previous_version: str | None
+    changed: bool
+    provider: str
+
+
+class RoutingReloadResponse(BaseModel):
+    sha256: str
+    changed: bool
+    experiments: int
 
 
 class ErrorDetail(BaseModel):

@@ -45,6 +45,15 @@ class Settings(BaseSettings):
     require_gpu: bool = False  # not ready unless every model runs on CUDA
     intra_op_threads: Annotated[int | None, Field(ge=1)] = None  # default: the manifest's
 
+    # --- routing, shadow, hot reload (docs/service.md "Experiments, shadow and hot reload") ---
+    routing_file: Path | None = None  # YAML/JSON experiments file; unset = default model only
+    # 0 = off; else every N s: re-read the routing file and load newer versions from the repo
+    reload_poll_s: Annotated[float, Field(ge=0)] = 0.0
+    shadow_queue_max_requests: Annotated[int, Field(ge=1)] = 64  # per shadow model version
+    shadow_timeout_ms: Annotated[float, Field(gt=0)] = 1000.0  # older shadow jobs are dropped
+    shadow_stream: bool = False  # also XADD the score pairs to Redis `<prefix>:shadow:pairs`
+    shadow_stream_maxlen: Annotated[int, Field(ge=1)] = 100_000  # approximate cap (MAXLEN ~)
+
     # --- behaviour store ---
     redis_url: str | None = None  # unset = start an embedded redis-server
     redis_cluster: bool = False  # redis_url points at a Redis Cluster node

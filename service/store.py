@@ -203,6 +203,14 @@ class BehaviorStore:
             self.config.write_timeout_s,
         )
 
+    async def append_stream(self, key: str, fields: dict[str, str], maxlen: int) -> None:
+        """XADD with an approximate MAXLEN cap (Redis trims whole nodes: cheap, never below
+        `maxlen`). For analysis records such as the shadow pairs; errors surface."""
+        await self._bounded(
+            self._writer.xadd(key, fields, maxlen=maxlen, approximate=True),  # type: ignore[arg-type]
+            self.config.write_timeout_s,
+        )
+
     async def ping(self) -> bool:
         try:
             return bool(await self._bounded(self._writer.ping(), self.config.write_timeout_s))

@@ -75,6 +75,11 @@ def live(service_model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     # Loopback instead of 0.0.0.0, and local stand-ins for the compose network's names.
     env |= {"CTR_HOST": "127.0.0.1", "CTR_PORT": str(port), "CTR_REPO": str(service_model_repo),
             "CTR_REDIS_URL": redis.url}  # fmt: skip
+    # A routing file with a shadow (as deploy/k8s mounts one), so the shadow panels' series exist.
+    routing = tmp_path_factory.mktemp("deploy-routing") / "routing.yaml"
+    routing.write_text("experiments: [{name: live, variants: [{name: live-a, model: sarn, "
+                       "weight: 1, shadow: {model: ncm}}]}]\n")  # fmt: skip
+    env["CTR_ROUTING_FILE"] = str(routing)
     command = exec_form(serve.last("CMD"))
     command[0] = str(Path(sys.executable).parent / command[0])  # the console script, as on PATH
     log = tmp_path_factory.mktemp("deploy-live") / "service.log"

@@ -198,7 +198,9 @@ def test_metrics_carry_histograms_with_route_templates(client: TestClient) -> No
     assert 'ctr_store_duration_seconds_count{operation="ingest",outcome="ok"} 1.0' in text
     assert 'ctr_events_total{outcome="accepted"} 1.0' in text
     assert "u1" not in text  # no user ids in labels
-    assert client.get("/v1/models").json() == {"default_model": None, "models": []}
+    listing = client.get("/v1/models").json()
+    assert (listing["default_model"], listing["models"]) == (None, [])
+    assert listing["routing"]["experiments"] == []
 
 
 def test_openapi_shows_the_limits(client: TestClient) -> None:

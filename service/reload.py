@@ -1,0 +1,291 @@
+"""Hot reload of model versions and of the routing file, while serving.
+
+Triggers: the admin endpoints (`POST /v1/admin/models/{name}/reload`, `POST
+/v1/admin/routing/reload`, admin API key) and, with `CTR_RELOAD_POLL_S > 0`, a poll of the
+routing file (by content hash) and of the repository (a newer complete version of a followed
+model). Polling the repository is safe here because the exporter publishes a version with one
+atomic rename and the loader checks every file's sha256 before ORT parses it: a half-written
+version is either invisible or refused.
+
+A reload loads the version in a worker thread (the event loop keeps serving), warms it with the
+golden inputs of `service.registry.warm_up` (K finite probabilities per request), and only then
+swaps it in with one assignment (`ModelPool.make_current`). Requests already queued on the old
+version finish there; the old version is drained and released in the background. A version
+that fails to load or warm up never serves: the old one keeps serving, the admin call answers
+503 `model_load_failed`, `ctr_model_reload_failures_total{model,stage}` counts it and the
+poller does not retry that version. Only names and versions present in the configured
+repository are accepted (no paths, no URLs: `exporters.repository.model_dir` enforces it).
+
+Following: a model named without a version (in `CTR_MODELS`, or all when it is empty) follows
+the repository's highest version when polling; an admin reload to an explicit version holds the
+model there (a rollback stays rolled back) until an admin reload without a version.
+Reloads are serialized (one lock), which also keeps ORT session creation single-threaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from exporters.loader import LoadedModel
+from exporters.repository import latest_version, list_models
+from service.registry import ModelSpec, load_version, warm_up
+from service.routing import LoadedRouting, RoutingError, read_routing
+
+if TYPE_CHECKING:
+    from service.engine import ScoringEngine
+
+log = logging.getLogger(__name__)
+Key = tuple[str, int]
+
+
+class ReloadFailed(Exception):
+    """An admin reload that was refused or failed; the previous state keeps serving."""
+
+    def __init__(
+        self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+@dataclass(frozen=True)
+class ModelReloaded:
+    model: str
+    version: int
+    previous_version: int | None
+    changed: bool
+    provider: str
+
+
+@dataclass(frozen=True)
+class RoutingReloaded:
+    sha256: str
+    changed: bool
+    experiments: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    model: LoadedModel
+    current: bool  # becomes its name's current version (else an extra, pinned version)
+
+
+class Reloader:
+    """Loads, checks and swaps model versions and routing files for one engine."""
+
+    def __init__(self, engine: ScoringEngine) -> None:
+        self._engine = engine
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._held: set[str] = set()
+        self._failed: set[Key] = set()
+        self._routing_seen: str | None = None
+        self.routing = read_routing(None)
+
+    @property
+    def poll_s(self) -> float:
+        return self._engine.settings.reload_poll_s
+
+    def followed(self) -> list[str]:
+        """Models that move to the repository's highest version when polling."""
+        registry = self._engine.registry
+        names = [*registry.models, *(n for n in registry.failures if ":" not in n)]
+        return [n for n in dict.fromkeys(names) if n not in self._held]
+
+    async def start(self, routing: LoadedRouting, specs: Sequence[ModelSpec]) -> None:
+        """Start-up: loads what the routing file names (a failure leaves the service not ready,
+        as for `CTR_MODELS`), installs the router, and starts the poller if configured."""
+        self._held = {s.name for s in specs if s.version is not None}
+        self._check_references(routing, await asyncio.to_thread(list_models, self._repo))
+        plans = await self._load_missing(routing, strict=False)
+        self._install(plans, routing)
+        self._routing_seen = routing.sha256
+        for name in list(self._engine.registry.failures):
+            with contextlib.suppress(LookupError, ValueError):  # not retried by the poller
+                self._failed.add((name, latest_version(self._repo, name)))
+        if self.poll_s > 0:
+            self._task = asyncio.get_running_loop().create_task(self._watch(), name="reload-poll")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def reload_model(self, name: str, version: int | None) -> ModelReloaded:
+        """Makes `version` (default: the repository's highest) `name`'s current version."""
+        async with self._lock:
+            versions = (await asyncio.to_thread(list_models, self._repo)).get(name)
+            if not versions:
+                raise ReloadFailed(404, "unknown_model", f"no model {name} in the repository")
+            target = version if version is not None else versions[-1]
+            if target not in versions:
+                raise ReloadFailed(404, "unknown_version", f"{name} has no version {target}")
+            pool = self._engine.pool
+            current = pool.current_version(name)
+            if target == current:
+                self._hold(name, version is not None)
+                return ModelReloaded(name, target, current, False, pool.registry.provider(name))
+            handle = pool.handles.get((name, target))
+            model = handle.model if handle is not None else await self._load(name, target)
+            previous = pool.make_current(model)
+            self._hold(name, version is not None)
+            self._engine.metrics.model_reloads.labels(name).inc()
+            self._after_swap()
+        extra = {"model": name, "version": target, "previous_version": previous}
+        log.info("model %s: v%s -> v%d", name, previous, target, extra=extra)
+        return ModelReloaded(name, target, previous, True, model.providers[0])
+
+    async def reload_routing(self) -> RoutingReloaded:
+        """Re-reads the routing file; on any problem the previous routing keeps serving."""
+        path = self._engine.settings.routing_file
+        if path is None:
+            raise ReloadFailed(409, "no_routing_file", "CTR_ROUTING_FILE is not set")
+        counter = self._engine.metrics.routing_reloads
+        async with self._lock:
+            try:
+                routing = await asyncio.to_thread(read_routing, path)
+                self._check_references(routing, await asyncio.to_thread(list_models, self._repo))
+            except RoutingError as exc:
+                counter.labels("invalid").inc()
+                log.error("routing file refused: %s", exc, extra={"details": exc.details})
+                raise ReloadFailed(422, "invalid_routing", str(exc), exc.details) from None
+            self._routing_seen = routing.sha256
+            if routing.sha256 == self.routing.sha256:
+                counter.labels("unchanged").inc()
+                return RoutingReloaded(routing.sha256, False, len(routing.config.experiments))
+            try:
+                plans = await self._load_missing(routing, strict=True)
+            except ReloadFailed:
+                counter.labels("failed").inc()
+                raise
+            self._install(plans, routing)
+            counter.labels("ok").inc()
+        log.info("routing file %s applied (sha256 %s…)", routing.file, routing.sha256[:12])
+        return RoutingReloaded(routing.sha256, True, len(routing.config.experiments))
+
+    async def poll_once(self) -> None:
+        """One pass of the file watch: a changed routing file, then newer model versions."""
+        path = self._engine.settings.routing_file
+        if path is not None:
+            digest = await asyncio.to_thread(_sha256_or_none, path)
+            if digest is not None and digest != self._routing_seen:
+                self._routing_seen = digest  # a refused file is retried once it changes again
+                with contextlib.suppress(ReloadFailed):
+                    await self.reload_routing()
+        for name in self.followed():
+            try:
+                latest = await asyncio.to_thread(latest_version, self._repo, name)
+            except LookupError:
+                continue
+            current = self._engine.pool.current_version(name)
+            if (current is None or latest > current) and (name, latest) not in self._failed:
+                with contextlib.suppress(ReloadFailed):
+                    await self.reload_model(name, None)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                await self.poll_once()
+            except Exception:  # the watch must outlive any one bad pass
+                log.exception("reload poll failed")
+
+    @property
+    def _repo(self) -> Path:
+        return self._engine.settings.repo
+
+    def _hold(self, name: str, held: bool) -> None:
+        if held:
+            self._held.add(name)
+        else:
+            self._held.discard(name)
+
+    async def _load(self, name: str, version: int) -> LoadedModel:
+        """Opens and warms `name` v`version` off the event loop; `ReloadFailed` (503) if not."""
+        s = self._engine.settings
+        stage = "load"
+        try:
+            spec = ModelSpec(name, version)
+            model = await asyncio.to_thread(load_version, s.repo, spec, s.providers,
+                                            s.intra_op_threads)  # fmt: skip
+            stage = "warmup"
+            await asyncio.to_thread(warm_up, model)
+        except Exception as exc:
+            self._failed.add((name, version))
+            self._engine.metrics.model_reload_failures.labels(name, stage).inc()
+            log.error("model %s v%d failed at %s: %s", name, version, stage, exc)
+            current = self._engine.pool.current_version(name)
+            keeps = f"; v{current} keeps serving" if current is not None else ""
+            raise ReloadFailed(
+                503, "model_load_failed", f"{name} v{version} failed at {stage}{keeps}",
+                [{"stage": stage, "error": type(exc).__name__}],
+            ) from None  # fmt: skip
+        return model
+
+    async def _load_missing(self, routing: LoadedRouting, strict: bool) -> list[_Plan]:
+        """Loads every model version the routing file needs that is not loaded yet. Strict: the
+        first failure aborts (nothing is installed); else failures are recorded as such."""
+        pool, registry = self._engine.pool, self._engine.registry
+        plans: list[_Plan] = []
+        for name, version in sorted(routing.config.model_keys(), key=str):
+            if version is None and pool.current_version(name) is not None:
+                continue  # the current version serves unpinned routes
+            wanted = version if version is not None else await asyncio.to_thread(
+                latest_version, self._repo, name)  # fmt: skip
+            planned = {(p.model.name, p.model.version) for p in plans}
+            if (name, wanted) in pool.handles or (name, wanted) in planned:
+                continue
+            try:
+                model = await self._load(name, wanted)
+            except ReloadFailed:
+                if strict:
+                    raise
+                registry.failures[name if version is None else f"{name}:{version}"] = "load"
+                continue
+            plans.append(_Plan(model, current=version is None))
+        return plans
+
+    def _install(self, plans: list[_Plan], routing: LoadedRouting) -> None:
+        for plan in plans:
+            if plan.current:
+                self._engine.pool.make_current(plan.model)
+            else:
+                self._engine.pool.add(plan.model)
+        self.routing = routing
+        self._engine.use_routing(routing)
+        self._after_swap()
+
+    def _after_swap(self) -> None:
+        self._engine.refresh_history_floor()
+        timeout = self._engine.settings.graceful_timeout_s
+        self._engine.pool.retire(self.routing.config.model_keys(), timeout)
+
+    @staticmethod
+    def _check_references(routing: LoadedRouting, available: dict[str, list[int]]) -> None:
+        """Every routed or shadowed model (and pinned version) exists in the repository."""
+        missing = [
+            f"{name}:{version}" if version is not None else name
+            for name, version in sorted(routing.config.model_keys(), key=str)
+            if name not in available or (version is not None and version not in available[name])
+        ]
+        if missing:
+            details = [{"loc": ["model"], "msg": f"{m} is not in the repository"} for m in missing]
+            raise RoutingError("the routing file names models the repository lacks", details)
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+    except OSError:
+        return None
