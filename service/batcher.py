@@ -10,6 +10,14 @@ the GIL; the event loop never blocks). Each future gets its result or the batch'
 Overload is refused at admission, never queued without bound: a full queue raises `QueueFull`
 (429/503 + Retry-After), a draining batcher `Draining` (503). A request whose deadline passes
 before its inference starts gets `DeadlineExceeded` (504) and is never run.
+
+Deadline-aware admission: the batcher learns the model's cost (seconds per candidate, from
+decayed sums over finished batches). A request whose estimated finish (the running batch,
+everything queued ahead of it, then itself) lies past its deadline is refused at once with
+`Overloaded` (429/503), and a batch stops growing when its estimated run would pass the earliest
+deadline it holds. Without this, a load test past saturation turned most requests into 504s
+after the work was queued (and often done) for nothing: a fast refusal lets the client retry
+elsewhere.
 """
 
 from __future__ import annotations
@@ -46,6 +54,12 @@ class Draining(Rejected):
     reason = "draining"
 
 
+class Overloaded(Rejected):
+    """The estimated wait already exceeds the request's deadline."""
+
+    reason = "overloaded"
+
+
 class DeadlineExceeded(Exception):
     """The request's deadline passed before its result was ready."""
 
@@ -56,6 +70,7 @@ class BatcherConfig:
     max_queue_requests: int = 256
     shed_status: int = 429
     retry_after_s: int = 1
+    cost_decay: float = 0.2  # per batch, of the decayed sums behind seconds/candidate
 
 
 class BatchObserver:
@@ -100,6 +115,12 @@ class Batcher(Generic[Req, Prep, Res]):
         self._has_work = asyncio.Event()
         self._draining = False
         self._busy = False
+        # Decayed sums of inference seconds and candidates over finished batches: their ratio
+        # is dominated by large batches, where the fixed per-call overhead is amortised, so it
+        # tracks the marginal cost that matters when a queue builds up.
+        self._cost_seconds = 0.0
+        self._cost_candidates = 0.0
+        self._running_until = 0.0  # estimated monotonic end of the batch being inferred
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
 
@@ -116,7 +137,7 @@ class Batcher(Generic[Req, Prep, Res]):
 
     async def submit(self, request: Req, size: int, deadline: float) -> Res:
         """Queues one request of `size` candidates and waits for its result until `deadline`."""
-        self._admit(deadline)
+        self._admit(deadline, size)
         loop = asyncio.get_running_loop()
         pending = _Pending(request, size, deadline, time.monotonic(), loop.create_future())
         self._queue.append(pending)
@@ -152,7 +173,13 @@ class Batcher(Generic[Req, Prep, Res]):
             self._fail(self._queue.popleft(), Draining(503, self.config.retry_after_s))
         self._executor.shutdown(wait=True)
 
-    def _admit(self, deadline: float) -> None:
+    def estimated_finish(self, size: int) -> float:
+        """Monotonic time a request of `size` queued now would finish: the running batch's
+        end, then everything queued, then the request (no cost is known before a batch ran)."""
+        queued = sum(p.size for p in self._queue)
+        return max(time.monotonic(), self._running_until) + (queued + size) * self._cost()
+
+    def _admit(self, deadline: float, size: int) -> None:
         error: Exception | None = None
         if self._draining:
             error = Draining(503, self.config.retry_after_s)
@@ -160,6 +187,8 @@ class Batcher(Generic[Req, Prep, Res]):
             error = QueueFull(self.config.shed_status, self.config.retry_after_s)
         elif deadline <= time.monotonic():
             error = DeadlineExceeded()
+        elif self.estimated_finish(size) > deadline:
+            error = Overloaded(self.config.shed_status, self.config.retry_after_s)
         if error is not None:
             self._observer.on_reject(getattr(error, "reason", "deadline"))
             raise error
@@ -178,18 +207,25 @@ class Batcher(Generic[Req, Prep, Res]):
                 self._busy = False
 
     def _take(self) -> list[_Pending[Req, Res]]:
-        """Everything queued, oldest first, up to the candidate budget (at least one request)."""
+        """Everything queued, oldest first, up to the candidate budget and the time budget of
+        the earliest deadline in the batch (always at least one request)."""
         batch: list[_Pending[Req, Res]] = []
         budget = self.config.max_batch_candidates
+        candidates, earliest = 0, float("inf")
         while self._queue:
             head = self._queue[0]
             if not self._alive(head):
                 self._queue.popleft()
                 continue
-            if batch and head.size > budget:
+            if batch and (
+                head.size > budget
+                or self._estimated_end(candidates + head.size) > min(earliest, head.deadline)
+            ):
                 break
             batch.append(self._queue.popleft())
             budget -= head.size
+            candidates += head.size
+            earliest = min(earliest, head.deadline)
         self._observer.on_depth(len(self._queue))
         return batch
 
@@ -206,12 +242,15 @@ class Batcher(Generic[Req, Prep, Res]):
         start = time.monotonic()
         for p, _ in live:
             self._observer.on_queue_wait(start - p.enqueued)
-        self._observer.on_batch(len(live), sum(p.size for p, _ in live))
+        candidates = sum(p.size for p, _ in live)
+        self._observer.on_batch(len(live), candidates)
+        self._running_until = self._estimated_end(candidates)
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._executor, self._infer, [x for _, x in live])
             if len(results) != len(live):
                 raise RuntimeError(f"infer returned {len(results)} results for {len(live)}")
+            self._learn_cost(time.monotonic() - start, candidates)
         except Exception as exc:
             for p, _ in live:
                 self._fail(p, exc)
@@ -221,6 +260,19 @@ class Batcher(Generic[Req, Prep, Res]):
                 self._fail(p, result)
             elif not p.future.done():
                 p.future.set_result(result)
+
+    def _estimated_end(self, candidates: int) -> float:
+        """Monotonic time a batch of `candidates` started now would end (now when unknown)."""
+        return time.monotonic() + candidates * self._cost()
+
+    def _cost(self) -> float:
+        """Estimated seconds per candidate; 0 until a batch has finished."""
+        return self._cost_seconds / self._cost_candidates if self._cost_candidates else 0.0
+
+    def _learn_cost(self, seconds: float, candidates: int) -> None:
+        keep = 1.0 - self.config.cost_decay
+        self._cost_seconds = keep * self._cost_seconds + seconds
+        self._cost_candidates = keep * self._cost_candidates + candidates
 
     def _alive(self, pending: _Pending[Req, Res]) -> bool:
         """False (and the future settled) for requests given up on or past their deadline."""

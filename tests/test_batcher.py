@@ -20,6 +20,7 @@ from service.batcher import (
     BatchObserver,
     DeadlineExceeded,
     Draining,
+    Overloaded,
     QueueFull,
 )
 
@@ -304,6 +305,68 @@ def test_an_exception_result_fails_only_its_own_request() -> None:
         results = await asyncio.gather(*futures, return_exceptions=True)
         assert results[0] == 1 and results[2] == 3
         assert isinstance(results[1], ValueError) and str(results[1]) == "bad 2"
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+class PerCandidate:
+    """infer(): sleeps a fixed time per candidate (the request value is its size here), so the
+    batcher has a real, known cost to learn: 10 ms per candidate."""
+
+    seconds_per_candidate = 0.01
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()  # infer() waits on it while it is cleared
+        self.gate.set()
+
+    def infer(self, batch: list[int]) -> list[int]:
+        self.gate.wait(5)
+        self.batches.append(list(batch))
+        time.sleep(self.seconds_per_candidate * sum(batch))
+        return batch
+
+
+def test_a_request_that_cannot_finish_by_its_deadline_is_refused_at_once() -> None:
+    async def scenario() -> None:
+        model = PerCandidate()
+        observer = Counts()
+        batcher = Batcher("m", model.infer, Prepares(), BatcherConfig(), observer)
+        batcher.start()
+        assert await batcher.submit(10, 10, _later()) == 10  # learns ~10 ms per candidate
+        # 20 candidates need ~200 ms: a 50 ms budget cannot be met, so it is refused at
+        # admission (Overloaded, a 429), not queued until it expires (DeadlineExceeded, a 504).
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit(20, 20, _later(0.05))
+        assert refused.value.status == 429 and observer.rejects == ["overloaded"]
+        assert model.batches == [[10]]  # nothing of the refused request ran
+        # The same request with a deadline it can meet is admitted and succeeds.
+        assert await batcher.submit(20, 20, _later(1.0)) == 20
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_batch_stops_growing_where_it_would_miss_its_earliest_deadline() -> None:
+    async def scenario() -> None:
+        model = PerCandidate()
+        batcher = Batcher("m", model.infer, Prepares(), BatcherConfig())
+        batcher.start()
+        await batcher.submit(5, 5, _later())  # learns the cost
+        model.gate.clear()  # hold the worker on the next batch while requests queue
+        blocker = asyncio.ensure_future(batcher.submit(1, 1, _later()))
+        await asyncio.sleep(0.05)
+        # Three requests of 10 candidates (~100 ms each) are admitted; the first two share a
+        # 600 ms deadline, which a batch of all three (~300 ms+) would risk: it is split.
+        deadline = _later(0.6)
+        queued = [asyncio.ensure_future(batcher.submit(10, 10, deadline)) for _ in range(2)]
+        late = asyncio.ensure_future(batcher.submit(10, 10, _later(2.0)))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        assert await blocker == 1 and await asyncio.gather(*queued) == [10, 10] and await late
+        # The deadline budget split what the candidate budget (4096) would have merged.
+        assert [10, 10, 10] not in model.batches
         await batcher.stop()
 
     asyncio.run(scenario())
