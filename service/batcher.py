@@ -187,7 +187,9 @@ class Batcher(Generic[Req, Prep, Res]):
             error = QueueFull(self.config.shed_status, self.config.retry_after_s)
         elif deadline <= time.monotonic():
             error = DeadlineExceeded()
-        elif self.estimated_finish(size) > deadline:
+        elif not self.idle and self.estimated_finish(size) > deadline:
+            # An idle batcher always admits: the request starts at once, and the cost estimate
+            # keeps learning (refusing on a stale, too-high estimate would never correct it).
             error = Overloaded(self.config.shed_status, self.config.retry_after_s)
         if error is not None:
             self._observer.on_reject(getattr(error, "reason", "deadline"))

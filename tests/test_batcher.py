@@ -335,14 +335,24 @@ def test_a_request_that_cannot_finish_by_its_deadline_is_refused_at_once() -> No
         batcher = Batcher("m", model.infer, Prepares(), BatcherConfig(), observer)
         batcher.start()
         assert await batcher.submit(10, 10, _later()) == 10  # learns ~10 ms per candidate
+        model.gate.clear()  # keep the worker busy: the next request has work ahead of it
+        blocker = asyncio.ensure_future(batcher.submit(1, 1, _later()))
+        await asyncio.sleep(0.05)
         # 20 candidates need ~200 ms: a 50 ms budget cannot be met, so it is refused at
         # admission (Overloaded, a 429), not queued until it expires (DeadlineExceeded, a 504).
         with pytest.raises(Overloaded) as refused:
             await batcher.submit(20, 20, _later(0.05))
         assert refused.value.status == 429 and observer.rejects == ["overloaded"]
-        assert model.batches == [[10]]  # nothing of the refused request ran
         # The same request with a deadline it can meet is admitted and succeeds.
-        assert await batcher.submit(20, 20, _later(1.0)) == 20
+        admitted = asyncio.ensure_future(batcher.submit(20, 20, _later(2.0)))
+        model.gate.set()
+        assert await blocker == 1 and await admitted == 20
+        assert model.batches.count([20]) == 1  # the admitted request ran, once
+        # An idle batcher admits whatever the estimate says, so a stale estimate can be
+        # corrected: the request runs (and here misses its deadline: a 504, not a 429).
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(20, 20, _later(0.05))
+        assert model.batches.count([20]) == 2
         await batcher.stop()
 
     asyncio.run(scenario())
