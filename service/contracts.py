@@ -8,8 +8,8 @@ the logs and a metric label, the experiment it belongs to, and the shadow to mir
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 HistorySource = Literal["redis", "inline", "fallback"]
@@ -62,6 +62,8 @@ class ScoreResult:
     scores: list[float]
     history_source: HistorySource
     experiment: str | None = None
+    # To call once the response has been sent (queues the shadow copy), if any.
+    after_response: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
 
 class Router(Protocol):

@@ -3,8 +3,9 @@
 `score(request)`: router (A/B variant, pinned version, shadow) -> that model version's batcher
 -> (per batch) one pipelined history read from the behaviour store, or the request's inline
 history -> vocabulary mapping and ONNX Runtime in the version's worker thread -> this
-request's scores; then, if the variant has a shadow and the request is sampled, a copy goes to
-the shadow's own queue (`service.shadow`) and the answer is returned without waiting for it.
+request's scores. If the variant has a shadow and the request is sampled, the result carries an
+`after_response` callable that the route runs once the response has been sent: it queues a copy
+for the shadow's own worker (`service.shadow`), so the shadow starts after the answer left.
 A failed or skipped history read degrades to an empty history (`history_source="fallback"`),
 never to an error.
 
@@ -16,10 +17,11 @@ the request was queued on, so in-flight requests finish on the version they star
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -35,6 +37,7 @@ from service.contracts import (
     Router,
     ScoreInput,
     ScoreResult,
+    ShadowSpec,
     UnknownModel,
 )
 from service.embedded_redis import RedisServer
@@ -190,13 +193,17 @@ class ScoringEngine:
                 self.primary_idle.set()
         self.metrics.history_source.labels(scored.source).inc()
         model = handle.model
+        after: Callable[[], None] | None = None
         if route.shadow is not None and self.shadow.sampled(route.shadow):
             job = ShadowJob(request.request_id, route.variant, model.name, model.version,
                             scored.request, scored.scores, time.monotonic())  # fmt: skip
-            target = self.pool.shadow_target(route.shadow, self.shadow.worker_for)
-            self.shadow.offer(route.shadow, job, target)
+            after = functools.partial(self._offer_shadow, route.shadow, job)
         return ScoreResult(model.name, model.version, route.variant, scored.scores.tolist(),
-                           scored.source, route.experiment)  # fmt: skip
+                           scored.source, route.experiment, after)  # fmt: skip
+
+    def _offer_shadow(self, spec: ShadowSpec, job: ShadowJob) -> None:
+        """Queues the shadow copy (called once the primary's response has been sent)."""
+        self.shadow.offer(spec, job, self.pool.shadow_target(spec, self.shadow.worker_for))
 
     def _missing(self, route: Route) -> Exception:
         """A client naming an unknown model gets 404; anything routing chose is ours (503)."""

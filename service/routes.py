@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.auth import require_key
@@ -51,6 +52,7 @@ async def score(
     request: Request,
     engine: EngineDep,
     settings: SettingsDep,
+    background: BackgroundTasks,
     x_request_timeout_ms: Annotated[float | None, Header(gt=0, le=600_000)] = None,
 ) -> ScoreResponse:
     """Scores `candidates` for `user_id`; `scores[i]` belongs to `candidates[i]`."""
@@ -69,6 +71,8 @@ async def score(
             deadline=time.monotonic() + timeout_ms / 1000,
         )
     )
+    if result.after_response is not None:  # the shadow copy, queued after the answer is sent
+        background.add_task(_call, result.after_response)
     request.state.model, request.state.variant = result.model, result.variant
     request.state.model_version, request.state.experiment = result.version, result.experiment
     request.state.history_source = result.history_source
@@ -147,6 +151,11 @@ def metrics(request: Request) -> Response:
     """Prometheus text format (aggregated across processes in multiprocess mode)."""
     service_metrics = request.app.state.metrics
     return Response(service_metrics.render(), media_type=service_metrics.content_type)
+
+
+async def _call(function: Callable[[], None]) -> None:
+    """A coroutine, so Starlette runs it on the loop rather than in its thread pool."""
+    function()
 
 
 def _check_score_limits(body: ScoreRequest, settings: Settings) -> None:

@@ -1,16 +1,16 @@
 """Shadow scoring: a copy of a primary request scored by another model, off the critical path.
 
-The engine answers the client first in the sense that matters: the primary's scores are final
-before the shadow sees the request, the shadow only gets a copy (the same history the primary
-used, the same candidates and context), and nothing the shadow does can reach the response.
-`offer` is synchronous and O(1) on the event loop: it samples (`fraction`), and appends to the
-shadow version's own bounded queue or, when that is full, drops and counts
-(`ctr_shadow_dropped_total{reason="queue_full"}`). Everything else happens in that version's
-own worker thread (`ShadowWorker`), never on the event loop: taking the queued jobs greedily
-(up to the candidate budget), dropping those older than the shadow timeout, encoding, ONNX
-Runtime, comparing, recording. The thread runs at a lower CPU priority (nice +10), so on a busy
-host the kernel runs the primary's inference thread and the event loop first, and it does not
-start a batch while any primary request is being scored (`yield_to_primary`): above
+The client is answered first: the engine hands the route an `after_response` callable that a
+FastAPI background task runs once the response has been sent. The shadow only gets a copy (the
+same history the primary used, the same candidates and context), and nothing it does can reach
+the response. The engine samples (`fraction`) beforehand; `offer` is synchronous and O(1) on
+the event loop: it appends to the shadow version's own bounded queue or, when that is full,
+drops and counts (`ctr_shadow_dropped_total{reason="queue_full"}`). Everything else happens in
+that version's own worker thread (`ShadowWorker`), never on the event loop: taking the jobs
+greedily (up to the candidate budget), dropping those older than the shadow timeout, encoding,
+ONNX Runtime, comparing, recording. The thread runs at a lower CPU priority (nice +10), so on a
+busy host the kernel runs the primary's inference thread and the event loop first, and it does
+not start a batch while any primary request is being scored (`yield_to_primary`): above
 saturation the shadow's jobs expire (dropped, `deadline`) rather than compete with them. A
 plain thread rather than an asyncio task per job on the primary's `Batcher` class: the event
 loop, which every primary request needs, does one append per shadowed request and nothing
