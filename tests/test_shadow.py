@@ -14,6 +14,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import redis
@@ -140,7 +141,8 @@ def test_divergence_stream_and_untouched_primary_answers(
 
     # The pair went to the capped Redis stream, without the user id.
     stream = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    [(_, record)] = stream.xrange("v1:shadow:pairs")
+    entries = cast(list[tuple[str, dict[str, str]]], stream.xrange("v1:shadow:pairs"))
+    [(_, record)] = entries
     assert record["request_id"] == "fixed" and "div" not in record.values()
     assert (record["version"], record["shadow_version"]) == ("1", "2")
     assert json.loads(record["shadow_scores"]) == shadow
