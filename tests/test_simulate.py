@@ -1,5 +1,6 @@
 """`ctr simulate`: determinism, file schemas, the user split, the event log, the slate effects
-the NCM models depend on, and the oracle against independent recomputations."""
+the NCM models depend on, the conversion truth, and the oracle against independent
+recomputations."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typer.testing import CliRunner
 from models.overrides import with_overrides
 from models.schema import load_behavior, load_events, load_slates
 from models.simulate import SimulationConfig, simulate_world
-from models.simulate.behavior import true_logit
+from models.simulate.behavior import simulate_behavior, style_commitment, true_logit
 from models.simulate.slates import attractiveness
-from models.simulate.world import build_world
+from models.simulate.world import build_world, draw_conversion_bias
 from slatectr.cli import app
 
 SMALL = SimulationConfig(
@@ -91,8 +92,8 @@ def test_files_load_with_the_schema_loaders(world: Path) -> None:
     for split in ("behavior/train", "behavior/test"):
         df = frames[split]
         assert list(df.columns) == ["user_id", "item_id", "category_id", "hist_item_ids",
-                                    "hist_category_ids", "label"]
-        assert set(df["label"]) == {0, 1}
+                                    "hist_category_ids", "label", "conversion"]
+        assert set(df["label"]) == {0, 1} and set(df["conversion"]) == {0, 1}
         lengths = df["hist_item_ids"].map(len)
         assert lengths.min() >= SMALL.min_history and lengths.max() == SMALL.max_history
         assert df["user_id"].str.match(r"^u\d+$").all() and df["item_id"].str.match(r"^i\d+$").all()
@@ -286,6 +287,124 @@ def test_true_probabilities_beat_item_popularity(world: Path) -> None:
     assert oracle_auc > pop_auc + 0.05, (oracle_auc, pop_auc)
 
 
+# --- conversions ------------------------------------------------------------------------
+
+
+def _behavior(out: Path) -> pd.DataFrame:
+    """Both behaviour splits with their raw extra columns, and a split flag."""
+    parts = [pd.read_parquet(out / "behavior" / f"{s}.parquet").assign(test=s == "test")
+             for s in ("train", "test")]
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_conversions_only_happen_on_clicks(world: Path) -> None:
+    raw = _behavior(world)
+    assert raw["conversion"].dtype == np.int64 and raw["conversion_prob"].dtype == np.float64
+    assert set(raw["conversion"]) == {0, 1}
+    assert (raw["conversion"] <= raw["label"]).all()
+    # q is written on every row (P(conversion | click) had the user clicked), not only clicks.
+    assert raw["conversion_prob"].between(0.0, 1.0, inclusive="neither").all()
+
+
+def test_conversion_rate_among_clicks_matches_the_true_probabilities(world: Path) -> None:
+    clicked = _behavior(world).query("label == 1")
+    q = clicked["conversion_prob"].to_numpy()
+    # The count of conversions is a sum of independent Bernoulli(q_r): its standard error is
+    # sqrt(Σ q(1 − q)); 4 of them is a false alarm once in ~16000 runs.
+    se = math.sqrt(float(np.sum(q * (1 - q)))) / len(q)
+    assert abs(clicked["conversion"].mean() - q.mean()) < 4 * se, (clicked["conversion"].mean(),
+                                                                      q.mean(), se)
+    assert 0.05 < q.mean() < 0.3
+
+
+def test_behavior_oracle_conversion_metrics_match_sklearn(world: Path) -> None:
+    oracle = json.loads((world / "oracle.json").read_text())["behavior"]
+    test = pd.read_parquet(world / "behavior" / "test.parquet")
+    ctcvr = test["click_prob"] * test["conversion_prob"]
+    assert oracle["ctcvr_auc"] == pytest.approx(roc_auc_score(test["conversion"], ctcvr))
+    assert oracle["ctcvr_logloss"] == pytest.approx(log_loss(test["conversion"], ctcvr))
+    clicked = test[test["label"] == 1]
+    assert oracle["cvr_auc"] == pytest.approx(
+        roc_auc_score(clicked["conversion"], clicked["conversion_prob"]))
+    assert oracle["cvr"] == pytest.approx(clicked["conversion"].mean())
+    assert oracle["ctcvr"] == pytest.approx(test["conversion"].mean())
+    assert oracle["n_clicks"] == len(clicked)
+    assert oracle["n_conversions"] == test["conversion"].sum()
+    assert 0.55 < oracle["cvr_auc"] < 0.95
+
+
+def test_conversion_knobs_change_nothing_but_the_conversions(world: Path, tmp_path: Path) -> None:
+    config = replace(SMALL, cvr_base_logit=-1.0, cvr_style_weight=0.0, cvr_item_bias_corr=-0.3)
+    simulate_world(config, tmp_path, progress=False)
+    for name in ("slates/train.parquet", "slates/test.parquet", "events.parquet"):
+        assert (tmp_path / name).read_bytes() == (world / name).read_bytes(), name
+    ours, theirs = _behavior(world), _behavior(tmp_path)
+    click_columns = ["user_id", "item_id", "category_id", "hist_item_ids", "hist_category_ids",
+                     "label", "click_prob", "ts"]
+    pd.testing.assert_frame_equal(ours[click_columns], theirs[click_columns])
+    assert not np.allclose(ours["conversion_prob"], theirs["conversion_prob"])
+    assert not ours["conversion"].equals(theirs["conversion"])
+
+
+def test_the_conversion_stream_leaves_the_earlier_streams_as_they_were() -> None:
+    """The invariance above rests on this SeedSequence property: spawning a fourth child for
+    the conversions does not change the first three (world, behaviour, slates)."""
+    three = np.random.SeedSequence(SMALL.seed).spawn(3)
+    four = np.random.SeedSequence(SMALL.seed).spawn(4)
+    for old, new in zip(three, four[:3], strict=True):
+        assert np.array_equal(old.generate_state(8), new.generate_state(8))
+
+
+def test_item_conversion_bias_is_correlated_with_the_click_bias() -> None:
+    config = replace(SMALL, n_items=20_000, cvr_item_bias_corr=0.5, cvr_item_bias_std=0.6)
+    world = build_world(config, np.random.default_rng(0))
+    bias = draw_conversion_bias(world, config, np.random.default_rng(1))
+    # Sampling error of a correlation near 0.5 over 20000 items is (1 − ρ²)/√n ≈ 0.005.
+    assert np.corrcoef(bias.item, world.item_bias)[0, 1] == pytest.approx(0.5, abs=0.03)
+    assert bias.item.std() == pytest.approx(0.6, rel=0.05)
+    assert bias.user.std() == pytest.approx(config.cvr_user_bias_std, rel=0.3)  # 240 users
+    independent = draw_conversion_bias(world, replace(config, cvr_item_bias_corr=0.0),
+                                       np.random.default_rng(1))
+    assert abs(np.corrcoef(independent.item, world.item_bias)[0, 1]) < 0.03
+
+
+def test_style_commitment_matches_a_hand_computation() -> None:
+    config = replace(SMALL, n_styles=4, cvr_recency_scale=2.0)
+    # L = 3; clicks 0..3 had styles 2, 1, 0, 2, click q in slot q % 3, so after 4 clicks the
+    # ring holds [click 3, click 1, click 2] with ages 0, 2, 1; after 2 clicks [2, 1, empty].
+    full, partial = [2, 1, 0], [2, 1, -1]
+    ring = np.array([full, full, partial, partial, [-1, -1, -1]])
+    n = np.array([4, 4, 2, 2, 0])
+    target = np.array([2, 3, 1, 0, 2])
+    e = math.exp
+    want = [
+        1 / (1 + e(-1 / 2) + e(-2 / 2)) - 1 / 4,  # only click 3 (age 0) has style 2
+        -1 / 4,  # no click has style 3
+        1 / (1 + e(-1 / 2)) - 1 / 4,  # click 1 is the latest (age 0) of two
+        -1 / 4,
+        0.0,  # no history, no term
+    ]
+    got = style_commitment(ring, n, target, config)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_history_style_term_raises_the_conversion_oracle() -> None:
+    """The committed-buyer term is signal, not noise: removing it lowers the AUC of q against
+    the conversions of clicked rows (same worlds, same uniforms: only q differs)."""
+    config = replace(SMALL, n_users=600)
+
+    def cvr_auc(style_weight: float) -> float:
+        cfg = replace(config, cvr_style_weight=style_weight)
+        world_rng, behavior_rng, _, conversion_rng = (
+            np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4))
+        log = simulate_behavior(build_world(cfg, world_rng), cfg, behavior_rng, conversion_rng)
+        clicked = log.label == 1
+        return float(roc_auc_score(log.conversion[clicked], log.conversion_prob[clicked]))
+
+    with_term, without = cvr_auc(SimulationConfig().cvr_style_weight), cvr_auc(0.0)
+    assert with_term > without + 0.03, (with_term, without)
+
+
 # --- config and command line --------------------------------------------------------------
 
 
@@ -304,6 +423,12 @@ def test_invalid_configs_are_rejected(tmp_path: Path) -> None:
         simulate_world(replace(SMALL, n_items=5), tmp_path, progress=False)
     with pytest.raises(ValueError, match="exposure"):
         simulate_world(replace(SMALL, exposure_interest=0.9), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="cvr_item_bias_corr"):
+        simulate_world(replace(SMALL, cvr_item_bias_corr=1.5), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="cvr_recency_scale"):
+        simulate_world(replace(SMALL, cvr_recency_scale=0.0), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="cvr_item_bias_std"):
+        simulate_world(replace(SMALL, cvr_item_bias_std=-0.1), tmp_path, progress=False)
 
 
 def test_cli_writes_a_world_and_prints_the_oracle(tmp_path: Path) -> None:

@@ -5,14 +5,18 @@ vectors, and every click is drawn from a known probability: the behaviour truth 
 out in `models.simulate.behavior`, the slate truth in `models.simulate.slates`, the static
 world in `models.simulate.world`, every knob in `SimulationConfig`. `simulate_world` writes
 
-    out/behavior/{train,test}.parquet   behaviour samples (+ click_prob, ts), split by user
+    out/behavior/{train,test}.parquet   behaviour samples with conversions (+ click_prob, ts,
+                                        conversion_prob), split by user
     out/slates/{train,test}.parquet     slate sessions (+ click_probs), same user split
     out/events.parquet                  the raw click log of the behaviour stream
     out/oracle.json                     test metrics of the true probabilities + the config
 
 Determinism: one `numpy.random.SeedSequence(seed)` is split into independent streams for the
-world, the behaviour stream and the slates, so the same config gives byte-identical files,
-and changing a slate knob does not change the behaviour data. Everything is vectorised over
+world, the behaviour stream, the slates and the conversions, so the same config gives
+byte-identical files, changing a slate knob does not change the behaviour data, and changing a
+conversion knob changes nothing but the conversions. The conversion stream is the fourth child:
+`SeedSequence(seed).spawn(4)`'s first three children are those `spawn(3)` gave before
+conversions existed, so every click is what it was. Everything is vectorised over
 users (lockstep over steps), so a world of 1M events takes well under a minute on one core.
 """
 
@@ -41,12 +45,13 @@ def simulate_world(config: SimulationConfig, out: Path, progress: bool = True) -
     config.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    world_rng, behavior_rng, slate_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(3))
+    world_rng, behavior_rng, slate_rng, conversion_rng = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4))
     world = build_world(config, world_rng)
     total = config.n_users * config.events_per_user
     with tqdm(total=total, desc="simulate", unit="event", disable=not progress) as bar:
-        log = simulate_behavior(world, config, behavior_rng, on_clicks=bar.update)
+        log = simulate_behavior(world, config, behavior_rng, conversion_rng,
+                                on_clicks=bar.update)
     slates = simulate_slates(world, config, log.interests, slate_rng)
     _write_all(out, config, world, log, slates, progress)
     oracle = {

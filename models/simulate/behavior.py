@@ -41,20 +41,47 @@ than `max_impressions_per_user` impressions) goes through:
    only infer z from the recent sub-sequence of the same interest, so it rewards recency
    awareness and keeps the oracle above every model.
 4. A click appends the item to the history and becomes an event (ts strictly increasing).
+5. **Conversion**, only on a click: conversion ~ Bernoulli(q) with the TRUE probability
+   q = P(conversion | click) = σ(ℓ_cvr),
+
+       ℓ_cvr(u, h, i) = cvr_base_logit + c_u + c_i
+                        + cvr_interest_weight · cos(w_{u,z}, v_i)             (active interest)
+                        + cvr_style_weight    · (m(h, y_i) − 1 / n_styles)    (style commitment)
+
+   with u, h, i, z, v, y as in step 3 (h is the history *before* the click) and
+   * c_i = cvr_item_bias_std · (ρ · b̃_i + √(1 − ρ²) · η_i), where b̃ is the click bias b
+     standardised over items, η_i ~ N(0, 1) and ρ = `cvr_item_bias_corr`: an item that gets
+     clicked tends to sell, but not always (clickbait does not);
+   * c_u = cvr_user_bias_std · ζ_u, ζ_u ~ N(0, 1), independent of b_u;
+   * m(h, y) = Σ_j ω_j [y_{h_j} = y] / Σ_j ω_j, ω_j = exp(−age_j / cvr_recency_scale): the
+     recency-weighted share of the history in the target's style. 1 / n_styles is its mean
+     when the history's styles are unrelated to the target's, so the term averages ~0; it is
+     0 without history. A user who keeps clicking one style is a committed buyer of it.
+
+   Decision: ℓ_cvr shares signal with ℓ (b_i through ρ; the same latent active-interest match
+   with its own weight; the latent item style, which the click pair term also depends on, so
+   item embeddings learnt from the plentiful clicks carry it) and has its own part (η_i, c_u,
+   and the target-vs-history style match, which the click truth never looks at). A shared
+   representation therefore helps the scarce conversion task (the ESMM argument), while a
+   click model alone is not a conversion model. q is computed on every impression (what it
+   would be had the user clicked); conversion = 1 only where label = 1. The biases c and the
+   conversion draws (made once the click stream has run) come from their own random stream,
+   so no conversion knob changes any click, history or click probability.
 
 Samples are the impressions of users with at least `min_history` earlier clicks. The same rows
-carry the true probability, which is what the oracle is computed from.
+carry the true probabilities p and q, which is what the oracle is computed from.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from models.simulate.config import SimulationConfig
-from models.simulate.world import World, noise, normalise
+from models.simulate.world import ConversionBias, World, draw_conversion_bias, noise, normalise
 
 
 @dataclass
@@ -65,6 +92,8 @@ class BehaviorLog:
     item: np.ndarray  # [S] int64 target item number
     label: np.ndarray  # [S] int64 0/1
     prob: np.ndarray  # [S] float64 true click probability
+    conversion_prob: np.ndarray  # [S] float64 true P(conversion | click), on every row
+    conversion: np.ndarray  # [S] int64 0/1, 0 wherever label is 0
     n_hist: np.ndarray  # [S] int64 clicks before the impression (history = last min(n, L))
     ts: np.ndarray  # [S] int64 unix seconds of the impression
     clicks: np.ndarray  # [U, E] int64 clicked items in order (-1 past n_clicks)
@@ -91,9 +120,15 @@ def simulate_behavior(
     world: World,
     config: SimulationConfig,
     rng: np.random.Generator,
+    conversion_rng: np.random.Generator,
     on_clicks: Callable[[int], None] = lambda n: None,
 ) -> BehaviorLog:
-    """Runs the stream until every user is done; `on_clicks(n)` reports progress."""
+    """Runs the stream until every user is done; `on_clicks(n)` reports progress.
+
+    `rng` drives the clicks, `conversion_rng` only the conversion truth (its biases, then one
+    uniform per sample), so the click data are the same whatever the conversion knobs.
+    """
+    cvr_bias = draw_conversion_bias(world, config, conversion_rng)
     state = _initial_state(world, config, rng)
     records: list[tuple[np.ndarray, ...]] = []
     every = np.arange(config.n_users)
@@ -103,10 +138,10 @@ def simulate_behavior(
         if not live.any():
             break
         users = every if live.all() else np.flatnonzero(live)
-        record, n_new = _step(state, world, config, rng, users)
+        record, n_new = _step(state, world, cvr_bias, config, rng, users)
         records.append(record)
         on_clicks(n_new)
-    return _collect(records, state)
+    return _collect(records, state, conversion_rng)
 
 
 def relation_strength(cos: np.ndarray, threshold: float) -> np.ndarray:
@@ -139,6 +174,48 @@ def true_logit(
     return config.attention_weight * attention + config.pair_strength * np.arcsinh(pairs)
 
 
+def style_commitment(
+    ring_style: np.ndarray, n: np.ndarray, style: np.ndarray, config: SimulationConfig
+) -> np.ndarray:
+    """m(h, y) − 1 / n_styles of the conversion truth, [A] float64 (0 without history).
+
+    ring_style [A, L] holds the styles of the last L clicks (click q in slot q % L), n [A] is
+    the number of clicks so far and style [A] the target styles.
+    """
+    size = ring_style.shape[1]
+    table, total = _recency_weights(size, config.cvr_recency_scale)
+    key = np.where(n < size, n, size + n % size)
+    same = np.where(ring_style == style[:, None], table[key], 0.0)  # [A, L]
+    share = same.sum(1) / np.maximum(total[key], 1e-300)
+    return np.where(n > 0, share - 1.0 / config.n_styles, 0.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _recency_weights(size: int, recency_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """ω of every ring slot, [2L, L], and their sums, [2L], by key = n if n < L else L + n % L.
+
+    The weights only depend on n through that key, so a table lookup replaces computing ages
+    and exponentials for every user at every step (halves the cost of the term).
+    """
+    key = np.arange(2 * size)
+    slots = np.arange(size)
+    age = (key[:, None] - 1 - slots[None, :]) % size  # for key >= L, n ≡ key (mod L)
+    valid = slots[None, :] < key[:, None]  # every slot once the ring is full (key >= L)
+    table = np.exp(-age / recency_scale) * valid
+    table.setflags(write=False)  # shared by every call through the cache
+    return table, table.sum(1)
+
+
+def conversion_logit(
+    bias_u: np.ndarray, bias_i: np.ndarray, match: np.ndarray, commitment: np.ndarray,
+    config: SimulationConfig,
+) -> np.ndarray:
+    """ℓ_cvr from c_u, c_i, cos(w_{u,z}, v_i) and `style_commitment`, [A] float64."""
+    return (config.cvr_base_logit + bias_u.astype(np.float64) + bias_i.astype(np.float64)
+            + config.cvr_interest_weight * match.astype(np.float64)
+            + config.cvr_style_weight * commitment)
+
+
 def _initial_state(world: World, config: SimulationConfig, rng: np.random.Generator) -> _State:
     u, size, e = config.n_users, config.max_history, config.events_per_user
     return _State(
@@ -164,8 +241,8 @@ def _draw_interest(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _step(
-    st: _State, world: World, config: SimulationConfig, rng: np.random.Generator,
-    users: np.ndarray,
+    st: _State, world: World, cvr_bias: ConversionBias, config: SimulationConfig,
+    rng: np.random.Generator, users: np.ndarray,
 ) -> tuple[tuple[np.ndarray, ...], int]:
     """One impression for each of `users`; returns the sample record and the number of clicks."""
     a = len(users)
@@ -181,16 +258,22 @@ def _step(
     n = st.n_clicks[rows].copy()  # a view under a slice, and clicks update it below
     item = _expose(st, world, config, rng, users, active_vec)
     target = world.item_vec[item]  # [A, d]
+    match = (active_vec * target).sum(1)  # cos(w_{u,z}, v_i), float32
     logit = (config.base_logit + world.user_bias[rows] + world.item_bias[item]
-             + config.interest_weight * (active_vec * target).sum(1)
+             + config.interest_weight * match
              + true_logit(st.ring[rows], st.relation[rows], n, target, config))
     prob = 1.0 / (1.0 + np.exp(-logit))
+    commitment = style_commitment(st.ring_style[rows], n, world.item_style[item], config)
+    cvr_logit = conversion_logit(cvr_bias.user[rows], cvr_bias.item[item], match, commitment,
+                                 config)
+    cvr_prob = 1.0 / (1.0 + np.exp(-cvr_logit))
     label = rng.random(a) < prob
     ts = st.ts[rows] + 1 + np.floor(rng.exponential(config.mean_gap_s, a)).astype(np.int64)
     st.ts[rows] = ts
     st.n_imps[rows] += 1
     keep = n >= config.min_history
-    record = (users[keep], item[keep], label[keep].astype(np.int64), prob[keep], n[keep], ts[keep])
+    record = (users[keep], item[keep], label[keep].astype(np.int64), prob[keep], n[keep], ts[keep],
+              cvr_prob[keep])
     _append_clicks(st, world, config, users[label], item[label], ts[label])
     return record, int(label.sum())
 
@@ -238,12 +321,17 @@ def _append_clicks(
     st.n_clicks[users] = n + 1
 
 
-def _collect(records: list[tuple[np.ndarray, ...]], st: _State) -> BehaviorLog:
-    """Concatenates the per-step records and orders them by user, then time."""
-    cols = [np.concatenate([r[i] for r in records]) for i in range(6)]
+def _collect(
+    records: list[tuple[np.ndarray, ...]], st: _State, conversion_rng: np.random.Generator
+) -> BehaviorLog:
+    """Concatenates the per-step records, orders them by user, then time, and draws the
+    conversions (one uniform per sample in that order, so they do not depend on the steps)."""
+    cols = [np.concatenate([r[i] for r in records]) for i in range(7)]
     order = np.argsort(cols[0], kind="stable")  # steps were appended in time order
-    user, item, label, prob, n_hist, ts = (c[order] for c in cols)
+    user, item, label, prob, n_hist, ts, cvr_prob = (c[order] for c in cols)
+    converted = (conversion_rng.random(len(label)) < cvr_prob) & (label == 1)
     return BehaviorLog(
-        user=user, item=item, label=label, prob=prob, n_hist=n_hist, ts=ts,
+        user=user, item=item, label=label, prob=prob, conversion_prob=cvr_prob,
+        conversion=converted.astype(np.int64), n_hist=n_hist, ts=ts,
         clicks=st.clicks, click_ts=st.click_ts, n_clicks=st.n_clicks, interests=st.interests,
     )

@@ -1,6 +1,10 @@
 """The oracle: test metrics of the TRUE click probabilities, the ceiling no model can pass.
 
-* Behaviour: AUC and LogLoss of p against the labels of the test users' samples.
+* Behaviour: AUC and LogLoss of p against the labels of the test users' samples; for the
+  conversions, `cvr_auc` of q against the conversions of the clicked test samples (the CVR
+  task is defined on clicks), `ctcvr_auc` / `ctcvr_logloss` of p · q against the conversions
+  of all test samples (the ESMM task over impressions), and the rates `cvr` (conversions per
+  click) and `ctcvr` (conversions per impression).
 * Slates (the NCM protocol): AUC of p over the items of the last `slate_eval_fraction` of the
   slates of each test session (the first ⌊0.8·S⌋ slates are context), and F1 of the click
   class and accuracy at the threshold that maximises F1 on the training sessions' true
@@ -33,7 +37,22 @@ def behavior_oracle(log: BehaviorLog, is_test: np.ndarray) -> dict[str, Any]:
     test = is_test[log.user]
     y, p = log.label[test], log.prob[test]
     return {"auc": auc(y, p), "logloss": logloss(y, p), "n": int(test.sum()),
-            "ctr": float(y.mean()) if len(y) else float("nan")}
+            "ctr": _rate(y), **_conversion_oracle(log, test)}
+
+
+def _conversion_oracle(log: BehaviorLog, test: np.ndarray) -> dict[str, Any]:
+    conversion, q = log.conversion[test], log.conversion_prob[test]
+    clicked = log.label[test] == 1
+    ctcvr_prob = log.prob[test] * q
+    return {"cvr_auc": auc(conversion[clicked], q[clicked]),
+            "ctcvr_auc": auc(conversion, ctcvr_prob),
+            "ctcvr_logloss": logloss(conversion, ctcvr_prob),
+            "cvr": _rate(conversion[clicked]), "ctcvr": _rate(conversion),
+            "n_clicks": int(clicked.sum()), "n_conversions": int(conversion.sum())}
+
+
+def _rate(y: np.ndarray) -> float:
+    return float(y.mean()) if len(y) else float("nan")
 
 
 def slate_oracle(log: SlateLog, is_test: np.ndarray, config: SimulationConfig) -> dict[str, Any]:

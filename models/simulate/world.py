@@ -8,6 +8,8 @@
 * User u has `interests_per_user` interests anchored at distinct random categories,
   w_{u,m} = normalise(centre[k_m] + interest_spread · ε), Dirichlet mixture weights over them,
   and a logit bias b_u. Here ε ~ N(0, I/dim), so ‖ε‖ ≈ 1 and the spreads are noise norms.
+* The conversion biases c_i (correlated with b_i) and c_u are a separate `ConversionBias`,
+  drawn from the conversion stream, not from the world's: see `models.simulate.behavior`.
 """
 
 from __future__ import annotations
@@ -52,6 +54,29 @@ class World:
     def nearest_categories(self, vecs: np.ndarray) -> np.ndarray:
         """Category whose centre is closest (cosine) to each vector of [..., d]."""
         return np.argmax(np.einsum("...d,cd->...c", vecs, self.centers), axis=-1)
+
+
+@dataclass
+class ConversionBias:
+    """The conversion truth's logit biases (see step 5 of `models.simulate.behavior`)."""
+
+    item: np.ndarray  # [N] float64 c_i
+    user: np.ndarray  # [U] float64 c_u
+
+
+def draw_conversion_bias(
+    world: World, config: SimulationConfig, rng: np.random.Generator
+) -> ConversionBias:
+    """c_i = std · (ρ · b̃_i + √(1 − ρ²) · η_i) and c_u = std · ζ_u, from `rng` only."""
+    b = world.item_bias.astype(np.float64)
+    spread = float(b.std())
+    # Standardised so that corr(c, b) is ρ whatever item_bias_std is; no spread, no correlation.
+    b_std = (b - b.mean()) / spread if spread > 0 else np.zeros_like(b)
+    rho = config.cvr_item_bias_corr
+    eta = rng.standard_normal(len(b))
+    item = config.cvr_item_bias_std * (rho * b_std + np.sqrt(1.0 - rho**2) * eta)
+    user = config.cvr_user_bias_std * rng.standard_normal(len(world.user_bias))
+    return ConversionBias(item=item, user=user)
 
 
 def normalise(x: np.ndarray) -> np.ndarray:

@@ -2,9 +2,13 @@
 as Parquet. Ids are strings: users "u12", items "i345", categories "c7", sessions "u12-s0",
 events "e42".
 
+Behaviour rows carry DESIGN.md's optional `conversion` column (0/1, 0 wherever label is 0).
 Extra columns beyond the schema (the loaders in `models.schema` drop them): behaviour rows
-carry `click_prob` (the true probability) and `ts` (the impression time), slate rows carry
-`click_probs` (true probability per position).
+carry `click_prob` (the true click probability p), `ts` (the impression time) and
+`conversion_prob` (the true q = P(conversion | click); written on every row, on a non-clicked
+row it is what q would have been had the user clicked, so p · q is the true P(click and
+conversion) everywhere), slate rows carry `click_probs` (true probability per position).
+The conversion columns come last, so every column written before they existed is unchanged.
 """
 
 from __future__ import annotations
@@ -76,6 +80,8 @@ def _behavior_table(
         "label": pa.array(log.label[rows], type=pa.int64()),
         "click_prob": pa.array(log.prob[rows], type=pa.float64()),
         "ts": pa.array(log.ts[rows], type=pa.int64()),
+        "conversion": pa.array(log.conversion[rows], type=pa.int64()),
+        "conversion_prob": pa.array(log.conversion_prob[rows], type=pa.float64()),
     })
 
 
