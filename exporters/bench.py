@@ -99,7 +99,7 @@ class PairwiseGraph(nn.Module):
         cats: Tensor,
     ) -> Tensor:
         batch = BehaviorBatch(user, hist_items, hist_cats, items, cats, context, items.float())
-        return torch.sigmoid(self.model(batch))  # [B]
+        return torch.sigmoid(self.model(batch)[:, 0])  # [B] pCTR
 
 
 def _feeds(config: BenchConfig, users: int, rng: np.random.Generator) -> dict[str, np.ndarray]:

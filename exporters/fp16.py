@@ -170,6 +170,11 @@ def _scores(
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
+def _click_column(scores: np.ndarray) -> np.ndarray:
+    """pCTR: the whole array, or its first column for a multi-task graph's [N, 3]."""
+    return scores if scores.ndim == 1 else scores[:, 0]
+
+
 def validate(
     fp32: Path,
     fp16: Path,
@@ -189,7 +194,7 @@ def validate(
     n = 0
     if labelled is not None:
         requests, labels = labelled
-        auc32 = auc(labels, _scores(s32, requests, encode, flatten))
-        auc16 = auc(labels, _scores(s16, requests, encode, flatten))
+        auc32 = auc(labels, _click_column(_scores(s32, requests, encode, flatten)))
+        auc16 = auc(labels, _click_column(_scores(s16, requests, encode, flatten)))
         n = int(labels.size)
     return Fp16Report(s16.get_providers()[0], worst, auc32, auc16, n)

@@ -11,7 +11,10 @@ decides whether its file is kept.
 What a serving graph computes (every graph returns probabilities, never logits):
 * behaviour models: `model.forward_slates` + sigmoid on the slate-shared ragged layout
   (`exporters.feeds`): the user side runs once per user inside the graph and its outputs are
-  gathered per candidate with `cand_user_index`.
+  gathered per candidate with `cand_user_index`. Output `scores` [N] is pCTR; a multi-task
+  model (`tasks=("ctr", "cvr")`, `models.multitask`) adds `conversion_scores` [N] (pCVR) and
+  `ctcvr_scores` [N] (pCTR·pCVR, formed in the graph so every client multiplies the same
+  float32 numbers). A conversion-only model is an offline baseline and is not exported.
 * slate models (NCM family): see `exporters.slate_export`.
 
 Models are exported in `eval()` (Dice uses its running statistics) and, where a model offers
@@ -34,6 +37,7 @@ from torch import Tensor, nn
 
 from exporters.feeds import BEHAVIOR_INPUTS
 from models.base import BehaviorModel
+from models.multitask import CTR, CVR
 
 OPSET = 17
 DYNAMO_OPSET = 18  # the torch.export-based exporter's lowest supported opset
@@ -55,28 +59,52 @@ class GraphSpec:
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
-BEHAVIOR_GRAPH = GraphSpec(
-    inputs=BEHAVIOR_INPUTS,
-    outputs=("scores",),
-    dynamic_axes={
-        "user": {0: "U"},
-        "hist_items": {0: "U", 1: "L"},
-        "hist_cats": {0: "U", 1: "L"},
-        "context": {0: "U"},
-        "cand_items": {0: "N"},
-        "cand_cats": {0: "N"},
-        "cand_user_index": {0: "N"},
-        "scores": {0: "N"},
-    },
-)
+SCORE_OUTPUTS: dict[tuple[str, ...], tuple[str, ...]] = {
+    (CTR,): ("scores",),
+    (CTR, CVR): ("scores", "conversion_scores", "ctcvr_scores"),
+}
+
+
+def behavior_graph(tasks: tuple[str, ...] = (CTR,)) -> GraphSpec:
+    """The slate-shared signature; its outputs depend on the model's tasks."""
+    if tasks not in SCORE_OUTPUTS:
+        raise ValueError(
+            f"a model with tasks {','.join(tasks)} is not exported: only click models (ctr) "
+            "and multi-task models (ctr,cvr) serve; a conversion-only model is a baseline"
+        )
+    outputs = SCORE_OUTPUTS[tasks]
+    return GraphSpec(
+        inputs=BEHAVIOR_INPUTS,
+        outputs=outputs,
+        dynamic_axes={
+            "user": {0: "U"},
+            "hist_items": {0: "U", 1: "L"},
+            "hist_cats": {0: "U", 1: "L"},
+            "context": {0: "U"},
+            "cand_items": {0: "N"},
+            "cand_cats": {0: "N"},
+            "cand_user_index": {0: "N"},
+            **{name: {0: "N"} for name in outputs},
+        },
+    )
+
+
+def task_probabilities(logits: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor, ...]:
+    """Logits [N, T] -> the graph's outputs: (pCTR,) or (pCTR, pCVR, pCTR·pCVR), each [N]."""
+    probs = torch.sigmoid(logits)
+    if tasks == (CTR, CVR):
+        return probs[:, 0], probs[:, 1], probs[:, 0] * probs[:, 1]
+    return (probs[:, 0],)
 
 
 class SlateScoringGraph(nn.Module):
-    """The behaviour models' serving graph: ragged slates in, click probabilities [N] out."""
+    """The behaviour models' serving graph: ragged slates in, probabilities [N] out (one
+    tensor per output of `behavior_graph(model.tasks)`)."""
 
     def __init__(self, model: BehaviorModel) -> None:
         super().__init__()
         self.model = model
+        self.tasks = model.tasks
         self.eval()
 
     def forward(
@@ -88,11 +116,11 @@ class SlateScoringGraph(nn.Module):
         cand_items: Tensor,
         cand_cats: Tensor,
         cand_user_index: Tensor,
-    ) -> Tensor:
+    ) -> tuple[Tensor, ...]:
         logits = self.model.forward_slates(
             user, hist_items, hist_cats, context, cand_items, cand_cats, cand_user_index
         )
-        return torch.sigmoid(logits)  # [N]
+        return task_probabilities(logits, self.tasks)
 
 
 def serving_copy(model: nn.Module) -> nn.Module:
@@ -189,10 +217,9 @@ def export_behavior(
     model: BehaviorModel, path: Path, num_context: int, exporter: Exporter = "torchscript"
 ) -> tuple[nn.Module, int]:
     """Exports a behaviour model's slate-shared graph; returns (the traced module, opset)."""
+    spec = behavior_graph(model.tasks)
     graph = SlateScoringGraph(serving_copy(model))  # type: ignore[arg-type]
-    opset = export_graph(
-        graph, example_behavior_inputs(num_context), path, BEHAVIOR_GRAPH, exporter
-    )
+    opset = export_graph(graph, example_behavior_inputs(num_context), path, spec, exporter)
     return graph, opset
 
 

@@ -2,7 +2,8 @@
 
 For every case (`exporters.cases`) the requests are encoded once by the service's encoder;
 the ONNX session and the eager serving module (the exact module that was traced) score the
-same arrays, and the largest absolute difference of the click probabilities is recorded. For
+same arrays, and the largest absolute difference of the probabilities (every output of the
+graph: pCTR, and pCVR and pCTCVR for a multi-task model) is recorded. For
 behaviour models the ONNX scores are also compared with the model's *pairwise* training form
 (`forward`, each candidate with its own copy of the history), which checks that the
 slate-shared signature serves the scores the model was validated with.
@@ -24,6 +25,7 @@ from torch import nn
 
 from exporters.cases import Cases
 from exporters.feeds import ScoringRequest
+from exporters.onnx_export import task_probabilities
 from models.base import BehaviorModel
 from models.batch import BehaviorBatch
 
@@ -91,19 +93,28 @@ def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
     )
 
 
+def _stack(outputs: Sequence[Any]) -> np.ndarray:
+    """One output -> itself; several [N] outputs -> [N, O] in graph order."""
+    arrays = [np.asarray(o) for o in outputs]
+    return arrays[0] if len(arrays) == 1 else np.stack(arrays, axis=-1)
+
+
 def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Every output of the graph (see `_stack`)."""
     names = [i.name for i in session.get_inputs()]
-    return np.asarray(session.run(["scores"], {n: feeds[n] for n in names})[0])
+    return _stack(session.run(None, {n: feeds[n] for n in names}))
 
 
 def run_eager(module: nn.Module, inputs: Sequence[str], feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """The traced module's outputs, in the same layout as `run_session`."""
     with torch.no_grad():
         out = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in inputs))
-    return np.asarray(out.numpy())
+    return _stack([t.numpy() for t in (out if isinstance(out, tuple) else (out,))])
 
 
 def pairwise_scores(model: BehaviorModel, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The training form: the history tiled to one row per candidate, sigmoid(forward)."""
+    """The training form: the history tiled to one row per candidate, its logits turned into
+    the graph's outputs (sigmoid; pCTR·pCVR for a multi-task model)."""
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
     row = t["cand_user_index"]
     batch = BehaviorBatch(
@@ -116,7 +127,7 @@ def pairwise_scores(model: BehaviorModel, feeds: dict[str, np.ndarray]) -> np.nd
         label=torch.zeros(row.shape[0]),
     )
     with torch.no_grad():
-        return np.asarray(torch.sigmoid(model(batch)).numpy())
+        return _stack([t.numpy() for t in task_probabilities(model(batch), model.tasks)])
 
 
 def check_parity(
@@ -136,7 +147,8 @@ def check_parity(
         onnx_out, eager_out = run_session(session, feeds), run_eager(module, inputs, feeds)
         if flatten is not None:  # compare the real candidates only
             onnx_out, eager_out = flatten(onnx_out, feeds), flatten(eager_out, feeds)
-        result = CaseResult(name, len(requests), int(onnx_out.size), _max_diff(onnx_out, eager_out))
+        diff = _max_diff(onnx_out, eager_out)
+        result = CaseResult(name, len(requests), int(onnx_out.shape[0]), diff)
         if pairwise is not None:
             result.pairwise_max_abs_diff = _max_diff(onnx_out, pairwise_scores(pairwise, feeds))
         report.cases.append(result)

@@ -222,6 +222,7 @@ class _Job:
             "model_type": run.name,
             "model_class": ALL_MODELS[run.name],
             "kind": plan.kind,
+            "tasks": list(getattr(run.model, "tasks", ("ctr",))),
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source_run": str(self.run_dir.resolve()),
             "onnx": _onnx_info(onnx_path, opset, options.exporter),

@@ -26,6 +26,7 @@ Decisions recorded here ([proposal] where MODELS.md leaves it open):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -102,6 +103,7 @@ class DINConfig:
     context_dim: int = 18  # per context field
     attention_hidden: tuple[int, ...] = (80, 40)
     mlp_hidden: tuple[int, ...] = (200, 80)
+    tasks: tuple[str, ...] = ("ctr",)  # ("ctr", "cvr"): a second MLP on the same features
 
 
 class ActivationUnit(nn.Module):
@@ -132,6 +134,7 @@ class DIN(BehaviorModel):
         in_dim = 4 * d + self.context.dim
         self.norm = AffineNorm(in_dim)
         self.mlp = MLP(in_dim, self.config.mlp_hidden, dice=True)
+        self._add_towers(self.config.tasks, lambda: MLP(in_dim, self.config.mlp_hidden, True))
 
     def encode_user(
         self, user: Tensor, hist_items: Tensor, hist_cats: Tensor, context: Tensor
@@ -145,8 +148,8 @@ class DIN(BehaviorModel):
         weights = self.attention(hist, t, mask)  # [N, L]
         interest = (weights.unsqueeze(-1) * hist).sum(dim=1)  # [N, D]
         total = hist.sum(dim=1)  # [N, D], padded rows are 0
-        z = torch.cat([t, total, t * total, interest, ctx], dim=-1)  # [N, 4D + C·d]
-        return self.mlp(self.norm(z))
+        z = self.norm(torch.cat([t, total, t * total, interest, ctx], dim=-1))  # [N, 4D + C·d]
+        return self._task_logits(z, self.mlp(z))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +158,7 @@ class GRUCTRConfig:
     embed_dim: int = 18  # per id; the GRU's hidden size is 2·embed_dim
     context_dim: int = 18
     mlp_hidden: tuple[int, ...] = (200, 80)
+    tasks: tuple[str, ...] = ("ctr",)  # ("ctr", "cvr"): a second MLP on the same features
 
 
 class GRUCTR(BehaviorModel):
@@ -172,6 +176,7 @@ class GRUCTR(BehaviorModel):
         in_dim = 3 * d + self.context.dim
         self.norm = AffineNorm(in_dim)
         self.mlp = MLP(in_dim, self.config.mlp_hidden, dice=True)
+        self._add_towers(self.config.tasks, lambda: MLP(in_dim, self.config.mlp_hidden, True))
 
     def encode_user(
         self, user: Tensor, hist_items: Tensor, hist_cats: Tensor, context: Tensor
@@ -188,8 +193,8 @@ class GRUCTR(BehaviorModel):
     def score_candidates(self, state: UserState, items: Tensor, cats: Tensor) -> Tensor:
         h_last, ctx = state
         t = self.embed(items, cats)  # [N, D]
-        z = torch.cat([h_last, t, h_last * t, ctx], dim=-1)  # [N, 3D + C·d]
-        return self.mlp(self.norm(z))
+        z = self.norm(torch.cat([h_last, t, h_last * t, ctx], dim=-1))  # [N, 3D + C·d]
+        return self._task_logits(z, self.mlp(z))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,12 +205,14 @@ class WideDeepConfig:
     context_dim: int = 18
     mlp_hidden: tuple[int, ...] = (200, 80)
     cross_buckets: int = 100_003  # hashed (target category × history category) weights
+    tasks: tuple[str, ...] = ("ctr",)  # single-task only: the wide part has no second tower
 
 
 class WideDeep(BehaviorModel):
     """Wide & Deep (Cheng et al., 2016): a linear model on crossed ids + an MLP on embeddings."""
 
     config_class = WideDeepConfig
+    supports_multitask: ClassVar[bool] = False
 
     def __init__(self, sizes: dict[str, int], config: WideDeepConfig | None = None) -> None:
         super().__init__()
@@ -221,6 +228,7 @@ class WideDeep(BehaviorModel):
         self.wide_cross = nn.Embedding(self.config.cross_buckets, 1)
         for table in (self.wide_item, self.wide_cat, self.wide_cross):
             nn.init.zeros_(table.weight)
+        self._add_towers(self.config.tasks, None)
 
     def encode_user(
         self, user: Tensor, hist_items: Tensor, hist_cats: Tensor, context: Tensor
@@ -233,7 +241,7 @@ class WideDeep(BehaviorModel):
         pooled, hist_cats, mask, profile = state
         t = self.embed(items, cats)  # [N, D]
         deep = self.deep(torch.cat([t, pooled, profile], dim=-1))  # [N]
-        return deep + self._wide(items, cats, hist_cats, mask)
+        return (deep + self._wide(items, cats, hist_cats, mask)).unsqueeze(-1)  # [N, 1]
 
     def _wide(self, items: Tensor, cats: Tensor, hist_cats: Tensor, mask: Tensor) -> Tensor:
         """Linear part: item + category + Σ_history cross(target category, history category)."""

@@ -1,20 +1,21 @@
 """The behaviour-CTR training task: encoded samples -> batches, BCE loss, AUC/LogLoss.
 
-The loss is BCE-with-logits on the model's logits plus every auxiliary loss its `forward_train`
-returns (already weighted by the model, e.g. SARN's positional and interest losses). Negative
-history items are sampled only for models whose class sets `needs_negatives`.
+The loss is the model's task losses (`models.multitask.task_losses`: BCE of the click, plus
+the CTCVR term for a multi-task model) plus every auxiliary loss its `forward_train` returns
+(already weighted by the model, e.g. SARN's positional and interest losses). Negative history
+items are sampled only for models whose class sets `needs_negatives`. A conversion-only model
+(`tasks=("cvr",)`) trains and validates on the clicked rows alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.base import BehaviorModel
@@ -28,7 +29,7 @@ from models.dataset import (
     iterate_batches,
 )
 from models.features import FeatureSpec, Vocabulary, vocab_sizes
-from models.metrics import auc, logloss
+from models.multitask import CVR, needs_conversions, task_losses, task_metrics
 from models.schema import DataError, load_behavior
 from models.train import TrainConfig
 
@@ -59,11 +60,10 @@ class BehaviorTask:
         assert isinstance(model, BehaviorModel)
         batch = batch.to(_device_of(model))
         out = model.forward_train(batch)
-        ctr = F.binary_cross_entropy_with_logits(out.logits, batch.label)
-        total = ctr + sum(out.aux_losses.values(), torch.zeros((), device=ctr.device))
-        parts = {"ctr": float(ctr.detach())}
-        parts.update({name: float(value.detach()) for name, value in out.aux_losses.items()})
-        return total, parts
+        terms = {**task_losses(out.logits, batch.label, batch.conversion, model.tasks),
+                 **out.aux_losses}  # fmt: skip
+        total = sum(terms.values(), torch.zeros((), device=out.logits.device))
+        return total, {name: float(value.detach()) for name, value in terms.items()}
 
     def evaluate(self, model: nn.Module, batches: Iterable[BehaviorBatch]) -> dict[str, float]:
         return evaluate_behavior(model, batches)
@@ -88,25 +88,39 @@ def eval_batches(arrays: BehaviorArrays, batch_size: int) -> Iterator[BehaviorBa
     return iterate_batches(arrays, batch_size, shuffle=False, seed=0, sampler=None)
 
 
-def predict(model: nn.Module, batches: Iterable[BehaviorBatch]) -> tuple[np.ndarray, np.ndarray]:
-    """-> (labels [n], click probabilities [n]) with the model in eval mode."""
+@dataclass
+class Predictions:
+    """Every row of the scored batches, in order."""
+
+    probs: np.ndarray  # [n, T] one probability column per task of the model
+    label: np.ndarray  # [n] clicks
+    conversion: np.ndarray | None  # [n], when the data has conversions
+
+
+def predict(model: nn.Module, batches: Iterable[BehaviorBatch]) -> Predictions:
+    """The model's probabilities with the model in eval mode."""
+    assert isinstance(model, BehaviorModel)
     device = _device_of(model)
     model.eval()
-    labels, probs = [], []
+    probs, labels, conversions = [], [], []
     with torch.no_grad():
         for batch in batches:
-            batch = batch.to(device)
-            probs.append(torch.sigmoid(model(batch)).cpu().numpy())
-            labels.append(batch.label.cpu().numpy())
+            probs.append(torch.sigmoid(model(batch.to(device))).cpu().numpy())
+            labels.append(batch.label.numpy())
+            if batch.conversion is not None:
+                conversions.append(batch.conversion.numpy())
     if not labels:
-        return np.zeros(0), np.zeros(0)
-    return np.concatenate(labels), np.concatenate(probs)
+        return Predictions(np.zeros((0, len(model.tasks))), np.zeros(0), None)
+    conversion = np.concatenate(conversions) if len(conversions) == len(labels) else None
+    return Predictions(np.concatenate(probs), np.concatenate(labels), conversion)
 
 
 def evaluate_behavior(model: nn.Module, batches: Iterable[BehaviorBatch]) -> dict[str, float]:
-    """-> {"auc", "logloss", "n"} over all batches."""
-    labels, probs = predict(model, batches)
-    return {"auc": auc(labels, probs), "logloss": logloss(labels, probs), "n": int(labels.size)}
+    """-> {"auc", "logloss", "n"} of the model's first task over all batches, plus the
+    conversion metrics of a model with a CVR tower (`models.multitask.task_metrics`)."""
+    assert isinstance(model, BehaviorModel)
+    out = predict(model, batches)
+    return task_metrics(out.probs, out.label, out.conversion, model.tasks)
 
 
 def context_fields_of(frame: pd.DataFrame) -> list[str]:
@@ -114,9 +128,12 @@ def context_fields_of(frame: pd.DataFrame) -> list[str]:
     return [c[len(CONTEXT_PREFIX) :] for c in frame.columns if c.startswith(CONTEXT_PREFIX)]
 
 
-def load_arrays(path: Path, spec: FeatureSpec, vocabs: dict[str, Vocabulary]) -> BehaviorArrays:
-    """A behaviour file encoded with a trained run's vocabularies and spec."""
-    frame = load_behavior(path)
+def load_arrays(
+    path: Path, spec: FeatureSpec, vocabs: dict[str, Vocabulary], tasks: Sequence[str] = ("ctr",)
+) -> BehaviorArrays:
+    """A behaviour file encoded with a trained run's vocabularies and spec; only the rows a
+    model with `tasks` trains on (see `task_rows`)."""
+    frame = task_rows(load_behavior(path), tasks, path)
     for name in spec.context_fields:
         if CONTEXT_PREFIX + name not in frame.columns:
             message = f"the model was trained with context field {name!r}; the file has no column"
@@ -124,21 +141,40 @@ def load_arrays(path: Path, spec: FeatureSpec, vocabs: dict[str, Vocabulary]) ->
     return encode_behavior(frame, vocabs, spec.max_len, spec.context_fields)
 
 
+def task_rows(frame: pd.DataFrame, tasks: Sequence[str], path: Path) -> pd.DataFrame:
+    """Checks that conversion tasks have conversions; keeps only clicked rows for ("cvr",)."""
+    if needs_conversions(tasks) and "conversion" not in frame.columns:
+        message = f"the tasks {','.join(tasks)} need conversion labels; the file has no column"
+        raise DataError(path, message, column="conversion")
+    if tuple(tasks) != (CVR,):
+        return frame
+    clicked = frame[frame["label"] == 1].reset_index(drop=True)
+    if clicked.empty:
+        raise DataError(path, "a conversion model needs clicked rows; the file has none")
+    return clicked
+
+
 def build_behavior_task(
-    train_path: Path, valid_path: Path, config: TrainConfig, negatives: bool
+    train_path: Path,
+    valid_path: Path,
+    config: TrainConfig,
+    negatives: bool,
+    tasks: Sequence[str] = ("ctr",),
 ) -> tuple[dict[str, int], BehaviorTask, FeatureSpec, dict[str, Vocabulary]]:
     """Loads both files, fits the vocabularies on the training file only and encodes both.
 
-    -> (embedding sizes, task, feature spec, vocabularies).
+    A conversion-only model sees only the clicked rows, vocabularies included: an id that only
+    ever appears in a non-clicked impression is unknown to it, as it is to any CVR model
+    trained on clicks. -> (embedding sizes, task, feature spec, vocabularies).
     """
-    train_frame = load_behavior(train_path)
+    train_frame = task_rows(load_behavior(train_path), tasks, train_path)
     fields = context_fields_of(train_frame)
     vocabs = fit_vocabularies(train_frame, fields)
     spec = FeatureSpec(max_len=config.max_len, context_fields=fields)
     train = encode_behavior(train_frame, vocabs, config.max_len, fields)
     task = BehaviorTask(
         train=train,
-        valid=load_arrays(valid_path, spec, vocabs),
+        valid=load_arrays(valid_path, spec, vocabs, tasks),
         batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size,
         seed=config.seed,

@@ -83,6 +83,7 @@ class FATConfig:
     basis_std: float = 0.02
     meta_std: float = 0.1
     pair_std: float = 0.01
+    tasks: tuple[str, ...] = ("ctr",)  # ("ctr", "cvr"): a second tower on the pooled tokens
 
 
 def field_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -165,6 +166,13 @@ class TargetAttentionPool(nn.Module):
         return (weights.unsqueeze(-1) * hist).sum(dim=1)
 
 
+def _tower(d: int, hidden: int) -> nn.Sequential:
+    """ReLU → Linear(d, hidden) → ReLU → Linear(hidden, 1) → logits [N]."""
+    return nn.Sequential(
+        nn.ReLU(), nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Flatten(0)
+    )
+
+
 def _embedding(size: int, d: int, std: float) -> nn.Embedding:
     table = nn.Embedding(size, d, padding_idx=PAD)
     with torch.no_grad():
@@ -214,9 +222,8 @@ class FAT(BehaviorModel):
             FATBlock(fields, d, cfg.heads, cfg.residual, cfg.pair_std) for _ in range(cfg.layers)
         )
         self.output_projection = nn.Linear(d, d)
-        self.tower = nn.Sequential(
-            nn.ReLU(), nn.Linear(d, cfg.tower_hidden), nn.ReLU(), nn.Linear(cfg.tower_hidden, 1)
-        )
+        self.tower = _tower(d, cfg.tower_hidden)
+        self._add_towers(cfg.tasks, lambda: _tower(d, cfg.tower_hidden))
 
     # ----------------------------------------------------------------- user side
     def _project_history(self, items: Tensor, cats: Tensor) -> Tensor:
@@ -259,10 +266,11 @@ class FAT(BehaviorModel):
         return self.transform(z)
 
     def transform(self, z: Tensor) -> Tensor:
-        """Tokens [N, F, d] (in `field_names` order) -> logits [N]."""
+        """Tokens [N, F, d] (in `field_names` order) -> logits [N, T]."""
         for weights, block in zip(self.field_weights, self.blocks, strict=True):
             z = block(z, weights(self.meta))
-        return self.tower(self.output_projection(z.sum(dim=1))).squeeze(-1)
+        pooled = self.output_projection(z.sum(dim=1))  # [N, d], what every tower reads
+        return self._task_logits(pooled, self.tower(pooled))
 
     # ----------------------------------------------------------------- inference
     @property

@@ -47,6 +47,7 @@ class SARNConfig:
     auxiliary_loss: bool = True  # DIEN-style click/no-click auxiliary loss
     positional_weight: float = 2.0  # see the SARN docstring: matches the code's ratio
     auxiliary_weight: float = 2.0
+    tasks: tuple[str, ...] = ("ctr",)  # ("ctr", "cvr"): a second OutputHead on z (multitask)
 
 
 class SARNState(NamedTuple):
@@ -265,6 +266,7 @@ class SARN(BehaviorModel):
         self.gate = TargetGate(dim, cfg.attention_hidden)
         z_dim = 5 * dim + emb * len(self.context_fields)  # [t; u; t⊙mean; max; mean; c]
         self.head = OutputHead(z_dim, cfg.hidden_dims, cfg.dice_momentum)
+        self._add_towers(cfg.tasks, lambda: OutputHead(z_dim, cfg.hidden_dims, cfg.dice_momentum))
         self.positional = (
             PositionalRegression(dim, cfg.regression_hidden) if cfg.positional_loss else None
         )
@@ -353,7 +355,7 @@ class SARN(BehaviorModel):
 
     def _output(self, t: Tensor, u: Tensor, mean: Tensor, mx: Tensor, ctx: Tensor) -> Tensor:
         z = torch.cat([t, u, t * mean, mx, mean, ctx], dim=-1)  # [N, z_dim]
-        return self.head(z)
+        return self._task_logits(z, self.head(z))  # [N, T]
 
     def forward_train(self, batch: BehaviorBatch) -> TrainOutput:
         state = self.encode_user(batch.user, batch.hist_items, batch.hist_cats, batch.context)

@@ -48,7 +48,8 @@ class TrainingTask(Protocol):
         ...
 
     def evaluate(self, model: nn.Module, batches: Iterable[Any]) -> dict[str, float]:
-        """-> metrics; must include "auc" (behaviour tasks also "logloss" and "n")."""
+        """-> metrics; must include "auc" (behaviour tasks also "logloss" and "n"); an optional
+        "selection" replaces "auc" as the early-stopping criterion."""
         ...
 
 
@@ -111,7 +112,8 @@ def fit(
     run_dir: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trains `model` in place and leaves it holding the epoch with the best validation AUC.
+    """Trains `model` in place and leaves it holding the epoch with the best validation AUC
+    (or the task's `selection` metric when it reports one, e.g. a multi-task model).
 
     -> {"epochs": [per-epoch record], "best_epoch": int, "valid": metrics of the best epoch,
     "stopped_early": bool}. With a run_dir, each epoch's record is appended to
@@ -129,7 +131,7 @@ def fit(
             record = {"epoch": epoch, **train_stats, **{f"valid_{k}": v for k, v in valid.items()}}
             history.append(record)
             _log_epoch(record, run_dir, progress)
-            score = _nan_to_low(valid["auc"])
+            score = _nan_to_low(valid.get("selection", valid["auc"]))
             if best is None or score > best[0]:
                 best = (score, epoch, _copy_state(model), valid)
             elif epoch - best[1] >= config.patience:
@@ -239,7 +241,9 @@ def train_run(
         from models.behavior_task import build_behavior_task
 
         negatives = bool(getattr(cls, "needs_negatives", False))
-        sizes, task, spec, vocabs = build_behavior_task(train_path, valid_path, config, negatives)
+        sizes, task, spec, vocabs = build_behavior_task(
+            train_path, valid_path, config, negatives, model_config.tasks
+        )
     torch.manual_seed(config.seed)
     model = cls(sizes, model_config)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,9 @@ def train(
         int | None, typer.Option(help="Epochs without a better valid AUC before stop (default 2).")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
+    tasks: Annotated[str | None, typer.Option(
+        help="Behaviour models: ctr (default), ctr,cvr (multi-task pCTR/pCVR/pCTCVR, needs a "
+        "conversion column) or cvr (conversion model on clicked rows only).")] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -89,12 +92,25 @@ def train(
     if model not in ALL_MODELS:
         known = ", ".join(sorted(ALL_MODELS))
         raise typer.BadParameter(f"choose one of: {known}", param_hint="--model")
+    from models.multitask import validate_tasks
     from models.overrides import parse_assignments
-    from models.registry import model_class
+    from models.registry import is_slate_model, model_class
     from models.train import resolve_device, train_config_for, train_run
 
+    if tasks is not None:
+        if is_slate_model(model):
+            message = "slate click models have no conversion task"
+            raise typer.BadParameter(message, param_hint="--tasks")
+        try:
+            validate_tasks([t.strip() for t in tasks.split(",")])
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--tasks") from None
+    assignments = [*(set_ or []), *([f"tasks={tasks}"] if tasks is not None else [])]
     try:
-        overrides = parse_assignments(model_class(model).config_class(), set_ or [])
+        overrides = parse_assignments(model_class(model).config_class(), assignments)
+        chosen = validate_tasks(overrides.get("tasks", ("ctr",)))
+        if len(chosen) > 1 and not getattr(model_class(model), "supports_multitask", False):
+            raise ValueError(f"{model} has no multi-task option (sarn, fat, gru and din have)")
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--set") from None
     config = train_config_for(
@@ -120,7 +136,8 @@ def evaluate(
     data: Annotated[Path, typer.Option(help="Samples to score (.parquet or .csv).")],
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
 ) -> None:
-    """Score a trained run on a file; prints ONE JSON line {"model","auc","logloss","n"}."""
+    """Score a trained run on a file; prints ONE JSON line {"model","auc","logloss","n"}
+    (multi-task runs add "cvr_auc", "ctcvr_auc", "ctcvr_logloss")."""
     from models.evaluate import evaluate_run
     from models.train import resolve_device
 
@@ -253,6 +270,33 @@ def bench_models(
 
     table = format_table(run_model_bench(world, out, config_for, variants))
     (out / "models.md").write_text(table + "\n")
+    typer.echo(table)
+
+
+@bench_app.command("multitask")
+def bench_multitask(
+    world: Annotated[Path, typer.Option(help="World written by `ctr simulate` (conversions).")],
+    out: Annotated[Path, typer.Option(help="Directory for runs, rows.jsonl and multitask.md.")],
+    models: Annotated[str, typer.Option(help="Comma-separated architectures.")] = "sarn,fat,gru",
+    epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 10,
+    max_len: Annotated[int, typer.Option(help="History slots kept.")] = 50,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
+    device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
+) -> None:
+    """CTCVR AUC of each multi-task model vs a CTR model × a CVR model, beside the oracle."""
+    from models.multitask_bench import format_table, run_multitask_bench
+    from models.train import TrainConfig, train_config_for
+
+    def config_for(name: str) -> TrainConfig:
+        return train_config_for(
+            name, epochs=epochs, max_len=max_len, batch_size=batch_size, device=device
+        )
+
+    chosen = [m.strip() for m in models.split(",") if m.strip()]
+    with _user_errors():
+        rows = run_multitask_bench(world, out, config_for, chosen)
+    table = format_table(rows)
+    (out / "multitask.md").write_text(table + "\n")
     typer.echo(table)
 
 

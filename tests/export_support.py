@@ -72,7 +72,11 @@ def behaviour_frame(n: int, seed: int, n_items: int = 40, n_users: int = 12) -> 
                     "context_device": device,
                 }
             )
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    # A third of the clicks convert (own stream: the click columns do not depend on it).
+    converted = np.random.default_rng(seed + 1).random(len(frame)) < 0.3
+    frame["conversion"] = (converted & (frame["label"] == 1)).astype(np.int64)
+    return frame
 
 
 def slate_frame(sessions: int, seed: int, n_items: int = 40, k: int = 6) -> pd.DataFrame:
@@ -109,8 +113,11 @@ def perturb(model: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
                 tensor.add_(noise)
 
 
-def make_run(run_dir: Path, name: str, data: Path, seed: int = 0) -> Path:
-    """A run directory for `name` fitted on `data` (a parquet written by the frames above)."""
+def make_run(
+    run_dir: Path, name: str, data: Path, seed: int = 0, tasks: tuple[str, ...] = ("ctr",)
+) -> Path:
+    """A run directory for `name` fitted on `data` (a parquet written by the frames above);
+    `tasks` for a behaviour model's towers (("ctr", "cvr"): multi-task)."""
     frame = pd.read_parquet(data)
     cls = model_class(name)
     if is_slate_model(name):
@@ -120,7 +127,7 @@ def make_run(run_dir: Path, name: str, data: Path, seed: int = 0) -> Path:
     else:
         vocabs = fit_vocabularies(frame, ["device"])
         spec = FeatureSpec(max_len=MAX_LEN, context_fields=["device"])
-        overrides = TINY[name]
+        overrides = {**TINY[name], "tasks": tasks}
     model_config = config_from_dict(cls.config_class, dict(overrides))
     sizes = vocab_sizes(vocabs)
     torch.manual_seed(seed)

@@ -51,7 +51,7 @@ def literal_sarn(model: SARN, batch: BehaviorBatch, perm: torch.Tensor) -> Liter
     mx = x.amax(1).clamp_min(0.0)
     fields = [table(batch.context[:, c]) for c, table in enumerate(model.context_embeddings)]
     ctx = torch.cat(fields, dim=-1) if fields else t[:, :0]
-    logits = model.head(torch.cat([t, u, t * mean, mx, mean, ctx], dim=-1))
+    logits = model.head(torch.cat([t, u, t * mean, mx, mean, ctx], dim=-1)).unsqueeze(-1)  # [B, 1]
     # Positional regression: MLP_reg on every cell against sign(j−i)·√(|j−i|/L).
     assert model.positional is not None and model.auxiliary is not None
     pos = torch.arange(length, dtype=torch.float32)

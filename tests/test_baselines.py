@@ -86,7 +86,7 @@ def test_logits_have_batch_shape_and_are_finite(cls: type[BehaviorModel]) -> Non
     for mode in (model.train, model.eval):
         mode()
         logits = model(batch)
-        assert logits.shape == (len(batch),)
+        assert logits.shape == (len(batch), 1)  # one column per task
         assert logits.dtype == torch.float32
         assert torch.isfinite(logits).all()
         probs = torch.sigmoid(logits)
@@ -127,7 +127,7 @@ def _row(batch: BehaviorBatch, i: int) -> BehaviorBatch:
 def test_every_parameter_gets_a_gradient(cls: type[BehaviorModel]) -> None:
     model = make_model(cls).train()
     batch = make_batch(b=16, seed=3)
-    F.binary_cross_entropy_with_logits(model(batch), batch.label).backward()
+    F.binary_cross_entropy_with_logits(model(batch)[:, 0], batch.label).backward()
     for name, param in model.named_parameters():
         assert param.grad is not None, name
         assert param.grad.abs().sum() > 0, name
@@ -143,7 +143,7 @@ def test_short_training_lowers_the_loss_on_a_learnable_rule(cls: type[BehaviorMo
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(60):
-        loss = F.binary_cross_entropy_with_logits(model(batch), batch.label)
+        loss = F.binary_cross_entropy_with_logits(model(batch)[:, 0], batch.label)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -179,7 +179,7 @@ def test_forward_slates_equals_forward_on_pairwise_rows(cls: type[BehaviorModel]
                 label=torch.zeros(7),
             )
         )
-    assert slates.shape == (7,)
+    assert slates.shape == (7, 1)
     torch.testing.assert_close(slates, pairwise)
 
 

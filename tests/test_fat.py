@@ -95,7 +95,7 @@ def test_shape_finiteness_and_probability_range(model: FAT) -> None:
     batch = make_batch()
     assert int((batch.hist_items[0] != PAD).sum()) == 0  # the empty history is covered
     logits = model(batch)
-    assert logits.shape == (len(batch),)
+    assert logits.shape == (len(batch), 1)  # one column per task
     assert torch.isfinite(logits).all()
     probs = torch.sigmoid(logits)
     assert ((probs > 0) & (probs < 1)).all()
@@ -180,7 +180,7 @@ def test_every_parameter_gets_a_gradient_and_routing_gates_the_bases() -> None:
     cfg = tiny(num_bases=24, top_k=2, history_pooling="target_attention", recent_tokens=1)
     model = FAT(SIZES, cfg).train()
     batch = make_batch(rows=8)
-    loss = nn.functional.binary_cross_entropy_with_logits(model(batch), batch.label)
+    loss = nn.functional.binary_cross_entropy_with_logits(model(batch)[:, 0], batch.label)
     loss.backward()
 
     all_banks = banks(model)
@@ -219,14 +219,14 @@ def test_short_training_lowers_the_loss() -> None:
     def loss_now() -> float:
         model.eval()
         with torch.no_grad():
-            value = nn.functional.binary_cross_entropy_with_logits(model(batch), batch.label)
+            value = nn.functional.binary_cross_entropy_with_logits(model(batch)[:, 0], batch.label)
         model.train()
         return float(value)
 
     before = loss_now()
     for _ in range(60):
         optimizer.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(model(batch), batch.label)
+        loss = nn.functional.binary_cross_entropy_with_logits(model(batch)[:, 0], batch.label)
         loss.backward()
         optimizer.step()
     after = loss_now()

@@ -78,7 +78,7 @@ def select_rows(batch: BehaviorBatch, index: torch.Tensor) -> BehaviorBatch:
 
 def total_loss(model: SARN, batch: BehaviorBatch) -> tuple[torch.Tensor, torch.Tensor]:
     out = model.forward_train(batch)
-    bce = F.binary_cross_entropy_with_logits(out.logits, batch.label)
+    bce = F.binary_cross_entropy_with_logits(out.logits[:, 0], batch.label)
     return bce + sum(out.aux_losses.values(), torch.zeros(())), bce
 
 
@@ -136,7 +136,7 @@ def test_gradients_equal_those_of_the_literal_formulas(
         return list(torch.autograd.grad(loss, list(model.parameters())))
 
     expected = literal_sarn(model, batch, perm_for(3, 6))
-    bce = F.binary_cross_entropy_with_logits(expected.logits, batch.label)
+    bce = F.binary_cross_entropy_with_logits(expected.logits[:, 0], batch.label)
     want = grads(bce + expected.positional + expected.auxiliary)
     torch.manual_seed(3)
     got = grads(total_loss(model, batch)[0])
@@ -180,7 +180,7 @@ def test_onnx_export_matches_torch_with_dynamic_shapes(tmp_path: Path) -> None:
             self.model = model
 
         def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.model.forward_slates(*inputs))
+            return torch.sigmoid(self.model.forward_slates(*inputs)[:, 0])
 
     model = randomized(make_model(), seed=4).train()
     model(make_batch(MIXED, max_len=6))  # non-trivial Dice running statistics
@@ -228,7 +228,7 @@ def test_onnx_export_matches_torch_with_dynamic_shapes(tmp_path: Path) -> None:
         users = make_batch(lengths, max_len=max_len, seed=seed)
         rows = dataclasses.replace(select_rows(users, feed[-1]), items=feed[4], cats=feed[5])
         with torch.no_grad():
-            expected = torch.sigmoid(literal_sarn(model, rows, torch.arange(max_len)).logits)
+            expected = torch.sigmoid(literal_sarn(model, rows, torch.arange(max_len)).logits[:, 0])
             eager = graph(*feed)
         assert onnx_scores.shape == (len(index),)
         assert np.abs(onnx_scores - expected.numpy()).max() <= 1e-5
@@ -263,7 +263,7 @@ def test_output_shape_finite_and_probability_range() -> None:
     for training in (True, False):
         model.train(training)
         logits = model(batch)
-        assert logits.shape == (6,)
+        assert logits.shape == (6, 1)  # one column per task
         assert torch.isfinite(logits).all()
         p = torch.sigmoid(logits)
         assert ((p > 0) & (p < 1)).all()
@@ -389,7 +389,7 @@ def test_forward_slates_matches_pairwise_rows() -> None:
         )  # fmt: skip
         rows = dataclasses.replace(select_rows(users, index), items=cand_items, cats=cand_cats)
         pairwise = model(rows)
-    assert slates.shape == (7,)
+    assert slates.shape == (7, 1)
     assert torch.allclose(slates, pairwise, atol=1e-6)
 
 

@@ -1,0 +1,118 @@
+"""Conversion benchmark (`ctr bench multitask`): one multi-task model against two single-task
+models, per architecture, beside the world's oracle.
+
+For each architecture (SARN, FAT, GRU by default), on one simulated world with conversions:
+
+* multi-task: `tasks=("ctr", "cvr")`, trained on every impression with the ESMM loss;
+* two models: a click model (`("ctr",)`, every impression) times a conversion model
+  (`("cvr",)`, trained on the clicked impressions only, the conventional CVR model).
+
+Both are scored on every test impression: CTR AUC (clicks), CVR AUC (conversions among the
+clicked rows) and CTCVR AUC/LogLoss (pCTR·pCVR against click ∧ conversion over all rows: what
+ranking by expected value needs). The protocol is `models.benchmark`'s: train/validation split
+by user from the world's training file, early stopping on validation, test touched once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.behavior_task import Predictions, eval_batches, load_arrays, predict
+from models.benchmark import split_validation
+from models.checkpoint import load_run
+from models.multitask import CTR, CVR, task_metrics
+from models.train import TrainConfig, train_run
+
+MODELS: tuple[str, ...] = ("sarn", "fat", "gru")
+LABELS = {"sarn": "SARN", "fat": "FAT", "gru": "GRU", "din": "DIN"}
+
+
+def predict_file(run_dir: Path, test: Path, device: str) -> Predictions:
+    """The run's probabilities on every row of the test file."""
+    run = load_run(run_dir, device=device)
+    arrays = load_arrays(test, run.spec, run.vocabs)
+    return predict(run.model, eval_batches(arrays, 1024))
+
+
+def _train(model: str, tasks: tuple[str, ...], files: tuple[Path, Path], out: Path,
+           config: TrainConfig) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    run_dir = out / "runs" / f"{model}-{'-'.join(tasks)}"
+    metrics = train_run(model, *files, run_dir, config, {"tasks": tasks})
+    return run_dir, metrics
+
+
+def _row(model: str, approach: str, probs: np.ndarray, test: Predictions,
+         seconds: float) -> dict[str, Any]:  # fmt: skip
+    metrics = task_metrics(probs, test.label, test.conversion, (CTR, CVR))
+    return {"model": LABELS.get(model, model), "approach": approach, "ctr_auc": metrics["auc"],
+            "cvr_auc": metrics["cvr_auc"], "ctcvr_auc": metrics["ctcvr_auc"],
+            "ctcvr_logloss": metrics["ctcvr_logloss"], "train_seconds": seconds}  # fmt: skip
+
+
+def _seconds(metrics: dict[str, Any]) -> float:
+    return float(sum(epoch["train_seconds"] for epoch in metrics["epochs"]))
+
+
+def bench_architecture(
+    model: str, files: tuple[Path, Path], test: Path, out: Path, config: TrainConfig
+) -> list[dict[str, Any]]:
+    """The multi-task row and the two-model row of one architecture."""
+    multi_dir, multi = _train(model, (CTR, CVR), files, out, config)
+    ctr_dir, ctr = _train(model, (CTR,), files, out, config)
+    cvr_dir, cvr = _train(model, (CVR,), files, out, config)
+    joint = predict_file(multi_dir, test, config.device)
+    click, conversion = (predict_file(d, test, config.device) for d in (ctr_dir, cvr_dir))
+    if joint.conversion is None:
+        raise ValueError(f"{test} has no conversion column: simulate a world with conversions")
+    separate = np.stack([click.probs[:, 0], conversion.probs[:, 0]], axis=1)
+    return [
+        _row(model, "multi-task (ESMM loss)", joint.probs, joint, _seconds(multi)),
+        _row(model, "CTR model × CVR model (clicked rows)", separate, joint,
+             _seconds(ctr) + _seconds(cvr)),
+    ]  # fmt: skip
+
+
+def run_multitask_bench(
+    world: Path,
+    out: Path,
+    config_for: Callable[[str], TrainConfig],
+    models: Sequence[str] = MODELS,
+) -> list[dict[str, Any]]:
+    """Every architecture on `world`, then the oracle row; rows go to OUT/rows.jsonl as they
+    finish."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = split_validation(world / "behavior" / "train.parquet", out / "data")
+    test = world / "behavior" / "test.parquet"
+    rows: list[dict[str, Any]] = []
+    for model in models:
+        new = bench_architecture(model, files, test, out, config_for(model))
+        rows += new
+        with (out / "rows.jsonl").open("a") as log:
+            log.writelines(json.dumps(row) + "\n" for row in new)
+    oracle = json.loads((world / "oracle.json").read_text())["behavior"]
+    rows.append({"model": "oracle", "approach": "true probabilities", "ctr_auc": oracle["auc"],
+                 "cvr_auc": oracle["cvr_auc"], "ctcvr_auc": oracle["ctcvr_auc"],
+                 "ctcvr_logloss": oracle["ctcvr_logloss"]})  # fmt: skip
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table, test metrics (higher AUC, lower LogLoss is better)."""
+    lines = [
+        "| model | approach | CTR AUC | CVR AUC (clicked) | CTCVR AUC | CTCVR LogLoss "
+        "| train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        seconds = f"{row['train_seconds']:,.0f}" if "train_seconds" in row else ""
+        lines.append(
+            f"| {row['model']} | {row['approach']} | {row['ctr_auc']:.4f} | "
+            f"{row['cvr_auc']:.4f} | {row['ctcvr_auc']:.4f} | {row['ctcvr_logloss']:.4f} "
+            f"| {seconds} |"
+        )
+    return "\n".join(lines)

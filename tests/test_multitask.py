@@ -1,0 +1,276 @@
+"""Multi-task click and conversion models: towers, the ESMM loss, metrics, training, export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from export_support import TINY, make_run, write_data
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from exporters.loader import ScoringRequest, open_model
+from exporters.parity import pairwise_scores
+from exporters.pipeline import ExportOptions, export_run
+from exporters.repository import read_manifest
+from models.batch import BehaviorBatch
+from models.behavior_task import build_behavior_task
+from models.checkpoint import load_run
+from models.multitask import ctcvr_bce, log1m_product_sigmoid, task_losses, task_metrics
+from models.registry import model_class
+from models.schema import DataError, write_table
+from models.train import TrainConfig, train_run
+from slatectr.cli import app
+
+MULTI = ("ctr", "cvr")
+SIZES = {"item": 30, "category": 8, "user": 10, "context_device": 5}
+
+
+def make_batch(rows: int = 6, seed: int = 0) -> BehaviorBatch:
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.randint(2, 30, (rows, 5), generator=g)
+    hist[0] = 0  # an empty history
+    label = torch.tensor([1.0, 0.0] * (rows // 2))
+    return BehaviorBatch(
+        user=torch.randint(2, 10, (rows,), generator=g), hist_items=hist, hist_cats=hist % 8,
+        items=torch.randint(2, 30, (rows,), generator=g),
+        cats=torch.randint(2, 8, (rows,), generator=g),
+        context=torch.randint(2, 5, (rows, 1), generator=g), label=label,
+        conversion=label * torch.tensor([1.0, 0.0, 0.0, 0.0] * (rows // 4 + 1))[:rows],
+    )  # fmt: skip
+
+
+def build(name: str, tasks: tuple[str, ...]) -> Any:
+    cls = model_class(name)
+    torch.manual_seed(0)
+    return cls(SIZES, cls.config_class(**{**TINY[name], "tasks": tasks}))
+
+
+# --- the loss ----------------------------------------------------------------------------------
+def test_log1m_product_sigmoid_is_exact_and_finite_where_float32_rounds_to_zero() -> None:
+    a = torch.tensor([-3.0, 0.0, 2.5, 8.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 0.0, -1.5, 9.0], dtype=torch.float64)
+    direct = torch.log(1 - torch.sigmoid(a) * torch.sigmoid(b))
+    assert torch.allclose(log1m_product_sigmoid(a, b), direct, atol=1e-12)
+    big = torch.tensor([40.0])  # σ(40)² is 1.0 in float32: the direct form gives log(0) = -inf
+    assert math.isinf(float(torch.log(1 - torch.sigmoid(big) ** 2)))
+    assert torch.isfinite(log1m_product_sigmoid(big, big)).all()
+    # 1 − σ(a)σ(a) ≈ 2e^{-a} for large a, so the log is ≈ log 2 − a.
+    assert float(log1m_product_sigmoid(big, big)) == pytest.approx(math.log(2) - 40, abs=1e-4)
+
+
+def test_ctcvr_loss_is_the_bce_of_the_product_by_hand() -> None:
+    a, b = torch.tensor([0.3, -1.2, 2.0]), torch.tensor([-0.5, 0.7, 1.1])
+    y = torch.tensor([1.0, 0.0, 0.0])
+    p = [1 / (1 + math.exp(-x)) * 1 / (1 + math.exp(-z)) for x, z in zip(a, b, strict=True)]
+    expected = -(math.log(p[0]) + math.log(1 - p[1]) + math.log(1 - p[2])) / 3
+    assert float(ctcvr_bce(a, b, y)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_conversion_tower_learns_from_impressions_without_a_click() -> None:
+    """ESMM: the loss runs over ALL impressions, so a batch of non-clicked rows alone still
+    trains the CVR tower (through pCTR·pCVR), which a clicked-only CVR loss never would."""
+    model = build("gru", MULTI).train()
+    batch = make_batch()
+    unclicked = batch.label == 0
+    batch = BehaviorBatch(**{k: (v[unclicked] if isinstance(v, torch.Tensor) else v)
+                             for k, v in vars(batch).items()})  # fmt: skip
+    losses = task_losses(model(batch), batch.label, batch.conversion, model.tasks)
+    assert set(losses) == {"ctr", "ctcvr"}
+    sum(losses.values()).backward()  # type: ignore[union-attr]
+    grads = [p.grad for p in model.extra_towers["cvr"].parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_a_conversion_task_without_conversions_is_refused() -> None:
+    model = build("gru", MULTI)
+    batch = make_batch()
+    with pytest.raises(ValueError, match="no conversions"):
+        task_losses(model(batch), batch.label, None, model.tasks)
+
+
+# --- the towers --------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sarn", "fat", "gru", "din"])
+def test_multi_task_models_have_one_logit_column_per_task(name: str) -> None:
+    batch = make_batch()
+    single, multi = build(name, ("ctr",)).eval(), build(name, MULTI).eval()
+    assert single(batch).shape == (6, 1)
+    logits = multi(batch)
+    assert logits.shape == (6, 2) and torch.isfinite(logits).all()
+    assert multi.tasks == MULTI
+    # The CVR tower is a second head of the same shape over the same representation.
+    ctr_params = sum(p.numel() for p in single.parameters())
+    cvr_params = sum(p.numel() for p in multi.extra_towers["cvr"].parameters())
+    assert sum(p.numel() for p in multi.parameters()) == ctr_params + cvr_params
+    assert not torch.allclose(logits[:, 0], logits[:, 1])  # two different towers
+
+
+def test_unknown_tasks_and_wide_deep_multi_task_are_refused() -> None:
+    with pytest.raises(ValueError, match="tasks must be one of"):
+        build("gru", ("cvr", "ctr"))
+    cls = model_class("wdl")
+    with pytest.raises(ValueError, match="no multi-task option"):
+        cls(SIZES, cls.config_class(**{**TINY["wdl"], "tasks": MULTI}))
+
+
+# --- metrics -----------------------------------------------------------------------------------
+def test_conversion_metrics_use_the_right_rows() -> None:
+    rng = np.random.default_rng(0)
+    click = (rng.random(400) < 0.4).astype(np.float64)
+    conversion = click * (rng.random(400) < 0.3)
+    probs = rng.random((400, 2))
+    metrics = task_metrics(probs, click, conversion, MULTI)
+    clicked = click == 1
+    assert metrics["auc"] == pytest.approx(roc_auc_score(click, probs[:, 0]))
+    assert metrics["cvr_auc"] == pytest.approx(
+        roc_auc_score(conversion[clicked], probs[clicked, 1]))
+    product = probs[:, 0] * probs[:, 1]
+    assert metrics["ctcvr_auc"] == pytest.approx(roc_auc_score(conversion, product))
+    assert metrics["selection"] == pytest.approx((metrics["auc"] + metrics["ctcvr_auc"]) / 2)
+    baseline = task_metrics(probs[:, 1:], click, conversion, ("cvr",))
+    assert baseline["auc"] == pytest.approx(metrics["cvr_auc"])
+    assert baseline["n"] == int(clicked.sum())
+
+
+# --- training ----------------------------------------------------------------------------------
+def conversion_frame(n: int, seed: int) -> pd.DataFrame:
+    """Clicks when the target's category is in the history (90%); a click converts with
+    probability 0.8 on even items and 0.1 on odd ones: both tasks are learnable."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        hist = [int(i) for i in rng.integers(0, 60, rng.integers(0, 7))]
+        target = int(rng.integers(0, 60))
+        click = int((target % 6 in {h % 6 for h in hist}) == (rng.random() < 0.9))
+        converts = rng.random() < (0.8 if target % 2 == 0 else 0.1)
+        rows.append({
+            "user_id": f"u{rng.integers(0, 50)}", "item_id": f"i{target}",
+            "category_id": f"c{target % 6}", "hist_item_ids": [f"i{h}" for h in hist],
+            "hist_category_ids": [f"c{h % 6}" for h in hist], "label": click,
+            "conversion": int(click and converts),
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("conversions")
+    write_table(conversion_frame(800, seed=1), root / "train.parquet")
+    write_table(conversion_frame(400, seed=2), root / "valid.parquet")
+    return root / "train.parquet", root / "valid.parquet"
+
+
+def train(files: tuple[Path, Path], run_dir: Path, tasks: tuple[str, ...]) -> dict[str, Any]:
+    config = TrainConfig(epochs=3, batch_size=64, lr=1e-2, max_len=8, device="cpu")
+    overrides = {**TINY["gru"], "tasks": tasks}
+    return train_run("gru", *files, run_dir, config, overrides, progress=False)
+
+
+def test_a_multi_task_run_learns_both_tasks(files: tuple[Path, Path], tmp_path: Path) -> None:
+    valid = train(files, tmp_path / "mt", MULTI)["valid"]
+    assert valid["auc"] > 0.7  # clicks: category in history
+    assert valid["cvr_auc"] > 0.7  # conversions: even items, learnt through the product only
+    assert valid["ctcvr_auc"] > 0.7
+    assert load_run(tmp_path / "mt").model.tasks == MULTI
+
+
+def test_the_conversion_baseline_trains_on_clicked_rows_only(
+    files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    frame = pd.read_parquet(files[0])
+    clicked = int(frame["label"].sum())
+    _, task, _, _ = build_behavior_task(*files, TrainConfig(max_len=8), False, ("cvr",))
+    assert len(task.train) == clicked < 800
+    assert (task.train.label == 1).all() and (task.valid.label == 1).all()
+    _, mt_task, _, _ = build_behavior_task(*files, TrainConfig(max_len=8), False, MULTI)
+    assert len(mt_task.train) == 800  # the multi-task model sees every impression
+    # Its vocabularies come from the clicked rows too: a user who never clicks is unknown.
+    frame.loc[frame["label"] == 0, "user_id"] = "never-clicks"
+    write_table(frame, tmp_path / "train.parquet")
+    config = TrainConfig(max_len=8)
+    _, _, _, cvr_vocabs = build_behavior_task(tmp_path / "train.parquet", files[1], config,
+                                              False, ("cvr",))  # fmt: skip
+    _, _, _, mt_vocabs = build_behavior_task(tmp_path / "train.parquet", files[1], config,
+                                             False, MULTI)  # fmt: skip
+    assert "never-clicks" in mt_vocabs["user"].tokens
+    assert "never-clicks" not in cvr_vocabs["user"].tokens
+
+
+def test_conversion_tasks_need_a_conversion_column(tmp_path: Path) -> None:
+    frame = conversion_frame(50, seed=3).drop(columns="conversion")
+    write_table(frame, tmp_path / "plain.parquet")
+    with pytest.raises(DataError, match="conversion"):
+        build_behavior_task(tmp_path / "plain.parquet", tmp_path / "plain.parquet",
+                            TrainConfig(max_len=8), False, MULTI)  # fmt: skip
+
+
+def test_cli_trains_and_evaluates_a_multi_task_model(
+    files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    runner = CliRunner()
+    common = ["train", "--model", "gru", "--train", str(files[0]), "--valid", str(files[1]),
+              "--epochs", "1", "--max-len", "8", "--quiet", "--device", "cpu"]  # fmt: skip
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "run"), "--tasks", "ctr,cvr"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert {"valid_cvr_auc", "valid_ctcvr_auc"} <= set(summary)
+    evaluated = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "run"),
+                                    "--data", str(files[1]), "--device", "cpu"])  # fmt: skip
+    metrics = json.loads(evaluated.output.strip().splitlines()[-1])
+    assert metrics["ctcvr_auc"] == pytest.approx(summary["valid_ctcvr_auc"])
+    bad = runner.invoke(app, [*common, "--out", str(tmp_path / "x"), "--tasks", "ctr,clicks"])
+    assert bad.exit_code == 2 and "tasks must be one of" in bad.output
+    wdl = runner.invoke(app, [*common[:2], "wdl", *common[3:], "--out", str(tmp_path / "w"),
+                              "--tasks", "ctr,cvr"])  # fmt: skip
+    assert wdl.exit_code == 2 and "no multi-task option" in wdl.output
+
+
+# --- export ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["sarn", "fat", "gru"])
+def test_multi_task_export_serves_three_outputs_within_tolerance(
+    name: str, tmp_path: Path
+) -> None:
+    behaviour, _ = write_data(tmp_path / "data")
+    run = make_run(tmp_path / "run", name, behaviour, tasks=MULTI)
+    directory = export_run(run, tmp_path / "repo", ExportOptions(data=behaviour)).directory
+    manifest = read_manifest(directory)
+    assert manifest["tasks"] == ["ctr", "cvr"]
+    names = [o["name"] for o in manifest["outputs"]]
+    assert names == ["scores", "conversion_scores", "ctcvr_scores"]
+    assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-5
+    session = open_model(directory, providers=["CPUExecutionProvider"])
+    feeds = session.encode([ScoringRequest("u1", [("i1", "c1"), ("i2", "c2")],
+                                           [("i3", "c3"), ("i4", "c4"), ("i9", "c2")],
+                                           {"device": "ios"})])  # fmt: skip
+    graph = dict(zip(names, session.session.run(names, {
+        k: feeds[k] for k in session.input_names}), strict=True))  # fmt: skip
+    # The product identity, and the training form's two sigmoids, independently of the graph.
+    np.testing.assert_allclose(graph["ctcvr_scores"],
+                               graph["scores"] * graph["conversion_scores"], atol=1e-7)  # fmt: skip
+    model = load_run(run).model
+    with torch.no_grad():
+        logits = model(BehaviorBatch(
+            user=torch.from_numpy(feeds["user"][feeds["cand_user_index"]]),
+            hist_items=torch.from_numpy(feeds["hist_items"][feeds["cand_user_index"]]),
+            hist_cats=torch.from_numpy(feeds["hist_cats"][feeds["cand_user_index"]]),
+            items=torch.from_numpy(feeds["cand_items"]), cats=torch.from_numpy(feeds["cand_cats"]),
+            context=torch.from_numpy(feeds["context"][feeds["cand_user_index"]]),
+            label=torch.zeros(3)))  # fmt: skip
+    np.testing.assert_allclose(graph["scores"], torch.sigmoid(logits[:, 0]).numpy(), atol=1e-5)
+    np.testing.assert_allclose(graph["conversion_scores"], torch.sigmoid(logits[:, 1]).numpy(),
+                               atol=1e-5)  # fmt: skip
+    assert pairwise_scores(model, feeds).shape == (3, 3)
+
+
+def test_a_conversion_only_model_is_not_exported(tmp_path: Path) -> None:
+    behaviour, _ = write_data(tmp_path / "data")
+    run = make_run(tmp_path / "run", "gru", behaviour, tasks=("cvr",))
+    with pytest.raises(ValueError, match="conversion-only model is a baseline"):
+        export_run(run, tmp_path / "repo", ExportOptions(data=behaviour))
+    assert not (tmp_path / "repo" / "gru" / "1").exists()
