@@ -6,6 +6,13 @@ ONNX Runtime session exists (a truncated or altered model is refused with
 exporter recorded in the manifest. `LoadedModel.score(requests)` maps raw string ids to
 indices, runs the graph and splits the flat scores back per request.
 
+Outputs: every model has `scores` (the click probability); a multi-task model adds
+`conversion_scores` (pCVR) and `ctcvr_scores` (pCTCVR = pCTR x pCVR, computed in the graph).
+`LoadedModel.output_names` lists them, `scores` first, and `run`/`score` return one column per
+name ([N, O] float32), so a caller that wants pCTR alone takes column 0 and stays correct for
+either kind of model. All outputs come from one `session.run`: the towers share the user side,
+and a second run would compute it again.
+
 Imports: numpy, onnxruntime, models.features and the torch-free exporters modules only.
 """
 
@@ -24,12 +31,19 @@ from exporters.repository import MODEL_FILE, ModelIntegrityError, read_manifest,
 from exporters.slate_feeds import SlateContract, encode_slates, flatten_slate_scores
 from models.features import FeatureSpec
 
-__all__ = ["LoadedModel", "ModelIntegrityError", "ScoringRequest", "open_model", "session_options"]
+__all__ = [
+    "CONVERSION_SCORES", "CTCVR_SCORES", "SCORES", "LoadedModel", "ModelIntegrityError",
+    "ScoringRequest", "manifest_output_names", "open_model", "session_options",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# Output names (manifest "outputs", graph outputs, /v1/score body keys).
+SCORES = "scores"  # pCTR, P(click | impression): every model's first output
+CONVERSION_SCORES = "conversion_scores"  # pCVR, P(conversion | click, impression)
+CTCVR_SCORES = "ctcvr_scores"  # pCTCVR = pCTR x pCVR, P(click and conversion | impression)
 # Recorded in every manifest by the exporter; see docs/export.md for why each value.
 DEFAULT_SESSION_OPTIONS: dict[str, Any] = {
     "graph_optimization_level": "ORT_ENABLE_ALL",
@@ -92,6 +106,45 @@ def _create_session(
     return session
 
 
+def manifest_output_names(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The served outputs the manifest declares, in column order.
+
+    `"outputs"` is either a list of names (`["scores", "conversion_scores", "ctcvr_scores"]`)
+    or the exporter's graph description (`[{"name": ..., "dtype": ..., "shape": ...}]`); a
+    manifest without the key is a single-task model from before multi-task existed.
+    """
+    entries = manifest.get("outputs")
+    if entries is None:
+        return (SCORES,)
+    if not isinstance(entries, list) or not entries:
+        raise ModelIntegrityError(f"manifest 'outputs' must be a non-empty list, not {entries!r}")
+    names = []
+    for entry in entries:
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        if not isinstance(name, str) or not name:
+            raise ModelIntegrityError(f"manifest 'outputs' has an entry without a name: {entry!r}")
+        names.append(name)
+    return tuple(names)
+
+
+def _check_outputs(names: tuple[str, ...], session: ort.InferenceSession, where: Path) -> None:
+    """Refuses a manifest that promises outputs the graph does not have (or lists one twice),
+    or that puts anything but pCTR first: callers read column 0 as the click probability."""
+    graph = {o.name for o in session.get_outputs()}
+    missing = [name for name in names if name not in graph]
+    if missing:
+        raise ModelIntegrityError(
+            f"{where}: the manifest lists outputs the graph lacks: {', '.join(missing)} "
+            f"(graph outputs: {', '.join(sorted(graph))})"
+        )
+    if len(set(names)) != len(names):
+        raise ModelIntegrityError(f"{where}: the manifest lists an output twice: {list(names)}")
+    if names[0] != SCORES:
+        raise ModelIntegrityError(
+            f"{where}: the first output must be {SCORES!r}, not {names[0]!r} ({list(names)})"
+        )
+
+
 def _candidate_count(feeds: dict[str, np.ndarray]) -> int:
     """N for the behaviour layout, B·K slots for the slate layout (0 when nothing to score)."""
     return int(feeds["cand_items"].size if "cand_items" in feeds else feeds["items"].size)
@@ -112,6 +165,9 @@ class LoadedModel:
         self.max_history: int = int(manifest["max_history"])
         self.providers: list[str] = list(session.get_providers())
         self.outputs: list[str] = [o.name for o in session.get_outputs()]
+        # The columns of `run`/`score`, `scores` first (checked against the graph here).
+        self.output_names: tuple[str, ...] = manifest_output_names(manifest)
+        _check_outputs(self.output_names, session, directory)
         self.input_names: list[str] = [i.name for i in session.get_inputs()]
         self.spec, self.vocabs = FeatureSpec.load(directory)
         self.slate = SlateContract.from_manifest(manifest) if self.kind == "slate" else None
@@ -123,27 +179,33 @@ class LoadedModel:
         return encode_behavior(requests, self.spec, self.vocabs, self.max_history)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Click probabilities [N] float32: every request's candidates, in request order."""
+        """Probabilities [N, O] float32: one row per candidate of every request, in request
+        order; column j is `output_names[j]` (column 0 the click probability)."""
         if _candidate_count(feeds) == 0:
             # Never hand ORT an empty batch: some CPU kernels divide by the batch size
             # (ORT 1.31 kills the process with SIGFPE on FAT's graph at N = 0).
-            return np.zeros(0, dtype=np.float32)
+            return np.zeros((0, len(self.output_names)), dtype=np.float32)
         # The exporter may have pruned inputs a model ignores (e.g. SARN has no user id).
         graph_feeds = {name: feeds[name] for name in self.input_names}
-        (scores,) = self.session.run(["scores"], graph_feeds)
-        scores = np.asarray(scores, dtype=np.float32)
-        if self.slate is not None:
-            return flatten_slate_scores(scores, feeds)
-        return cast(np.ndarray, scores)
+        outputs = self.session.run(list(self.output_names), graph_feeds)
+        columns = []
+        for output in outputs:
+            values = np.asarray(output, dtype=np.float32)
+            if self.slate is not None:
+                values = flatten_slate_scores(values, feeds)  # [B, K] -> [N]
+            columns.append(values.reshape(-1))  # [N]
+        return cast(np.ndarray, np.stack(columns, axis=1))  # [N, O]
 
     def split(self, requests: Sequence[ScoringRequest], flat: np.ndarray) -> list[np.ndarray]:
+        """[N, O] -> one [K_i, O] block per request (rows in candidate order)."""
         bounds = np.cumsum(slate_sizes(requests))[:-1]
         return list(np.split(flat, bounds))
 
     def score(self, requests: Sequence[ScoringRequest]) -> list[np.ndarray]:
-        """encode + run + split: one array of click probabilities per request."""
+        """encode + run + split: one [K_i, O] array of probabilities per request."""
         if sum(slate_sizes(requests)) == 0:
-            return [np.zeros(0, dtype=np.float32) for _ in requests]
+            width = len(self.output_names)
+            return [np.zeros((0, width), dtype=np.float32) for _ in requests]
         return self.split(requests, self.run(self.encode(requests)))
 
 

@@ -47,7 +47,8 @@ def infer_function(model: LoadedModel) -> Any:
             "cand_cats": inputs["cand_cats"].reshape(-1),  # [B*K]
             "cand_user_index": np.repeat(np.arange(users, dtype=np.int64), k),  # [B*K]
         }
-        return {"scores": model.run(feeds).reshape(users, k)}  # [B, K]
+        # Column 0 is pCTR; the peer serves the click probability only, like its config.
+        return {"scores": model.run(feeds)[:, 0].reshape(users, k)}  # [B, K]
 
     return infer
 

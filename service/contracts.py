@@ -59,11 +59,14 @@ class ScoreResult:
     model: str
     version: int
     variant: str
-    scores: list[float]
+    scores: list[float]  # pCTR, aligned with the candidates
     history_source: HistorySource
     experiment: str | None = None
     # To call once the response has been sent (queues the shadow copy), if any.
     after_response: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    # pCVR and pCTCVR of a multi-task model, aligned like `scores`; None for a single-task one.
+    conversion_scores: list[float] | None = None
+    ctcvr_scores: list[float] | None = None
 
 
 class Router(Protocol):

@@ -27,7 +27,13 @@ from typing import TypeVar
 
 import numpy as np
 
-from exporters.loader import LoadedModel, ScoringRequest
+from exporters.loader import (
+    CONVERSION_SCORES,
+    CTCVR_SCORES,
+    SCORES,
+    LoadedModel,
+    ScoringRequest,
+)
 from service.batcher import Batcher, BatcherConfig
 from service.contracts import (
     PINNED_VARIANT,
@@ -76,7 +82,7 @@ class _Prepared:
 
 @dataclass(frozen=True)
 class _Scored:
-    scores: np.ndarray
+    scores: np.ndarray  # [K, O], columns in the model's `output_names` order
     source: HistorySource
     request: ScoringRequest  # what was scored, history included (the shadow gets the same)
 
@@ -196,10 +202,14 @@ class ScoringEngine:
         after: Callable[[], None] | None = None
         if route.shadow is not None and self.shadow.sampled(route.shadow):
             job = ShadowJob(request.request_id, route.variant, model.name, model.version,
-                            scored.request, scored.scores, time.monotonic())  # fmt: skip
+                            scored.request, scored.scores, model.output_names,
+                            time.monotonic())  # fmt: skip
             after = functools.partial(self._offer_shadow, route.shadow, job)
-        return ScoreResult(model.name, model.version, route.variant, scored.scores.tolist(),
-                           scored.source, route.experiment, after)  # fmt: skip
+        columns = _columns(model, scored.scores)
+        return ScoreResult(model.name, model.version, route.variant, columns[SCORES],
+                           scored.source, route.experiment, after,
+                           conversion_scores=columns.get(CONVERSION_SCORES),
+                           ctcvr_scores=columns.get(CTCVR_SCORES))  # fmt: skip
 
     def _offer_shadow(self, spec: ShadowSpec, job: ShadowJob) -> None:
         """Queues the shadow copy (called once the primary's response has been sent)."""
@@ -334,6 +344,11 @@ class ScoringEngine:
         self._redis = RedisServer().start()
         log.info("no CTR_REDIS_URL: started an embedded redis-server at %s", self._redis.url)
         return self._redis.url
+
+
+def _columns(model: LoadedModel, scores: np.ndarray) -> dict[str, list[float]]:
+    """[K, O] -> {output name: its K floats}; the caller picks the outputs the API names."""
+    return {name: scores[:, j].tolist() for j, name in enumerate(model.output_names)}
 
 
 def _shadow_settings(s: Settings) -> ShadowSettings:

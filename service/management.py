@@ -88,7 +88,7 @@ def _version(handle: Handle, current: int | None) -> VersionStatus:
     shadow = handle.shadow.depth if handle.shadow is not None else 0
     return VersionStatus(version=str(m.version), current=m.version == current,
                          provider=m.providers[0], queue_depth=handle.runner.depth,
-                         shadow_queue_depth=shadow)  # fmt: skip
+                         shadow_queue_depth=shadow, outputs=list(m.output_names))  # fmt: skip
 
 
 def _routing(engine: ScoringEngine) -> dict[str, Any]:

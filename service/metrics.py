@@ -26,6 +26,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from service.batcher import BatchObserver
 
+SCORES = "scores"  # = exporters.loader.SCORES, not imported: metrics need no onnxruntime
+
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.075,
     0.1, 0.25, 0.5, 1.0, 2.5,
@@ -104,17 +106,22 @@ class ServiceMetrics:
         self._reload_metrics(r)
 
     def _shadow_metrics(self, r: CollectorRegistry) -> None:
-        # Labels come from the routing file (bounded there): variant, primary model, shadow model.
+        # Labels come from the routing file (bounded there): variant, primary model, shadow model;
+        # the comparisons add the model output compared (`scores`, `conversion_scores`,
+        # `ctcvr_scores`: at most three values).
         pair = ["variant", "model", "shadow"]
+        compared = [*pair, "output"]
         self.shadow_abs_diff = Histogram(
-            "ctr_shadow_abs_diff", "|primary - shadow| click probability, one per candidate.",
-            pair, buckets=ABS_DIFF_BUCKETS, registry=r,
+            "ctr_shadow_abs_diff",
+            "|primary - shadow| probability, one per candidate and output compared.",
+            compared, buckets=ABS_DIFF_BUCKETS, registry=r,
         )  # fmt: skip
         self.shadow_rank_correlation = Histogram(
             "ctr_shadow_rank_correlation",
             "Spearman rank correlation of primary and shadow slate orderings, one per request "
-            "(not observed for slates of one candidate or with all scores tied on a side).",
-            pair, buckets=RANK_BUCKETS, registry=r,
+            "and output compared (not observed for slates of one candidate or with all scores "
+            "tied on a side).",
+            compared, buckets=RANK_BUCKETS, registry=r,
         )  # fmt: skip
         self.shadow_duration = Histogram(
             "ctr_shadow_duration_seconds", "Shadow scoring time, from enqueue to scores.",
@@ -154,11 +161,13 @@ class ServiceMetrics:
 
     def init_shadow_pairs(self, pairs: list[tuple[str, str, str]]) -> None:
         """Creates the series of every configured shadow at zero, so dashboards and alerts see
-        them before the first shadowed request (Prometheus' advice for known label values)."""
+        them before the first shadowed request (Prometheus' advice for known label values).
+        Only `output="scores"` up front: every pair compares pCTR, while whether both sides
+        have pCVR depends on the versions loaded when a request is shadowed."""
         for variant, model, shadow in pairs:
-            for histogram in (self.shadow_abs_diff, self.shadow_rank_correlation,
-                              self.shadow_duration):  # fmt: skip
-                histogram.labels(variant, model, shadow)
+            for histogram in (self.shadow_abs_diff, self.shadow_rank_correlation):
+                histogram.labels(variant, model, shadow, SCORES)
+            self.shadow_duration.labels(variant, model, shadow)
             self.shadow_dropped.labels(shadow, "queue_full")
             self.shadow_errors.labels(shadow, "inference")
 

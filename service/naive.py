@@ -64,9 +64,10 @@ class UnbatchedRunner(Generic[Req, Prep, Res]):
 
 
 def score_per_candidate(model: LoadedModel, request: ScoringRequest) -> np.ndarray:
-    """One ORT call for one request, the history copied once per candidate (behaviour models)."""
+    """One ORT call for one request, the history copied once per candidate (behaviour models).
+    -> [K, O] like `LoadedModel.score`, every output of the model."""
     if model.kind == "slate":
         (scores,) = model.score([request])
         return scores
     rows = [replace(request, candidates=[candidate]) for candidate in request.candidates]
-    return np.concatenate(model.score(rows))  # [K]: one row (user side + 1 candidate) each
+    return np.concatenate(model.score(rows))  # [K, O]: one row (user side + 1 candidate) each

@@ -3,10 +3,11 @@
 Several models are loaded at once (`CTR_MODELS`, default every model in the repository at its
 highest version). A model that cannot be loaded is recorded as failed, not fatal: the process
 stays live and reports not-ready (Triton's rule), and the failure's details go to the log only.
-Each model is warmed up with golden inputs (`warmup_requests`) and its outputs checked to be
-finite probabilities of the right shape before it counts as loaded; a hot reload
-(`service.reload`) goes through the same two steps. The execution provider actually in use is
-read back from the session, logged once and exported as `ctr_model_info{provider}`.
+Each model is warmed up with golden inputs (`warmup_requests`) and every output (pCTR, and a
+multi-task model's pCVR and pCTCVR) checked to be finite probabilities of the right shape
+before it counts as loaded; a hot reload (`service.reload`) goes through the same two steps.
+The execution provider actually in use is read back from the session, logged once and exported
+as `ctr_model_info{provider}`.
 """
 
 from __future__ import annotations
@@ -128,10 +129,16 @@ def warmup_requests(model: LoadedModel) -> list[ScoringRequest]:
 
 
 def warm_up(model: LoadedModel) -> None:
-    """Runs the golden inputs as one batch; every output must be K finite probabilities."""
+    """Runs the golden inputs as one batch; every output must be K finite probabilities (a
+    [K, O] block, one column per output name)."""
     requests = warmup_requests(model)
+    width = len(model.output_names)
     for request, scores in zip(requests, model.score(requests), strict=True):
         k = len(request.candidates)
-        finite = bool(np.all(np.isfinite(scores)))
-        if scores.shape != (k,) or not finite or not np.all((scores >= 0) & (scores <= 1)):
-            raise WarmupError(f"warm-up produced {scores!r}, not {k} probabilities")
+        if scores.shape != (k, width):
+            raise WarmupError(f"warm-up produced shape {scores.shape}, not {(k, width)}")
+        for j, name in enumerate(model.output_names):
+            column = scores[:, j]
+            finite = bool(np.all(np.isfinite(column)))
+            if not finite or not np.all((column >= 0) & (column <= 1)):
+                raise WarmupError(f"warm-up produced {name} {column!r}, not {k} probabilities")

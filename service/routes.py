@@ -55,7 +55,8 @@ async def score(
     background: BackgroundTasks,
     x_request_timeout_ms: Annotated[float | None, Header(gt=0, le=600_000)] = None,
 ) -> ScoreResponse:
-    """Scores `candidates` for `user_id`; `scores[i]` belongs to `candidates[i]`."""
+    """Scores `candidates` for `user_id`; `scores[i]` belongs to `candidates[i]` (as do
+    `conversion_scores[i]` and `ctcvr_scores[i]` of a multi-task model)."""
     _check_score_limits(body, settings)
     timeout_ms = min(x_request_timeout_ms or settings.request_timeout_ms,
                      settings.max_request_timeout_ms)  # fmt: skip
@@ -84,6 +85,8 @@ async def score(
         variant=result.variant,
         scores=result.scores,
         history_source=result.history_source,
+        conversion_scores=result.conversion_scores,
+        ctcvr_scores=result.ctcvr_scores,
     )
 
 

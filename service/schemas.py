@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic.json_schema import SkipJsonSchema
 
 from service.engine import HistorySource
 from service.settings import HARD_MAX_CANDIDATES, HARD_MAX_EVENTS, HARD_MAX_HISTORY
@@ -56,13 +57,29 @@ class ScoreRequest(_Strict):
     model: ModelName | None = None
 
 
+def _absent(value: Any) -> bool:
+    return value is None
+
+
 class ScoreResponse(BaseModel):
+    """`conversion_scores` and `ctcvr_scores` are in the body only when the model has them (a
+    multi-task model): absent, not null, otherwise, so a single-task body is byte-for-byte what
+    it was before multi-task models and clients test for the key, not for null."""
+
     request_id: str
     model: str
     version: str
     variant: str
-    scores: list[float]
+    scores: list[float] = Field(description="pCTR: P(click | impression) per candidate.")
     history_source: HistorySource
+    conversion_scores: list[float] | SkipJsonSchema[None] = Field(
+        None, exclude_if=_absent, description="pCVR: P(conversion | click, impression) per "
+        "candidate; multi-task models only."
+    )  # fmt: skip
+    ctcvr_scores: list[float] | SkipJsonSchema[None] = Field(
+        None, exclude_if=_absent, description="pCTCVR: P(click and conversion | impression) = "
+        "scores x conversion_scores per candidate; multi-task models only."
+    )  # fmt: skip
 
 
 class EventIn(_Strict):
@@ -100,6 +117,9 @@ class VersionStatus(BaseModel):
     provider: str
     queue_depth: int
     shadow_queue_depth: int  # shadow requests waiting or running on this version
+    # What this version's /v1/score bodies carry: ["scores"], or with a multi-task model
+    # ["scores", "conversion_scores", "ctcvr_scores"] (versions of one name may differ).
+    outputs: list[str] = Field(default_factory=list)
 
 
 class ModelStatus(BaseModel):

@@ -17,14 +17,20 @@ loop, which every primary request needs, does one append per shadowed request an
 else. Every failure is counted (`ctr_shadow_errors_total{stage}`) and logged at most every
 10 s; none is raised.
 
-Per shadowed request, in the shadow's worker thread:
-* `ctr_shadow_abs_diff`: |primary − shadow| of every candidate (K observations);
+Per shadowed request, in the shadow's worker thread, for every output that both the primary and
+the shadow have (`scores` always; `conversion_scores` and `ctcvr_scores` when both are
+multi-task models), labelled `output`:
+* `ctr_shadow_abs_diff`: |primary − shadow| of every candidate (K observations per output);
 * `ctr_shadow_rank_correlation`: Spearman's rho of the two orderings (see `spearman`);
-* `ctr_shadow_duration_seconds`: enqueue to shadow scores (queue wait + inference).
+and once per request `ctr_shadow_duration_seconds`: enqueue to shadow scores (queue wait +
+inference). An output only one side has is not compared (a single-task shadow of a multi-task
+primary is compared on `scores` alone): there is nothing to measure it against.
 Optionally the pairs go to a Redis stream capped with `XADD MAXLEN ~` (`CTR_SHADOW_STREAM`),
 handed to the event loop's Redis client with `run_coroutine_threadsafe`; records carry the
 request id and item ids but no user id, so an erasure of a user's history leaves nothing of
-theirs behind in the stream.
+theirs behind in the stream. `primary_scores`, `shadow_scores` and `rank_correlation` are the
+pCTR pair; `outputs` lists every compared output, and each one besides `scores` adds
+`primary_<output>`, `shadow_<output>` and `rank_correlation_<output>`.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exporters.loader import LoadedModel, ScoringRequest
+from exporters.loader import SCORES, LoadedModel, ScoringRequest
 from service.contracts import ShadowSpec
 from service.metrics import ServiceMetrics
 from service.store import BehaviorStore
@@ -70,14 +76,22 @@ class ShadowJob:
     model: str  # the primary's name and version
     version: int
     request: ScoringRequest  # what the primary scored, history included
-    scores: np.ndarray  # the primary's scores [K]
+    scores: np.ndarray  # the primary's probabilities [K, O], one column per output name
+    outputs: tuple[str, ...]  # the primary's output names (`scores` first)
     enqueued: float  # time.monotonic()
 
 
 @dataclass(frozen=True)
 class ShadowOutcome:
-    scores: np.ndarray  # [K]
-    rank_correlation: float | None
+    outputs: tuple[str, ...]  # the outputs compared: both sides have them, primary's order
+    primary: np.ndarray  # [K, len(outputs)]
+    shadow: np.ndarray  # [K, len(outputs)]
+    rank_correlations: tuple[float | None, ...]  # one per compared output
+
+
+def shared_outputs(primary: tuple[str, ...], shadow: tuple[str, ...]) -> tuple[str, ...]:
+    """The outputs both models have, in the primary's order (`scores` first on both)."""
+    return tuple(name for name in primary if name in shadow)
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -271,24 +285,33 @@ class ShadowScorer:
             log.warning("shadow %s failed at %s: %s: %s", shadow, stage, type(exc).__name__, exc)
 
     def score(self, model: LoadedModel, jobs: list[ShadowJob]) -> None:
-        """Worker thread: score the batch, check each output, record the divergence."""
+        """Worker thread: score the batch, check each output, record the divergence of every
+        output both sides have."""
         for job, scores in zip(jobs, model.score([j.request for j in jobs]), strict=True):
-            if scores.shape != job.scores.shape or not _probabilities(scores):
+            k = len(job.request.candidates)
+            if scores.shape != (k, len(model.output_names)) or not _probabilities(scores):
                 self.failed(model.name, "output", ValueError(f"{model.name} v{model.version} "
                                                              "returned no probabilities"))
                 continue
-            labels = (job.variant, job.model, model.name)
-            diff = np.abs(scores.astype(np.float64) - job.scores.astype(np.float64))
-            histogram = self._m.shadow_abs_diff.labels(*labels)
-            for value in diff.tolist():
-                histogram.observe(value)
-            rho = spearman(job.scores, scores)
-            if rho is not None:
-                self._m.shadow_rank_correlation.labels(*labels).observe(rho)
+            outputs = shared_outputs(job.outputs, model.output_names)
+            primary = job.scores[:, [job.outputs.index(name) for name in outputs]]
+            shadow = scores[:, [model.output_names.index(name) for name in outputs]]
+            pair = (job.variant, job.model, model.name)
+            rhos = []
+            for j, name in enumerate(outputs):
+                a, b = primary[:, j], shadow[:, j]
+                diff = np.abs(b.astype(np.float64) - a.astype(np.float64))
+                histogram = self._m.shadow_abs_diff.labels(*pair, name)
+                for value in diff.tolist():
+                    histogram.observe(value)
+                rho = spearman(a, b)
+                if rho is not None:
+                    self._m.shadow_rank_correlation.labels(*pair, name).observe(rho)
+                rhos.append(rho)
             elapsed = time.monotonic() - job.enqueued
-            self._m.shadow_duration.labels(*labels).observe(elapsed)
+            self._m.shadow_duration.labels(*pair).observe(elapsed)
             if self.settings.stream_key is not None:
-                self._append(model, job, ShadowOutcome(scores, rho))
+                self._append(model, job, ShadowOutcome(outputs, primary, shadow, tuple(rhos)))
 
     def _append(self, model: LoadedModel, job: ShadowJob, outcome: ShadowOutcome) -> None:
         """Hands the XADD to the event loop's Redis client; a failure is counted there."""
@@ -300,11 +323,15 @@ class ShadowScorer:
             "model": job.model, "version": str(job.version),
             "shadow": model.name, "shadow_version": str(model.version),
             "items": json.dumps([item for item, _ in job.request.candidates]),
-            "primary_scores": json.dumps(job.scores.tolist()),
-            "shadow_scores": json.dumps(outcome.scores.tolist()),
-            "rank_correlation": "" if outcome.rank_correlation is None
-            else repr(outcome.rank_correlation),
+            "outputs": json.dumps(list(outcome.outputs)),
         }  # fmt: skip
+        for j, name in enumerate(outcome.outputs):
+            rho = outcome.rank_correlations[j]
+            fields[f"primary_{name}"] = json.dumps(outcome.primary[:, j].tolist())
+            fields[f"shadow_{name}"] = json.dumps(outcome.shadow[:, j].tolist())
+            # pCTR keeps the field name the stream had before multi-task models.
+            rank_key = "rank_correlation" if name == SCORES else f"rank_correlation_{name}"
+            fields[rank_key] = "" if rho is None else repr(rho)
 
         def done(future: Future[None]) -> None:
             if not future.cancelled() and future.exception() is not None:

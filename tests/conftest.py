@@ -32,8 +32,10 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def service_model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model repository with a tiny SARN and a tiny NCM, trained and exported once per session
-    through the real pipeline (simulate -> models.train -> exporters.export_run)."""
+    """A model repository with a tiny SARN, a tiny NCM and a tiny multi-task GRU (`gru-mt`:
+    pCTR, pCVR, pCTCVR, trained on the world's conversions), trained and exported once per
+    session through the real pipeline (simulate -> models.train -> exporters.export_run). Each
+    run directory stays beside the repository (REPO/../<name>) for tests that need it."""
     import torch
 
     from exporters.pipeline import ExportOptions, export_run
@@ -49,11 +51,13 @@ def service_model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "sarn": {"embedding_dim": 4, "relation_width": 4, "attention_hidden": 4,
                  "hidden_dims": (8,), "regression_hidden": 4},
         "ncm": {"dim": 8},
+        "gru-mt": {"embed_dim": 4, "context_dim": 4, "mlp_hidden": (8,), "tasks": ("ctr", "cvr")},
     }  # fmt: skip
     for name, overrides in tiny.items():
+        model = name.removesuffix("-mt")
         data = root / "world" / ("slates" if name == "ncm" else "behavior")
-        config = train_config_for(name, epochs=1, batch_size=64, max_len=10, device="cpu")
-        train_run(name, data / "train.parquet", data / "test.parquet", root / name, config,
+        config = train_config_for(model, epochs=1, batch_size=64, max_len=10, device="cpu")
+        train_run(model, data / "train.parquet", data / "test.parquet", root / name, config,
                   overrides, progress=False)  # fmt: skip
         export_run(root / name, root / "repo", ExportOptions(name=name))
     return root / "repo"

@@ -55,8 +55,17 @@ def expected_scores(
     model: LoadedModel, history: list[tuple[str, str]], cands: list[tuple[str, str]],
     user: str = "u1",
 ) -> list[float]:  # fmt: skip
-    (scores,) = model.score([ScoringRequest(user, history, cands)])
-    return [float(s) for s in scores]
+    (scores,) = model.score([ScoringRequest(user, history, cands)])  # [K, O]
+    return [float(s) for s in scores[:, 0]]  # column 0: pCTR
+
+
+def expected_outputs(
+    model: LoadedModel, history: list[tuple[str, str]], cands: list[tuple[str, str]],
+    user: str = "u1",
+) -> dict[str, list[float]]:  # fmt: skip
+    """Every output of the loader, by name: what a `/v1/score` body carries under that key."""
+    (scores,) = model.score([ScoringRequest(user, history, cands)])  # [K, O]
+    return {name: [float(s) for s in scores[:, j]] for j, name in enumerate(model.output_names)}
 
 
 def score_body(user: str = "u1", cands: list[tuple[str, str]] = CANDIDATES, **extra: Any) -> Any:

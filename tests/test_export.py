@@ -99,7 +99,7 @@ def test_slate_models_serve_the_documented_session(
         want = torch.sigmoid(run.model(items, cats, mask, clicks, torch.rand(items.shape)))[
             0, -1, :4
         ]
-    np.testing.assert_allclose(model.score([request])[0], want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(model.score([request])[0][:, 0], want.numpy(), atol=1e-5)
 
 
 def test_the_manifest_is_complete(data: tuple[Path, Path], tmp_path: Path) -> None:
@@ -214,4 +214,4 @@ def test_the_dynamo_exporter_passes_the_same_gate(data: tuple[Path, Path], tmp_p
     model = open_model(directory, providers=["CPUExecutionProvider"])
     assert "user" in model.input_names  # Wide&Deep uses the user id
     request = ScoringRequest("u1", [("i1", "c1")], [("i2", "c2")], {"device": "ios"})
-    assert model.score([request])[0].shape == (1,)
+    assert model.score([request])[0].shape == (1, 1)  # one candidate, one output

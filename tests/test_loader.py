@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,28 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return result.directory, run
 
 
+@pytest.fixture(scope="module")
+def exported_mt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """-> (model directory of an exported multi-task DIN, its run directory)."""
+    root = tmp_path_factory.mktemp("loader-mt")
+    behaviour, _ = write_data(root / "data")
+    run = make_run(root / "run", "din", behaviour, tasks=("ctr", "cvr"))
+    result = export_run(run, root / "repo", ExportOptions(data=behaviour))
+    return result.directory, run
+
+
+MULTI_TASK_OUTPUTS = ("scores", "conversion_scores", "ctcvr_scores")
+
+
+def _rewrite_outputs(source: Path, target: Path, outputs: list[Any]) -> Path:
+    """A copy of a model directory whose manifest declares `outputs` (the manifest is not in
+    its own file table, so the copy still passes the sha256 checks)."""
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    (target / "manifest.json").write_text(json.dumps({**manifest, "outputs": outputs}))
+    return target
+
+
 def _requests() -> list[ScoringRequest]:
     long_history = [(f"i{i}", f"c{i % 7}") for i in range(3 * MAX_LEN)]
     return [
@@ -53,7 +76,8 @@ def _requests() -> list[ScoringRequest]:
 
 
 def _training_encoder_scores(run_dir: Path, requests: list[ScoringRequest]) -> list[np.ndarray]:
-    """Independent reference: the training pipeline's encoder + the model's pairwise forward."""
+    """Independent reference: the training pipeline's encoder + the model's pairwise forward.
+    -> per request [K, T]: the sigmoid of each task's logit (T = 1, or 2 for ctr + cvr)."""
     run = load_run(run_dir)
     rows = [
         {
@@ -76,7 +100,7 @@ def _training_encoder_scores(run_dir: Path, requests: list[ScoringRequest]) -> l
         )
     )
     with torch.no_grad():
-        flat = torch.sigmoid(run.model(batch)).numpy()
+        flat = torch.sigmoid(run.model(batch)).numpy().reshape(len(rows), -1)  # [B, T]
     return list(np.split(flat, np.cumsum([len(r.candidates) for r in requests])[:-1]))
 
 
@@ -85,12 +109,72 @@ def test_scores_match_the_training_pipeline(exported: tuple[Path, Path]) -> None
     requests = _requests()
     scores = model.score(requests)
     reference = _training_encoder_scores(exported[1], requests)
-    assert [len(s) for s in scores] == [2, 1, 3, 0]
+    assert model.output_names == ("scores",)  # a single-task model: one column
+    assert [s.shape for s in scores] == [(2, 1), (1, 1), (3, 1), (0, 1)]
     for got, want in zip(scores, reference, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert model.kind == "behavior" and model.max_history == MAX_LEN
     assert model.providers == ["CPUExecutionProvider"] and model.outputs == ["scores"]
     assert (model.name, model.version) == ("din", 1)
+
+
+def test_a_multi_task_model_serves_pctr_pcvr_and_their_product(
+    exported_mt: tuple[Path, Path],
+) -> None:
+    """Columns in `output_names` order: pCTR and pCVR equal the training model's two towers,
+    and pCTCVR their product, all from one `run`."""
+    model = open_model(exported_mt[0], providers=["CPUExecutionProvider"])
+    assert model.output_names == MULTI_TASK_OUTPUTS
+    requests = _requests()
+    scores = model.score(requests)
+    assert [s.shape for s in scores] == [(2, 3), (1, 3), (3, 3), (0, 3)]
+    reference = _training_encoder_scores(exported_mt[1], requests)
+    for got, want in zip(scores, reference, strict=True):
+        assert want.shape[1] == 2  # the training model has a CTR and a CVR tower
+        np.testing.assert_allclose(got[:, :2], want, atol=1e-5)
+        np.testing.assert_allclose(got[:, 2], want[:, 0] * want[:, 1], atol=1e-5)
+        np.testing.assert_allclose(got[:, 2], got[:, 0] * got[:, 1], rtol=0, atol=1e-6)
+    flat = model.run(model.encode(requests))
+    assert flat.shape == (6, 3) and flat.dtype == np.float32
+    np.testing.assert_array_equal(np.concatenate(scores), flat)
+    assert not np.allclose(flat[:, 0], flat[:, 1])  # two different towers
+
+
+def test_the_manifest_decides_which_outputs_are_served(
+    exported_mt: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Names may be given as plain strings; a manifest that lists only `scores` serves the
+    multi-task graph as a single-task model (one column, equal to pCTR)."""
+    full = open_model(exported_mt[0], providers=["CPUExecutionProvider"])
+    named = _rewrite_outputs(exported_mt[0], tmp_path / "named", list(MULTI_TASK_OUTPUTS))
+    assert open_model(named, providers=["CPUExecutionProvider"]).output_names == MULTI_TASK_OUTPUTS
+    only = open_model(_rewrite_outputs(exported_mt[0], tmp_path / "only", ["scores"]),
+                      providers=["CPUExecutionProvider"])  # fmt: skip
+    assert only.output_names == ("scores",)
+    requests = _requests()
+    for one, three in zip(only.score(requests), full.score(requests), strict=True):
+        assert one.shape == (len(three), 1)
+        np.testing.assert_array_equal(one[:, 0], three[:, 0])
+
+
+def test_a_manifest_naming_outputs_the_graph_lacks_is_refused(
+    exported: tuple[Path, Path], exported_mt: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cases: list[tuple[Path, list[Any], str]] = [
+        # A single-task graph whose manifest claims the multi-task outputs.
+        (exported[0], list(MULTI_TASK_OUTPUTS), "lacks: conversion_scores, ctcvr_scores"),
+        (exported[0], [{"name": "scores"}, {"name": "conversion_scores"}], "conversion_scores"),
+        (exported_mt[0], ["scores", "ctcvr"], "lacks: ctcvr"),
+        # pCTR must be column 0: every caller reads it there.
+        (exported_mt[0], ["conversion_scores", "scores", "ctcvr_scores"], "first output"),
+        (exported_mt[0], ["scores", "scores"], "twice"),
+        (exported_mt[0], [], "non-empty list"),
+        (exported_mt[0], [{"dtype": "float32"}], "without a name"),
+    ]
+    for k, (source, outputs, message) in enumerate(cases):
+        copy = _rewrite_outputs(source, tmp_path / f"case-{k}", outputs)
+        with pytest.raises(ModelIntegrityError, match=message):
+            open_model(copy, providers=["CPUExecutionProvider"])
 
 
 def test_a_score_does_not_depend_on_the_rest_of_its_batch(exported: tuple[Path, Path]) -> None:
@@ -185,9 +269,9 @@ def test_nothing_to_score_never_reaches_onnx_runtime(tmp_path: Path) -> None:
         from exporters.loader import ScoringRequest, open_model
         model = open_model({str(directory)!r}, providers=["CPUExecutionProvider"])
         empty = [ScoringRequest("u1", [("i1", "c1")], [], {{}})]
-        assert model.run(model.encode(empty)).shape == (0,)
-        assert model.run(model.encode([])).shape == (0,)
-        assert [s.shape for s in model.score(empty)] == [(0,)] and model.score([]) == []
+        assert model.run(model.encode(empty)).shape == (0, 1)
+        assert model.run(model.encode([])).shape == (0, 1)
+        assert [s.shape for s in model.score(empty)] == [(0, 1)] and model.score([]) == []
         print("ok")
         """
     )

@@ -56,7 +56,7 @@ def _expected(model: LoadedModel, body: dict[str, Any]) -> list[float]:
     pairs = [[(x["item_id"], x["category_id"]) for x in body[key]]
              for key in ("history", "candidates")]  # fmt: skip
     (scores,) = model.score([ScoringRequest(body["user_id"], pairs[0], pairs[1])])
-    return [float(s) for s in scores]
+    return [float(s) for s in scores[:, 0]]
 
 
 def _current(server: Server) -> dict[str, Any]:

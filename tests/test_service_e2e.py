@@ -104,8 +104,37 @@ def test_ingest_then_score_over_http_matches_the_loader(
     version = latest_version(service_model_repo, "sarn")
     sarn = open_model(model_dir(service_model_repo, "sarn", version))
     (expected,) = sarn.score([ScoringRequest("e2e", history, cands)])
-    assert answer.json()["scores"] == [float(s) for s in expected]
+    assert answer.json()["scores"] == [float(s) for s in expected[:, 0]]
     assert answer.json()["history_source"] == "redis"
+
+
+def test_a_multi_task_model_answers_three_aligned_lists_over_http(
+    server: Server, service_model_repo: Path
+) -> None:
+    """The multi-task GRU (`gru-mt`) through the real uvicorn process: pCTR, pCVR and pCTCVR
+    on the wire, each equal to the loader's column; a single-task answer has no such keys."""
+    history = [("i2", "c2"), ("i9", "c1"), ("i30", "c6")]
+    cands = [("i3", "c3"), ("i40", "c0"), ("zzz", "c1")]
+    events = [{"user_id": "e2e-mt", "item_id": i, "category_id": c, "ts": 2000 + k,
+               "event_id": f"mt{k}"} for k, (i, c) in enumerate(history)]  # fmt: skip
+    with httpx.Client(base_url=server.url) as client:
+        posted = client.post("/v1/events", json={"events": events}, headers={"X-API-Key": INGEST})
+        assert posted.status_code == 202
+        answer = client.post("/v1/score", json=_score_body("e2e-mt", cands) | {"model": "gru-mt"})
+        single = client.post("/v1/score", json=_score_body("e2e-mt", cands))
+    assert answer.status_code == single.status_code == 200
+    body = answer.json()
+    gru = open_model(model_dir(service_model_repo, "gru-mt", latest_version(service_model_repo,
+                                                                            "gru-mt")))  # fmt: skip
+    (expected,) = gru.score([ScoringRequest("e2e-mt", history, cands)])  # [K, 3]
+    assert gru.output_names == ("scores", "conversion_scores", "ctcvr_scores")
+    for j, name in enumerate(gru.output_names):
+        assert body[name] == [float(s) for s in expected[:, j]], name
+        assert all(0.0 <= p <= 1.0 for p in body[name])
+    product = [p * q for p, q in zip(body["scores"], body["conversion_scores"], strict=True)]
+    assert max(abs(a - b) for a, b in zip(body["ctcvr_scores"], product, strict=True)) <= 1e-6
+    assert body["history_source"] == "redis" and body["model"] == "gru-mt"
+    assert "conversion_scores" not in single.json() and b"ctcvr" not in single.content
 
 
 def test_logs_are_json_lines_carrying_the_request_id(server: Server) -> None:

@@ -74,7 +74,7 @@ def test_a_pinned_slate_model_scores_like_its_loader(
         assert answer["scores"] == expected_scores(ncm, HISTORY[:5], CANDIDATES, "u2")
         assert models["default_model"] == "sarn"
         by_name = {m["name"]: m for m in models["models"]}
-        assert set(by_name) == {"sarn", "ncm"}
+        assert set(by_name) == {"sarn", "ncm", "gru-mt"}
         assert by_name["ncm"]["kind"] == "slate"
         assert by_name["sarn"]["provider"] == reference("sarn").providers[0]
         assert unknown.status_code == 404

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 import numpy as np
+import pytest
 import redis
 from fastapi import FastAPI
 from prometheus_client.utils import floatToGoString
@@ -33,11 +35,12 @@ from routing_support import (
 from service_support import AppFactory, hold, make_app, run, running, until
 
 from exporters.loader import ScoringRequest, open_model
-from exporters.repository import model_dir
+from exporters.repository import latest_version, model_dir
 from service.embedded_redis import RedisServer
 from service.store import BehaviorStore, StoreConfig
 
 __all__ = ["ab_repo", "ab_template", "make_app", "start_server"]  # fixtures used below
+OUTPUTS = ("scores", "conversion_scores", "ctcvr_scores")
 
 VARIANT = """
 experiments:
@@ -52,7 +55,7 @@ SHADOW = "        shadow: {model: sarn, version: 2, fraction: 1.0}\n"
 HISTORY = [(f"i{k}", f"c{k % 8}") for k in range(15)]  # longer than v1 (10) and v2 (14) read
 CANDIDATES = [("i3", "c3"), ("i40", "c0"), ("i7", "c7"), ("i21", "c5"), ("i60", "c4"),
               ("nope", "c1")]  # fmt: skip
-PAIR = {"variant": "live", "model": "sarn", "shadow": "sarn"}
+PAIR = {"variant": "live", "model": "sarn", "shadow": "sarn", "output": "scores"}
 
 
 def _bodies() -> list[dict[str, object]]:
@@ -111,11 +114,11 @@ def test_divergence_stream_and_untouched_primary_answers(
     v1, v2 = (open_model(model_dir(ab_repo, "sarn", v)) for v in (1, 2))
     assert (v1.max_history, v2.max_history) == (10, 14)
     request = ScoringRequest("div", HISTORY, CANDIDATES)
-    primary = [float(s) for s in v1.score([request])[0]]
-    shadow = [float(s) for s in v2.score([request])[0]]
+    primary = [float(s) for s in v1.score([request])[0][:, 0]]
+    shadow = [float(s) for s in v2.score([request])[0][:, 0]]
     assert answer["scores"] == primary and answer["version"] == "1"
-    assert shadow != [float(s) for s in v2.score([ScoringRequest("div", HISTORY[-10:],
-                                                                 CANDIDATES)])[0]]  # fmt: skip
+    (short,) = v2.score([ScoringRequest("div", HISTORY[-10:], CANDIDATES)])
+    assert shadow != [float(s) for s in short[:, 0]]
     k = len(CANDIDATES)
     assert len(set(primary)) == len(set(shadow)) == k  # no ties: the textbook formula applies
     rank_p = {s: r for r, s in enumerate(sorted(primary), start=1)}
@@ -226,3 +229,119 @@ def test_the_pair_stream_is_capped(redis_server: RedisServer) -> None:
 
     length = asyncio.run(scenario())
     assert 10 <= length <= 110
+
+
+@pytest.fixture(scope="module")
+def mt_repo(service_model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's repository plus gru-mt v2: the same tiny multi-task GRU as the session's
+    gru-mt v1 (conftest), trained with another seed, so every output differs between them."""
+    import torch
+
+    from exporters.pipeline import ExportOptions, export_run
+    from models.train import train_config_for, train_run
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("mt-shadow")
+    shutil.copytree(service_model_repo, root / "repo")
+    world = service_model_repo.parent / "world" / "behavior"
+    config = train_config_for("gru", epochs=1, batch_size=64, max_len=10, device="cpu", seed=1)
+    tiny = {"embed_dim": 4, "context_dim": 4, "mlp_hidden": (8,), "tasks": ("ctr", "cvr")}
+    train_run("gru", world / "train.parquet", world / "test.parquet", root / "gru-mt2", config,
+              tiny, progress=False)  # fmt: skip
+    export_run(root / "gru-mt2", root / "repo", ExportOptions(name="gru-mt", version=2))
+    return root / "repo"
+
+
+MT_ROUTING = """
+experiments:
+  - name: both
+    match: {surface: both}
+    variants:
+      - {name: mtmt, model: gru-mt, version: 1, weight: 1,
+         shadow: {model: gru-mt, version: 2, fraction: 1.0}}
+  - name: single
+    match: {surface: single}
+    variants:
+      - {name: mtst, model: gru-mt, version: 1, weight: 1, shadow: {model: sarn, fraction: 1.0}}
+"""
+
+
+def _rho(a: list[float], b: list[float]) -> float:
+    """Spearman's rho by the textbook formula (the caller checks there are no ties)."""
+    k = len(a)
+    rank_a = {v: r for r, v in enumerate(sorted(a), start=1)}
+    rank_b = {v: r for r, v in enumerate(sorted(b), start=1)}
+    d2 = sum((rank_a[x] - rank_b[y]) ** 2 for x, y in zip(a, b, strict=True))
+    return 1 - 6 * d2 / (k * (k * k - 1))
+
+
+def test_multi_task_shadows_compare_every_output_both_sides_have(
+    make_app: AppFactory, mt_repo: Path, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """gru-mt v1 shadowed by gru-mt v2 is compared on pCTR, pCVR and pCTCVR (abs diff and rank
+    correlation labelled by output, values from the loaders of both versions); shadowed by the
+    single-task SARN it is compared on `scores` only. The stream records carry the same."""
+    routing = tmp_path / "routing.yaml"
+    routing.write_text(MT_ROUTING)
+    history = items(HISTORY[:12])
+    pairs = {"mtmt": ("gru-mt", "both"), "mtst": ("sarn", "single")}
+
+    async def scenario() -> tuple[dict[str, dict[str, object]], str]:
+        app = make_app(repo=mt_repo, routing_file=routing, shadow_stream=True)
+        stream = redis.Redis.from_url(redis_server.url)
+        async with running(app) as client:
+            answers = {}
+            for variant, (_, surface) in pairs.items():
+                body = {"user_id": "mt-user", "candidates": items(CANDIDATES), "history": history,
+                        "context": {"surface": surface}}  # fmt: skip
+                answer = await client.post("/v1/score", json=body)
+                assert answer.status_code == 200 and answer.json()["variant"] == variant
+                answers[variant] = answer.json()
+            await until(lambda: stream.xlen("v1:shadow:pairs") == 2, timeout_s=10)
+            return answers, app.state.metrics.render().decode()
+
+    answers, text = asyncio.run(scenario())
+    metrics = parse_metrics(text)
+    request = ScoringRequest("mt-user", HISTORY[:12], CANDIDATES)
+    v1, v2 = (open_model(model_dir(mt_repo, "gru-mt", v)) for v in (1, 2))
+    sarn = open_model(model_dir(mt_repo, "sarn", latest_version(mt_repo, "sarn")))
+    assert v1.output_names == v2.output_names == OUTPUTS and sarn.output_names == ("scores",)
+    primary = v1.score([request])[0]  # [K, 3]
+    shadows = {"mtmt": v2.score([request])[0], "mtst": sarn.score([request])[0]}
+    k = len(CANDIDATES)
+    for name in OUTPUTS:  # the primary's answer is v1's, whatever its shadow
+        column = [float(x) for x in primary[:, OUTPUTS.index(name)]]
+        assert answers["mtmt"][name] == answers["mtst"][name] == column, name
+
+    records = {r["variant"]: r for _, r in cast(
+        list[tuple[str, dict[str, str]]],
+        redis.Redis.from_url(redis_server.url, decode_responses=True).xrange("v1:shadow:pairs"),
+    )}  # fmt: skip
+    for variant, (shadow_name, _) in pairs.items():
+        compared = OUTPUTS if variant == "mtmt" else ("scores",)
+        record = records[variant]
+        assert json.loads(record["outputs"]) == list(compared)
+        labels = {"variant": variant, "model": "gru-mt", "shadow": shadow_name}
+        for j, name in enumerate(compared):
+            p = [float(x) for x in primary[:, j]]
+            q = [float(x) for x in shadows[variant][:, j]]
+            assert len(set(p)) == len(set(q)) == k  # no ties: the textbook formula applies
+            diffs = [abs(a - b) for a, b in zip(p, q, strict=True)]
+            assert sum(diffs) > 0  # the two sides differ, so the sums below tell outputs apart
+            assert sample(metrics, "ctr_shadow_abs_diff_count", output=name, **labels) == k
+            assert np.isclose(sample(metrics, "ctr_shadow_abs_diff_sum", output=name, **labels),
+                              sum(diffs), rtol=0, atol=1e-9), (variant, name)  # fmt: skip
+            assert sample(metrics, "ctr_shadow_rank_correlation_count", output=name,
+                          **labels) == 1  # fmt: skip
+            rank_key = "rank_correlation" if name == "scores" else f"rank_correlation_{name}"
+            assert np.isclose(float(record[rank_key]), _rho(p, q), rtol=0, atol=1e-12)
+            assert json.loads(record[f"primary_{name}"]) == p
+            assert json.loads(record[f"shadow_{name}"]) == q
+        # Outputs one side lacks: no series at all, no stream fields.
+        for name in set(OUTPUTS) - set(compared):
+            for metric in ("ctr_shadow_abs_diff_count", "ctr_shadow_rank_correlation_count"):
+                assert not [key for key in metrics if key[0] == metric
+                            and (("output", name) in key[1]) and ("variant", variant) in key[1]]
+            assert f"primary_{name}" not in record and f"shadow_{name}" not in record
+        assert sample(metrics, "ctr_shadow_duration_seconds_count", **labels) == 1
+
