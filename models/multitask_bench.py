@@ -10,13 +10,17 @@ For each architecture (SARN, FAT, GRU by default), on one simulated world with c
 Both are scored on every test impression: CTR AUC (clicks), CVR AUC (conversions among the
 clicked rows) and CTCVR AUC/LogLoss (pCTR·pCVR against click ∧ conversion over all rows: what
 ranking by expected value needs). The protocol is `models.benchmark`'s: train/validation split
-by user from the world's training file, early stopping on validation, test touched once.
+by user from the world's training file, early stopping on validation, test touched once. With
+several seeds (`--seeds`), every run is repeated with that training seed (initialisation and
+shuffling; the data stay the same) and the table gives the mean and standard deviation.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,7 @@ def predict_file(run_dir: Path, test: Path, device: str) -> Predictions:
 
 def _train(model: str, tasks: tuple[str, ...], files: tuple[Path, Path], out: Path,
            config: TrainConfig) -> tuple[Path, dict[str, Any]]:  # fmt: skip
-    run_dir = out / "runs" / f"{model}-{'-'.join(tasks)}"
+    run_dir = out / "runs" / f"{model}-{'-'.join(tasks)}-seed{config.seed}"
     metrics = train_run(model, *files, run_dir, config, {"tasks": tasks})
     return run_dir, metrics
 
@@ -77,23 +81,47 @@ def bench_architecture(
     ]  # fmt: skip
 
 
+METRICS = ("ctr_auc", "cvr_auc", "ctcvr_auc", "ctcvr_logloss", "train_seconds")
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-seed rows -> one row per (model, approach): the mean of every metric, and its
+    sample standard deviation as `<metric>_sd` when there are several seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["model"], run["approach"]), []).append(run)
+    summary = []
+    for (model, approach), group in groups.items():
+        row: dict[str, Any] = {"model": model, "approach": approach, "seeds": len(group)}
+        for key in METRICS:
+            values = [r[key] for r in group]
+            row[key] = statistics.fmean(values)
+            if len(values) > 1:
+                row[f"{key}_sd"] = statistics.stdev(values)
+        summary.append(row)
+    return summary
+
+
 def run_multitask_bench(
     world: Path,
     out: Path,
     config_for: Callable[[str], TrainConfig],
     models: Sequence[str] = MODELS,
+    seeds: Sequence[int] = (0,),
 ) -> list[dict[str, Any]]:
-    """Every architecture on `world`, then the oracle row; rows go to OUT/rows.jsonl as they
-    finish."""
+    """Every architecture and seed on `world` (per-seed rows go to OUT/rows.jsonl as they
+    finish) -> the summary rows, then the oracle row."""
     out.mkdir(parents=True, exist_ok=True)
     files = split_validation(world / "behavior" / "train.parquet", out / "data")
     test = world / "behavior" / "test.parquet"
-    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     for model in models:
-        new = bench_architecture(model, files, test, out, config_for(model))
-        rows += new
-        with (out / "rows.jsonl").open("a") as log:
-            log.writelines(json.dumps(row) + "\n" for row in new)
+        for seed in seeds:
+            new = bench_architecture(model, files, test, out, replace(config_for(model), seed=seed))
+            runs += [{**row, "seed": seed} for row in new]
+            with (out / "rows.jsonl").open("a") as log:
+                log.writelines(json.dumps({**row, "seed": seed}) + "\n" for row in new)
+    rows = summarize(runs)
     oracle = json.loads((world / "oracle.json").read_text())["behavior"]
     rows.append({"model": "oracle", "approach": "true probabilities", "ctr_auc": oracle["auc"],
                  "cvr_auc": oracle["cvr_auc"], "ctcvr_auc": oracle["ctcvr_auc"],
@@ -102,17 +130,20 @@ def run_multitask_bench(
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown table, test metrics (higher AUC, lower LogLoss is better)."""
+    """Markdown table of test metrics (higher AUC, lower LogLoss is better): mean ± sd over
+    the seeds."""
     lines = [
         "| model | approach | CTR AUC | CVR AUC (clicked) | CTCVR AUC | CTCVR LogLoss "
         "| train s |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        seconds = f"{row['train_seconds']:,.0f}" if "train_seconds" in row else ""
-        lines.append(
-            f"| {row['model']} | {row['approach']} | {row['ctr_auc']:.4f} | "
-            f"{row['cvr_auc']:.4f} | {row['ctcvr_auc']:.4f} | {row['ctcvr_logloss']:.4f} "
-            f"| {seconds} |"
-        )
+        cells = [_cell(row, key, ".4f") for key in METRICS[:4]]
+        seconds = _cell(row, "train_seconds", ",.0f") if "train_seconds" in row else ""
+        lines.append(f"| {row['model']} | {row['approach']} | {' | '.join(cells)} | {seconds} |")
     return "\n".join(lines)
+
+
+def _cell(row: dict[str, Any], key: str, spec: str) -> str:
+    sd = row.get(f"{key}_sd")
+    return f"{row[key]:{spec}}" + (f" ± {sd:{spec}}" if sd is not None else "")

@@ -278,6 +278,7 @@ def bench_multitask(
     world: Annotated[Path, typer.Option(help="World written by `ctr simulate` (conversions).")],
     out: Annotated[Path, typer.Option(help="Directory for runs, rows.jsonl and multitask.md.")],
     models: Annotated[str, typer.Option(help="Comma-separated architectures.")] = "sarn,fat,gru",
+    seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated (mean ± sd).")] = "0",
     epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 10,
     max_len: Annotated[int, typer.Option(help="History slots kept.")] = 50,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
@@ -293,8 +294,12 @@ def bench_multitask(
         )
 
     chosen = [m.strip() for m in models.split(",") if m.strip()]
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"not integers: {seeds!r}", param_hint="--seeds") from None
     with _user_errors():
-        rows = run_multitask_bench(world, out, config_for, chosen)
+        rows = run_multitask_bench(world, out, config_for, chosen, seed_list or [0])
     table = format_table(rows)
     (out / "multitask.md").write_text(table + "\n")
     typer.echo(table)

@@ -274,3 +274,37 @@ def test_a_conversion_only_model_is_not_exported(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="conversion-only model is a baseline"):
         export_run(run, tmp_path / "repo", ExportOptions(data=behaviour))
     assert not (tmp_path / "repo" / "gru" / "1").exists()
+
+
+# --- the benchmark -----------------------------------------------------------------------------
+def test_summary_gives_mean_and_sample_sd_per_approach() -> None:
+    from models.multitask_bench import format_table, summarize
+
+    runs = [{"model": "GRU", "approach": "a", "ctr_auc": v, "cvr_auc": 0.5, "ctcvr_auc": 0.6,
+             "ctcvr_logloss": 0.2, "train_seconds": 10.0} for v in (0.60, 0.64)]  # fmt: skip
+    (row,) = summarize(runs)
+    assert row["ctr_auc"] == pytest.approx(0.62) and row["seeds"] == 2
+    assert row["ctr_auc_sd"] == pytest.approx(math.sqrt(2 * 0.02**2))  # n − 1 = 1
+    assert "| GRU | a | 0.6200 ± 0.0283 | 0.5000 ± 0.0000 |" in format_table([row])
+
+
+def test_bench_multitask_compares_both_approaches_beside_the_oracle(tmp_path: Path) -> None:
+    from models.evaluate import evaluate_run
+    from models.simulate import SimulationConfig, simulate_world
+
+    world = SimulationConfig(n_users=60, n_items=80, n_categories=8, events_per_user=12, seed=0)
+    simulate_world(world, tmp_path / "world", progress=False)
+    result = CliRunner().invoke(app, [
+        "bench", "multitask", "--world", str(tmp_path / "world"), "--out", str(tmp_path / "b"),
+        "--models", "gru", "--epochs", "1", "--max-len", "10", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "b" / "multitask.md").read_text().splitlines()
+    assert [line.split(" | ")[1] for line in table[2:]] == [
+        "multi-task (ESMM loss)", "CTR model × CVR model (clicked rows)", "true probabilities"]
+    oracle = json.loads((tmp_path / "world" / "oracle.json").read_text())["behavior"]
+    assert f"| {oracle['ctcvr_auc']:.4f} |" in table[-1]
+    # The two-model row's CVR AUC is the CVR run's own AUC on the clicked test rows.
+    runs = [json.loads(line) for line in (tmp_path / "b" / "rows.jsonl").read_text().splitlines()]
+    cvr_run = evaluate_run(tmp_path / "b" / "runs" / "gru-cvr-seed0",
+                           tmp_path / "world" / "behavior" / "test.parquet", "cpu")  # fmt: skip
+    assert runs[1]["cvr_auc"] == pytest.approx(cvr_run["auc"])
