@@ -29,6 +29,7 @@ def evaluate_run(run_dir: Path, data_path: Path, device: str = "auto") -> dict[s
         batch_size = int(run.config["train_config"].get("eval_batch_size", _EVAL_BATCH))
         arrays = load_arrays(data_path, run.spec, run.vocabs)
         metrics = evaluate_behavior(run.model, eval_batches(arrays, batch_size))
+        metrics.pop("selection", None)  # the early-stopping criterion, not a test metric
     return {"model": run.name, **metrics}
 
 
