@@ -30,6 +30,7 @@ from models.behavior_task import Predictions, eval_batches, load_arrays, predict
 from models.benchmark import split_validation
 from models.checkpoint import load_run
 from models.multitask import CTR, CVR, task_metrics
+from models.schema import DataError, load_behavior
 from models.train import TrainConfig, train_run
 
 MODELS: tuple[str, ...] = ("sarn", "fat", "gru")
@@ -71,8 +72,6 @@ def bench_architecture(
     cvr_dir, cvr = _train(model, (CVR,), files, out, config)
     joint = predict_file(multi_dir, test, config.device)
     click, conversion = (predict_file(d, test, config.device) for d in (ctr_dir, cvr_dir))
-    if joint.conversion is None:
-        raise ValueError(f"{test} has no conversion column: simulate a world with conversions")
     separate = np.stack([click.probs[:, 0], conversion.probs[:, 0]], axis=1)
     return [
         _row(model, "multi-task (ESMM loss)", joint.probs, joint, _seconds(multi)),
@@ -114,6 +113,8 @@ def run_multitask_bench(
     out.mkdir(parents=True, exist_ok=True)
     files = split_validation(world / "behavior" / "train.parquet", out / "data")
     test = world / "behavior" / "test.parquet"
+    if "conversion" not in load_behavior(test).columns:  # before hours of training, not after
+        raise DataError(test, "no conversions: simulate the world again", column="conversion")
     runs: list[dict[str, Any]] = []
     for model in models:
         for seed in seeds:
