@@ -205,11 +205,18 @@ class ScoringEngine:
                             scored.request, scored.scores, model.output_names,
                             time.monotonic())  # fmt: skip
             after = functools.partial(self._offer_shadow, route.shadow, job)
+        self._observe_predictions(model, scored.scores)
         columns = _columns(model, scored.scores)
         return ScoreResult(model.name, model.version, route.variant, columns[SCORES],
                            scored.source, route.experiment, after,
                            conversion_scores=columns.get(CONVERSION_SCORES),
                            ctcvr_scores=columns.get(CTCVR_SCORES))  # fmt: skip
+
+    def _observe_predictions(self, model: LoadedModel, scores: np.ndarray) -> None:
+        if scores.shape[0] == 0:  # an empty slate predicts nothing
+            return
+        for name, mean in zip(model.output_names, scores.mean(axis=0), strict=True):
+            self.metrics.prediction_mean.labels(model.name, name).observe(float(mean))
 
     def _offer_shadow(self, spec: ShadowSpec, job: ShadowJob) -> None:
         """Queues the shadow copy (called once the primary's response has been sent)."""

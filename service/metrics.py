@@ -36,6 +36,8 @@ CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # |primary - shadow| of a click probability: 0.1 pp .. 50 pp.
 ABS_DIFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# Mean predicted probability of a slate: CVR/CTCVR live in the low percent, CTR higher.
+PROBABILITY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 # Spearman's rho of the two slate orderings; finest where healthy shadows live (near 1).
 RANK_BUCKETS = (-0.5, 0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
 
@@ -101,6 +103,13 @@ class ServiceMetrics:
         self.inflight = Gauge(
             "ctr_inflight_requests", "HTTP requests being handled.",
             multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+        # One observation per scored request and output, the mean over its candidates: a
+        # shift in what a model predicts (pCTR, pCVR, pCTCVR) shows without a label or a
+        # per-candidate cost on the scoring path.
+        self.prediction_mean = Histogram(
+            "ctr_prediction_mean", "Mean predicted probability of a scored slate, per output.",
+            ["model", "output"], buckets=PROBABILITY_BUCKETS, registry=r,
         )  # fmt: skip
         self._shadow_metrics(r)
         self._reload_metrics(r)

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from routing_support import publish_copy
+from routing_support import parse_metrics, publish_copy, sample
 from service_support import (
     CANDIDATES,
     HISTORY,
@@ -200,3 +200,26 @@ def test_a_version_whose_pcvr_is_not_a_probability_is_refused(
     registry = ModelRegistry.load(repo, [ModelSpec(MT)])
     assert registry.failures == {MT: "WarmupError"} and MT not in registry.models
 
+
+
+def test_the_mean_prediction_of_each_output_is_a_metric(make_app: AppFactory) -> None:
+    """ctr_prediction_mean: one observation per request and output, the slate's mean."""
+
+    async def scenario() -> tuple[list[dict[str, Any]], str]:
+        async with running(make_app()) as client:
+            bodies = [await client.post("/v1/score", json=score_body(f"m{i}", model=MT))
+                      for i in range(2)]  # fmt: skip
+            bodies.append(await client.post("/v1/score", json=score_body(model="sarn")))
+            text = (await client.get("/metrics")).text
+        return [b.json() for b in bodies], text
+
+    (first, second, single), text = asyncio.run(scenario())
+    metrics = parse_metrics(text)
+    for output in OUTPUTS:
+        labels = {"model": MT, "output": output}
+        assert sample(metrics, "ctr_prediction_mean_count", **labels) == 2
+        expected = np.mean(first[output]) + np.mean(second[output])  # by hand from the bodies
+        assert sample(metrics, "ctr_prediction_mean_sum", **labels) == pytest.approx(expected)
+    assert sample(metrics, "ctr_prediction_mean_sum", model="sarn", output="scores") == (
+        pytest.approx(np.mean(single["scores"])))
+    assert sample(metrics, "ctr_prediction_mean_count", model="sarn") == 1  # no other output
