@@ -41,6 +41,9 @@ Decisions ([proposal] items of MODELS.md settled here):
 * Defaults d=64, heads=4, layers=2, d_ff=128, M=16, k=32, K=3 (impl B's hypernetwork sizes,
   small enough for CPU training and serving); basis init N(0, 0.02) and φ init N(0, 0.1)
   follow impl A.
+* Task towers (MODELS.md §2.2 item 7, "task tower(s)"): with `tasks=("ctr", "cvr")` a CVR
+  tower of the same shape reads the same projected pooled tokens (ESMM: everything below the
+  towers is shared; the loss is in `models.multitask`).
 
 Inference: `FAT.materialized()` returns an eval-mode copy whose per-field weights are constant
 buffers. Exporters must call it (after loading the checkpoint into a plain `FAT`) and export

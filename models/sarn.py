@@ -235,6 +235,9 @@ class SARN(BehaviorModel):
       no padding (the longest of its batch) was not. We floor every row at 0, which matches
       the code for padded rows and makes a score independent of the batch's padded length.
     * Auxiliary log-probabilities use log_softmax instead of log(softmax + 1e-8).
+    * Multi-task (`tasks=("ctr", "cvr")`, not in the paper): a second OutputHead of the same
+      shape reads the same z; the positional and auxiliary losses stay as they are (they
+      shape the shared relation module, which both towers read).
     * Training losses kept as in the code, so they (not the scores) depend on the padded
       length L: L_reg averages over all B·L·L cells, and H_j averages over all L sources.
     * Zero ReLU projections normalise to exactly 0 whatever eps becomes (`_normalized_relu`).
