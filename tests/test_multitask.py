@@ -308,3 +308,18 @@ def test_bench_multitask_compares_both_approaches_beside_the_oracle(tmp_path: Pa
     cvr_run = evaluate_run(tmp_path / "b" / "runs" / "gru-cvr-seed0",
                            tmp_path / "world" / "behavior" / "test.parquet", "cpu")  # fmt: skip
     assert runs[1]["cvr_auc"] == pytest.approx(cvr_run["auc"])
+
+
+def test_a_conversion_without_a_click_is_refused_as_bad_data(tmp_path: Path) -> None:
+    frame = conversion_frame(40, seed=4)
+    row = int(np.flatnonzero(frame["label"].to_numpy() == 0)[0])
+    frame.loc[row, "conversion"] = 1
+    write_table(frame, tmp_path / "bad.parquet")
+    bad = str(tmp_path / "bad.parquet")
+    result = CliRunner().invoke(app, [
+        "train", "--model", "gru", "--tasks", "ctr,cvr", "--train", bad, "--valid", bad,
+        "--out", str(tmp_path / "run"), "--quiet"])  # fmt: skip
+    assert result.exit_code == 2
+    assert f"row {row + 1}" in result.output  # rows are counted from 1
+    assert "a conversion needs a click" in result.output
+    assert not (tmp_path / "run" / "model.safetensors").exists()
