@@ -34,6 +34,8 @@ from models.schema import DataError, load_behavior
 from models.train import TrainConfig, train_run
 
 MODELS: tuple[str, ...] = ("sarn", "fat", "gru")
+MULTI_TASK = "multi-task (ESMM loss)"
+SEPARATE = "CTR model × CVR model (clicked rows)"
 LABELS = {"sarn": "SARN", "fat": "FAT", "gru": "GRU", "din": "DIN"}
 
 
@@ -74,8 +76,8 @@ def bench_architecture(
     click, conversion = (predict_file(d, test, config.device) for d in (ctr_dir, cvr_dir))
     separate = np.stack([click.probs[:, 0], conversion.probs[:, 0]], axis=1)
     return [
-        _row(model, "multi-task (ESMM loss)", joint.probs, joint, _seconds(multi)),
-        _row(model, "CTR model × CVR model (clicked rows)", separate, joint,
+        _row(model, MULTI_TASK, joint.probs, joint, _seconds(multi)),
+        _row(model, SEPARATE, separate, joint,
              _seconds(ctr) + _seconds(cvr)),
     ]  # fmt: skip
 
@@ -85,20 +87,34 @@ METRICS = ("ctr_auc", "cvr_auc", "ctcvr_auc", "ctcvr_logloss", "train_seconds")
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-seed rows -> one row per (model, approach): the mean of every metric, and its
-    sample standard deviation as `<metric>_sd` when there are several seeds."""
+    sample standard deviation as `<metric>_sd` when there are several seeds. The multi-task
+    row also gets `ctcvr_gain`: its CTCVR AUC minus the two-model row's, paired by seed (the
+    same seed, data and test rows), which cancels what the two share."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for run in runs:
+    for run in _with_gains(runs):
         groups.setdefault((run["model"], run["approach"]), []).append(run)
     summary = []
     for (model, approach), group in groups.items():
         row: dict[str, Any] = {"model": model, "approach": approach, "seeds": len(group)}
-        for key in METRICS:
-            values = [r[key] for r in group]
+        for key in (*METRICS, "ctcvr_gain"):
+            values = [r[key] for r in group if key in r]
+            if not values:
+                continue
             row[key] = statistics.fmean(values)
             if len(values) > 1:
                 row[f"{key}_sd"] = statistics.stdev(values)
         summary.append(row)
     return summary
+
+
+def _with_gains(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    separate = {(r["model"], r.get("seed")): r["ctcvr_auc"] for r in runs
+                if r["approach"] == SEPARATE}  # fmt: skip
+    return [
+        {**r, "ctcvr_gain": r["ctcvr_auc"] - separate[(r["model"], r.get("seed"))]}
+        if r["approach"] == MULTI_TASK and (r["model"], r.get("seed")) in separate else r
+        for r in runs
+    ]
 
 
 def run_multitask_bench(
@@ -135,13 +151,16 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     the seeds."""
     lines = [
         "| model | approach | CTR AUC | CVR AUC (clicked) | CTCVR AUC | CTCVR LogLoss "
-        "| train s |",
-        "|---|---|---|---|---|---|---|",
+        "| CTCVR AUC gain (paired) | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cells = [_cell(row, key, ".4f") for key in METRICS[:4]]
+        gain = _cell(row, "ctcvr_gain", "+.4f") if "ctcvr_gain" in row else ""
         seconds = _cell(row, "train_seconds", ",.0f") if "train_seconds" in row else ""
-        lines.append(f"| {row['model']} | {row['approach']} | {' | '.join(cells)} | {seconds} |")
+        lines.append(
+            f"| {row['model']} | {row['approach']} | {' | '.join(cells)} | {gain} | {seconds} |"
+        )
     return "\n".join(lines)
 
 

@@ -288,6 +288,22 @@ def test_summary_gives_mean_and_sample_sd_per_approach() -> None:
     assert "| GRU | a | 0.6200 ± 0.0283 | 0.5000 ± 0.0000 |" in format_table([row])
 
 
+def test_the_multi_task_gain_is_paired_by_seed() -> None:
+    from models.multitask_bench import MULTI_TASK, SEPARATE, summarize
+
+    def run(approach: str, seed: int, ctcvr: float) -> dict[str, Any]:
+        return {"model": "FAT", "approach": approach, "seed": seed, "ctr_auc": 0.6,
+                "cvr_auc": 0.6, "ctcvr_auc": ctcvr, "ctcvr_logloss": 0.2, "train_seconds": 1.0}
+
+    # Seed 1 is better for both approaches; the paired gains are +0.01 and +0.03.
+    runs = [run(MULTI_TASK, 0, 0.66), run(SEPARATE, 0, 0.65),
+            run(MULTI_TASK, 1, 0.73), run(SEPARATE, 1, 0.70)]  # fmt: skip
+    multi, separate = summarize(runs)
+    assert multi["ctcvr_gain"] == pytest.approx(0.02)
+    assert multi["ctcvr_gain_sd"] == pytest.approx(math.sqrt(2 * 0.01**2))
+    assert "ctcvr_gain" not in separate
+
+
 def test_bench_multitask_compares_both_approaches_beside_the_oracle(tmp_path: Path) -> None:
     from models.evaluate import evaluate_run
     from models.simulate import SimulationConfig, simulate_world
