@@ -166,4 +166,5 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def _cell(row: dict[str, Any], key: str, spec: str) -> str:
     sd = row.get(f"{key}_sd")
-    return f"{row[key]:{spec}}" + (f" ± {sd:{spec}}" if sd is not None else "")
+    sd_spec = spec.lstrip("+")  # a spread has no sign
+    return f"{row[key]:{spec}}" + (f" ± {sd:{sd_spec}}" if sd is not None else "")
