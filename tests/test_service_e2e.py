@@ -86,15 +86,20 @@ def _score_body(user: str, cands: list[tuple[str, str]]) -> dict[str, Any]:
     return {"user_id": user, "candidates": [{"item_id": i, "category_id": c} for i, c in cands]}
 
 
+def _ingest(client: httpx.Client, user: str, history: list[tuple[str, str]]) -> httpx.Response:
+    """Posts the history as events (ts increasing, event ids unique per user)."""
+    events = [{"user_id": user, "item_id": i, "category_id": c, "ts": 100 + k,
+               "event_id": f"{user}-{k}"} for k, (i, c) in enumerate(history)]  # fmt: skip
+    return client.post("/v1/events", json={"events": events}, headers={"X-API-Key": INGEST})
+
+
 def test_ingest_then_score_over_http_matches_the_loader(
     server: Server, service_model_repo: Path
 ) -> None:
     history = [("i5", "c5"), ("i6", "c6"), ("i13", "c5")]
     cands = [("i1", "c1"), ("i2", "c2"), ("i77", "c5")]
-    events = [{"user_id": "e2e", "item_id": i, "category_id": c, "ts": 100 + k,
-               "event_id": f"ev{k}"} for k, (i, c) in enumerate(history)]  # fmt: skip
     with httpx.Client(base_url=server.url) as client:
-        posted = client.post("/v1/events", json={"events": events}, headers={"X-API-Key": INGEST})
+        posted = _ingest(client, "e2e", history)
         assert posted.status_code == 202
         assert posted.json() == {"accepted": 3, "duplicates": 0}
         answer = client.post("/v1/score", json=_score_body("e2e", cands),
@@ -115,11 +120,8 @@ def test_a_multi_task_model_answers_three_aligned_lists_over_http(
     on the wire, each equal to the loader's column; a single-task answer has no such keys."""
     history = [("i2", "c2"), ("i9", "c1"), ("i30", "c6")]
     cands = [("i3", "c3"), ("i40", "c0"), ("zzz", "c1")]
-    events = [{"user_id": "e2e-mt", "item_id": i, "category_id": c, "ts": 2000 + k,
-               "event_id": f"mt{k}"} for k, (i, c) in enumerate(history)]  # fmt: skip
     with httpx.Client(base_url=server.url) as client:
-        posted = client.post("/v1/events", json={"events": events}, headers={"X-API-Key": INGEST})
-        assert posted.status_code == 202
+        assert _ingest(client, "e2e-mt", history).status_code == 202
         answer = client.post("/v1/score", json=_score_body("e2e-mt", cands) | {"model": "gru-mt"})
         single = client.post("/v1/score", json=_score_body("e2e-mt", cands))
     assert answer.status_code == single.status_code == 200
