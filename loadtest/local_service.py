@@ -8,7 +8,6 @@ outside the test is touched. Its JSON log goes to a file next to the report.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from types import TracebackType
 import httpx
 
 from service.embedded_redis import free_port
+from service.processes import stop_process
 
 
 class ServiceError(RuntimeError):
@@ -92,13 +92,7 @@ class LocalService:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM (graceful drain), then SIGKILL if it does not exit in time."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s)
         self.process = None
 
     def __enter__(self) -> LocalService:

@@ -22,6 +22,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service.processes import stop_process
+
 
 def redis_server_binary() -> str:
     try:
@@ -98,13 +100,7 @@ class RedisServer:
         raise RuntimeError("redis-server did not start")
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s)
         self.process = None
 
     def close(self) -> None:

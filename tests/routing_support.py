@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.repository import MANIFEST, publish, write_manifest
 from service.embedded_redis import free_port
+from service.processes import stop_process
 
 TESTS = Path(__file__).resolve().parent
 ADMIN = "routing-admin"
@@ -133,13 +133,7 @@ class Server:
             return parse_metrics(client.get("/metrics").text)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, 20)
 
 
 def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

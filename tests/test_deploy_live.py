@@ -39,6 +39,7 @@ from deploy_support import (
 )
 
 from service.embedded_redis import RedisServer, free_port
+from service.processes import stop_process
 
 pytestmark = pytest.mark.slow
 
@@ -90,13 +91,7 @@ def live(service_model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         _wait_ready(live)
         yield live
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, 30)
         redis.close()
 
 

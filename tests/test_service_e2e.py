@@ -24,6 +24,7 @@ import pytest
 from exporters.loader import ScoringRequest, open_model
 from exporters.repository import latest_version, model_dir
 from service.embedded_redis import free_port
+from service.processes import stop_process
 
 pytestmark = pytest.mark.slow
 LAUNCH = ("import sys; sys.modules['torch'] = None; sys.argv = ['ctr', 'serve']; "
@@ -66,13 +67,7 @@ def _start(repo: Path, log: Path, **env: str) -> Server:
 
 
 def _stop(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-        try:
-            server.process.wait(20)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
-            server.process.wait()
+    stop_process(server.process, 20)
 
 
 @pytest.fixture(scope="module")
