@@ -32,6 +32,10 @@ BEHAVIOR_INPUTS = (
     "cand_cats",
     "cand_user_index",
 )
+# Output names: graph outputs, manifest "outputs", loader columns and /v1/score body keys.
+SCORES = "scores"  # pCTR, P(click | impression): every model's first output
+CONVERSION_SCORES = "conversion_scores"  # pCVR, P(conversion | click, impression)
+CTCVR_SCORES = "ctcvr_scores"  # pCTCVR = pCTR x pCVR, P(click and conversion | impression)
 
 
 @dataclass(frozen=True)

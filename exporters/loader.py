@@ -26,7 +26,14 @@ from typing import Any, Literal, cast
 import numpy as np
 import onnxruntime as ort
 
-from exporters.feeds import ScoringRequest, encode_behavior, slate_sizes
+from exporters.feeds import (
+    CONVERSION_SCORES,
+    CTCVR_SCORES,
+    SCORES,
+    ScoringRequest,
+    encode_behavior,
+    slate_sizes,
+)
 from exporters.repository import MODEL_FILE, ModelIntegrityError, read_manifest, verify_files
 from exporters.slate_feeds import SlateContract, encode_slates, flatten_slate_scores
 from models.features import FeatureSpec
@@ -40,10 +47,6 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-# Output names (manifest "outputs", graph outputs, /v1/score body keys).
-SCORES = "scores"  # pCTR, P(click | impression): every model's first output
-CONVERSION_SCORES = "conversion_scores"  # pCVR, P(conversion | click, impression)
-CTCVR_SCORES = "ctcvr_scores"  # pCTCVR = pCTR x pCVR, P(click and conversion | impression)
 # Recorded in every manifest by the exporter; see docs/export.md for why each value.
 DEFAULT_SESSION_OPTIONS: dict[str, Any] = {
     "graph_optimization_level": "ORT_ENABLE_ALL",

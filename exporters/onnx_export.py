@@ -35,7 +35,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from exporters.feeds import BEHAVIOR_INPUTS
+from exporters.feeds import BEHAVIOR_INPUTS, CONVERSION_SCORES, CTCVR_SCORES, SCORES
 from models.base import BehaviorModel
 from models.multitask import CTR, CVR
 
@@ -60,8 +60,8 @@ class GraphSpec:
 
 
 SCORE_OUTPUTS: dict[tuple[str, ...], tuple[str, ...]] = {
-    (CTR,): ("scores",),
-    (CTR, CVR): ("scores", "conversion_scores", "ctcvr_scores"),
+    (CTR,): (SCORES,),
+    (CTR, CVR): (SCORES, CONVERSION_SCORES, CTCVR_SCORES),
 }
 
 

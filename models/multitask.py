@@ -98,7 +98,7 @@ def task_metrics(
       `ctcvr_auc`/`ctcvr_logloss` of pCTR·pCVR over all rows and `selection` (see above).
     """
     clicked = click > 0.5
-    first = probs[:, 0] if probs.size else np.zeros(0)
+    first = probs[:, 0]
     if tasks[0] == CTR:
         metrics = {"auc": auc(click, first), "logloss": logloss(click, first), "n": int(click.size)}
     else:

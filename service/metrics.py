@@ -24,9 +24,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from exporters.feeds import SCORES  # torch- and onnxruntime-free
 from service.batcher import BatchObserver
-
-SCORES = "scores"  # = exporters.loader.SCORES, not imported: metrics need no onnxruntime
 
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.075,
