@@ -10,6 +10,7 @@ epochs of samples/s inside the training loop (batch preparation included, valida
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from collections.abc import Callable, Sequence
@@ -51,9 +52,18 @@ VARIANTS: tuple[Variant, ...] = (
 def split_validation(
     train_path: Path, out_dir: Path, fraction: float = 0.1, seed: int = 0
 ) -> tuple[Path, Path]:
-    """Splits a behaviour file by user into (train, valid) files under out_dir; reuses them."""
+    """Splits a behaviour file by user into (train, valid) files under out_dir.
+
+    A rerun reuses the split only when it was cut from the same bytes with the same fraction
+    and seed (recorded in out_dir/split.json); pointed at another world, it splits again
+    instead of silently training on the old one.
+    """
     train_out, valid_out = out_dir / "train.parquet", out_dir / "valid.parquet"
-    if train_out.exists() and valid_out.exists():
+    record_path = out_dir / "split.json"
+    digest = hashlib.sha256(train_path.read_bytes()).hexdigest()
+    record = {"source_sha256": digest, "fraction": fraction, "seed": seed}
+    made = train_out.exists() and valid_out.exists() and record_path.exists()
+    if made and json.loads(record_path.read_text()) == record:
         return train_out, valid_out
     frame = load_behavior(train_path)
     users = np.sort(frame["user_id"].unique())
@@ -62,6 +72,7 @@ def split_validation(
     is_valid = frame["user_id"].isin(held_out).to_numpy()
     write_table(frame[~is_valid].reset_index(drop=True), train_out)
     write_table(frame[is_valid].reset_index(drop=True), valid_out)
+    record_path.write_text(json.dumps(record) + "\n")
     return train_out, valid_out
 
 

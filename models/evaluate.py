@@ -2,8 +2,11 @@
 
 The metrics are those `ctr train` logs for validation (same batches, same code path), so
 evaluating on the validation file reproduces metrics.json's "valid" numbers. Behaviour models
-report {"model", "auc", "logloss", "n"}; slate click models add "f1" and "accuracy" (their
-task in `models.ncm.task` computes them).
+report {"model", "auc", "logloss", "n"}; a run with a conversion task (`ctr train --tasks`)
+adds "cvr_auc" and, multi-task, "ctcvr_auc"/"ctcvr_logloss", and needs the file's
+`conversion` column. Slate click models add "f1" and "accuracy" (their task in
+`models.ncm.task` computes them). A metric that is undefined on the file (an AUC over one
+class) is NaN here; the CLI prints it as null.
 """
 
 from __future__ import annotations
@@ -11,6 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from models.base import BehaviorModel
 from models.behavior_task import eval_batches, evaluate_behavior, load_arrays
 from models.checkpoint import load_run
 from models.registry import is_slate_model
@@ -27,10 +33,17 @@ def evaluate_run(run_dir: Path, data_path: Path, device: str = "auto") -> dict[s
         metrics = evaluate_slate_run(run, data_path)
     else:
         batch_size = int(run.config["train_config"].get("eval_batch_size", _EVAL_BATCH))
-        arrays = load_arrays(data_path, run.spec, run.vocabs)
+        # the run's own tasks: a conversion model needs the file's conversions, and a file
+        # without them is a DataError here rather than silently fewer metrics
+        arrays = load_arrays(data_path, run.spec, run.vocabs, _tasks(run.model))
         metrics = evaluate_behavior(run.model, eval_batches(arrays, batch_size))
         metrics.pop("selection", None)  # the early-stopping criterion, not a test metric
     return {"model": run.name, **metrics}
 
 
 _EVAL_BATCH = TrainConfig.eval_batch_size
+
+
+def _tasks(model: nn.Module) -> tuple[str, ...]:
+    assert isinstance(model, BehaviorModel), "slate models are evaluated by their own task"
+    return model.tasks

@@ -117,6 +117,15 @@ def _with_gains(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def check_models(models: Sequence[str]) -> None:
+    """ValueError unless every name is an architecture with a multi-task option."""
+    unknown = [model for model in models if model not in LABELS]
+    if unknown or not models:
+        choices = ", ".join(LABELS)
+        raise ValueError(f"no multi-task option for {', '.join(unknown) or 'no model'}; "
+                         f"choose from {choices}")  # fmt: skip
+
+
 def run_multitask_bench(
     world: Path,
     out: Path,
@@ -125,8 +134,11 @@ def run_multitask_bench(
     seeds: Sequence[int] = (0,),
 ) -> list[dict[str, Any]]:
     """Every architecture and seed on `world` (per-seed rows go to OUT/rows.jsonl as they
-    finish) -> the summary rows, then the oracle row."""
+    finish; the file is started afresh) -> the summary rows, then the oracle row. Runs already
+    in OUT/runs are trained again, not reused."""
+    check_models(models)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.jsonl").write_text("")  # this run's rows only
     files = split_validation(world / "behavior" / "train.parquet", out / "data")
     test = world / "behavior" / "test.parquet"
     if "conversion" not in load_behavior(test).columns:  # before hours of training, not after

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -51,7 +52,23 @@ def simulate(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
     oracle = simulate_world(config, out, progress=progress)
-    typer.echo(json.dumps(oracle))
+    _echo_json(oracle)
+
+
+def _echo_json(value: Any) -> None:
+    """One JSON line on stdout. An undefined metric (NaN: an AUC over one class) is printed as
+    null, because NaN is not JSON and strict parsers reject the whole line."""
+    typer.echo(json.dumps(_finite_or_null(value), allow_nan=False))
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 _MODEL_HELP = "sarn, fat, din, gru, wdl, ncm, ncm-lr, ncm-gru, ncm-adv, scot or ncm-tgru."
@@ -102,7 +119,7 @@ def train(
             message = "slate click models have no conversion task"
             raise typer.BadParameter(message, param_hint="--tasks")
         try:
-            validate_tasks([t.strip() for t in tasks.split(",")])
+            tasks = ",".join(validate_tasks([t.strip() for t in tasks.split(",")]))
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--tasks") from None
     assignments = [*(set_ or []), *([f"tasks={tasks}"] if tasks is not None else [])]
@@ -127,7 +144,7 @@ def train(
         )
     summary = {"model": model, "run": str(out), "best_epoch": metrics["best_epoch"]}
     summary.update({f"valid_{k}": v for k, v in metrics["valid"].items()})
-    typer.echo(json.dumps(summary))
+    _echo_json(summary)
 
 
 @app.command()
@@ -147,7 +164,7 @@ def evaluate(
         raise typer.BadParameter(str(exc), param_hint="--device") from None
     with _user_errors():
         metrics = evaluate_run(run, data, device)
-    typer.echo(json.dumps(metrics))
+    _echo_json(metrics)
 
 
 @contextlib.contextmanager
@@ -236,7 +253,7 @@ def export(
         except (FileExistsError, ValueError) as exc:  # bad name, taken version, bad data
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-    typer.echo(json.dumps(result.summary()))
+    _echo_json(result.summary())
 
 
 bench_app = typer.Typer(help="Benchmark tables (docs/*.md say which command made each).",
@@ -285,7 +302,7 @@ def bench_multitask(
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
 ) -> None:
     """CTCVR AUC of each multi-task model vs a CTR model × a CVR model, beside the oracle."""
-    from models.multitask_bench import format_table, run_multitask_bench
+    from models.multitask_bench import check_models, format_table, run_multitask_bench
     from models.train import TrainConfig, train_config_for
 
     def config_for(name: str) -> TrainConfig:
@@ -294,6 +311,10 @@ def bench_multitask(
         )
 
     chosen = [m.strip() for m in models.split(",") if m.strip()]
+    try:
+        check_models(chosen)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--models") from None
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:

@@ -216,19 +216,72 @@ def test_cli_trains_and_evaluates_a_multi_task_model(
     runner = CliRunner()
     common = ["train", "--model", "gru", "--train", str(files[0]), "--valid", str(files[1]),
               "--epochs", "1", "--max-len", "8", "--quiet", "--device", "cpu"]  # fmt: skip
-    result = runner.invoke(app, [*common, "--out", str(tmp_path / "run"), "--tasks", "ctr,cvr"])
+    # a space after the comma is what people type; it must mean the same tasks
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "run"), "--tasks", "ctr, cvr"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert {"valid_cvr_auc", "valid_ctcvr_auc"} <= set(summary)
     evaluated = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "run"),
                                     "--data", str(files[1]), "--device", "cpu"])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.output.strip().splitlines()[-1])
-    assert metrics["ctcvr_auc"] == pytest.approx(summary["valid_ctcvr_auc"])
+    # Independent of task_metrics: sklearn on the run's own probabilities and the file's labels.
+    probs = run_probs(tmp_path / "run", files[1])
+    truth = pd.read_parquet(files[1])
+    clicked = truth["label"].to_numpy() == 1
+    assert metrics["cvr_auc"] == pytest.approx(
+        roc_auc_score(truth["conversion"][clicked], probs[clicked, 1]))
+    assert metrics["ctcvr_auc"] == pytest.approx(
+        roc_auc_score(truth["conversion"], probs[:, 0] * probs[:, 1]))
+    assert "selection" not in metrics  # the early-stopping criterion is not a test metric
     bad = runner.invoke(app, [*common, "--out", str(tmp_path / "x"), "--tasks", "ctr,clicks"])
     assert bad.exit_code == 2 and "tasks must be one of" in bad.output
     wdl = runner.invoke(app, [*common[:2], "wdl", *common[3:], "--out", str(tmp_path / "w"),
                               "--tasks", "ctr,cvr"])  # fmt: skip
     assert wdl.exit_code == 2 and "no multi-task option" in wdl.output
+
+
+def run_probs(run_dir: Path, data: Path) -> np.ndarray:
+    """[n, T] probabilities of a run on every row of a file, straight from the model."""
+    from models.behavior_task import eval_batches, load_arrays, predict
+
+    run = load_run(run_dir, device="cpu")
+    return predict(run.model, eval_batches(load_arrays(data, run.spec, run.vocabs), 256)).probs
+
+
+@pytest.mark.parametrize("tasks", ["ctr,cvr", "cvr"])
+def test_evaluating_a_conversion_run_on_a_file_without_conversions_says_so(
+    files: tuple[Path, Path], tmp_path: Path, tasks: str
+) -> None:
+    runner = CliRunner()
+    trained = runner.invoke(app, [
+        "train", "--model", "gru", "--train", str(files[0]), "--valid", str(files[1]),
+        "--epochs", "1", "--max-len", "8", "--quiet", "--device", "cpu", "--tasks", tasks,
+        "--out", str(tmp_path / "run")])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    write_table(pd.read_parquet(files[1]).drop(columns="conversion"), tmp_path / "clicks.parquet")
+    result = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "run"),
+                                 "--data", str(tmp_path / "clicks.parquet")])  # fmt: skip
+    assert result.exit_code == 2
+    assert "conversion" in result.output and "Traceback" not in result.output
+
+
+def test_an_undefined_metric_is_printed_as_json_null(
+    files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    assert train(files, tmp_path / "run", MULTI)["best_epoch"] >= 1
+    frame = pd.read_parquet(files[1]).assign(conversion=0)  # no clicked row converts
+    write_table(frame, tmp_path / "none.parquet")
+    result = CliRunner().invoke(app, ["evaluate", "--run", str(tmp_path / "run"),
+                                      "--data", str(tmp_path / "none.parquet")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    metrics = json.loads(result.output.strip().splitlines()[-1], parse_constant=refuse)
+    assert metrics["cvr_auc"] is None and metrics["ctcvr_auc"] is None
+    assert 0.5 < metrics["auc"] <= 1.0  # the click metrics are still there
 
 
 # --- export ------------------------------------------------------------------------------------
@@ -305,11 +358,12 @@ def test_the_multi_task_gain_is_paired_by_seed() -> None:
 
 
 def test_bench_multitask_compares_both_approaches_beside_the_oracle(tmp_path: Path) -> None:
-    from models.evaluate import evaluate_run
     from models.simulate import SimulationConfig, simulate_world
 
     world = SimulationConfig(n_users=60, n_items=80, n_categories=8, events_per_user=12, seed=0)
     simulate_world(world, tmp_path / "world", progress=False)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "rows.jsonl").write_text('{"stale": "row of an earlier run"}\n')
     result = CliRunner().invoke(app, [
         "bench", "multitask", "--world", str(tmp_path / "world"), "--out", str(tmp_path / "b"),
         "--models", "gru", "--epochs", "1", "--max-len", "10", "--device", "cpu"])  # fmt: skip
@@ -319,11 +373,45 @@ def test_bench_multitask_compares_both_approaches_beside_the_oracle(tmp_path: Pa
         "multi-task (ESMM loss)", "CTR model × CVR model (clicked rows)", "true probabilities"]
     oracle = json.loads((tmp_path / "world" / "oracle.json").read_text())["behavior"]
     assert f"| {oracle['ctcvr_auc']:.4f} |" in table[-1]
-    # The two-model row's CVR AUC is the CVR run's own AUC on the clicked test rows.
-    runs = [json.loads(line) for line in (tmp_path / "b" / "rows.jsonl").read_text().splitlines()]
-    cvr_run = evaluate_run(tmp_path / "b" / "runs" / "gru-cvr-seed0",
-                           tmp_path / "world" / "behavior" / "test.parquet", "cpu")  # fmt: skip
-    assert runs[1]["cvr_auc"] == pytest.approx(cvr_run["auc"])
+    multi, separate = (json.loads(line)
+                       for line in (tmp_path / "b" / "rows.jsonl").read_text().splitlines())
+    # Independently of the bench's arithmetic: sklearn on the test file's labels and on the
+    # products of each run's own probabilities (the two-model row multiplies two runs).
+    test = tmp_path / "world" / "behavior" / "test.parquet"
+    truth = pd.read_parquet(test)
+    ctcvr = truth["label"] * truth["conversion"]
+    runs = tmp_path / "b" / "runs"
+    joint = run_probs(runs / "gru-ctr-cvr-seed0", test)
+    click, conversion = (run_probs(runs / f"gru-{t}-seed0", test)[:, 0] for t in ("ctr", "cvr"))
+    assert multi["ctcvr_auc"] == pytest.approx(roc_auc_score(ctcvr, joint[:, 0] * joint[:, 1]))
+    assert separate["ctcvr_auc"] == pytest.approx(roc_auc_score(ctcvr, click * conversion))
+    assert separate["ctr_auc"] == pytest.approx(roc_auc_score(truth["label"], click))
+    clicked = truth["label"].to_numpy() == 1
+    assert separate["cvr_auc"] == pytest.approx(
+        roc_auc_score(truth["conversion"][clicked], conversion[clicked]))
+
+
+def test_bench_multitask_refuses_architectures_without_a_conversion_tower(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, [
+        "bench", "multitask", "--world", str(tmp_path), "--out", str(tmp_path / "b"),
+        "--models", "gru,wdl"])  # fmt: skip
+    assert result.exit_code == 2 and "no multi-task option for wdl" in result.output
+    assert not (tmp_path / "b").exists()  # refused before anything is written
+
+
+def test_a_validation_split_is_reused_only_for_the_same_source(tmp_path: Path) -> None:
+    from models.benchmark import split_validation
+
+    write_table(conversion_frame(200, seed=5), tmp_path / "a.parquet")
+    write_table(conversion_frame(200, seed=6), tmp_path / "b.parquet")
+    first = split_validation(tmp_path / "a.parquet", tmp_path / "split")
+    stamp = first[0].stat().st_mtime_ns
+    assert split_validation(tmp_path / "a.parquet", tmp_path / "split") == first
+    assert first[0].stat().st_mtime_ns == stamp  # same source: the split is reused
+    split_validation(tmp_path / "b.parquet", tmp_path / "split")
+    rows = pd.concat([pd.read_parquet(path) for path in first])
+    source = pd.read_parquet(tmp_path / "b.parquet")
+    assert sorted(rows["item_id"]) == sorted(source["item_id"])  # cut again, from b
 
 
 def test_a_conversion_without_a_click_is_refused_as_bad_data(tmp_path: Path) -> None:
