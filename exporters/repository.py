@@ -15,6 +15,7 @@ Integrity: the manifest records the sha256 and byte size of every file in the di
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -196,12 +197,12 @@ def publish(
     """
     validate_name(name)
     name_dir = Path(repo) / name
-    name_dir.mkdir(parents=True, exist_ok=True)
     chosen = next_version(repo, name) if version is None else validate_version(version)
     if (name_dir / str(chosen)).exists():
         raise FileExistsError(f"{name_dir / str(chosen)} already exists; versions are immutable")
     tmp = name_dir / f"{_TMP_PREFIX}{chosen}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    new_name = not name_dir.exists()
+    tmp.mkdir(parents=True)
     try:
         write(tmp, chosen)
         if not (tmp / MANIFEST).is_file():
@@ -211,6 +212,9 @@ def publish(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if new_name:  # a refused first export leaves no empty model directory behind
+            with contextlib.suppress(OSError):  # not empty: it was published (or is, by a peer)
+                name_dir.rmdir()
 
 
 def _rename_into_place(tmp: Path, name_dir: Path, version: int, retry: bool) -> tuple[Path, int]:

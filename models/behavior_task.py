@@ -154,6 +154,26 @@ def task_rows(frame: pd.DataFrame, tasks: Sequence[str], path: Path) -> pd.DataF
     return clicked
 
 
+def check_selectable(valid: BehaviorArrays, tasks: Sequence[str], path: Path) -> None:
+    """Early stopping ranks epochs by validation AUC: a target with one class would leave it
+    undefined in every epoch and the first epoch kept blindly, so such a file is refused."""
+    for column, values in _selection_targets(valid, tasks).items():
+        if np.unique(values).size < 2:
+            only = f"every row has {int(values[0])}" if values.size else "it has no rows"
+            message = f"validation needs both classes (early stopping ranks epochs by AUC); {only}"
+            raise DataError(path, message, column=column)
+
+
+def _selection_targets(valid: BehaviorArrays, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """The label each AUC behind `task_metrics`' selection is computed against, by column."""
+    if not needs_conversions(tasks):
+        return {"label": valid.label}
+    assert valid.conversion is not None  # task_rows refused a file without the column
+    if tuple(tasks) == (CVR,):
+        return {"conversion": valid.conversion}  # over the clicked rows only
+    return {"label": valid.label, "conversion": valid.label * valid.conversion}
+
+
 def build_behavior_task(
     train_path: Path,
     valid_path: Path,
@@ -172,9 +192,11 @@ def build_behavior_task(
     vocabs = fit_vocabularies(train_frame, fields)
     spec = FeatureSpec(max_len=config.max_len, context_fields=fields)
     train = encode_behavior(train_frame, vocabs, config.max_len, fields)
+    valid = load_arrays(valid_path, spec, vocabs, tasks)
+    check_selectable(valid, tasks, valid_path)
     task = BehaviorTask(
         train=train,
-        valid=load_arrays(valid_path, spec, vocabs, tasks),
+        valid=valid,
         batch_size=config.batch_size,
         eval_batch_size=config.eval_batch_size,
         seed=config.seed,

@@ -46,7 +46,7 @@ def validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     chosen = tuple(tasks)
     if chosen not in TASK_CHOICES:
         accepted = ", ".join(",".join(choice) for choice in TASK_CHOICES)
-        raise ValueError(f"tasks must be one of {accepted}; got {','.join(chosen) or 'none'}")
+        raise ValueError(f"tasks must be one of {accepted}; got {','.join(chosen) or 'nothing'}")
     return chosen
 
 

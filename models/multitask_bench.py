@@ -30,6 +30,7 @@ from models.behavior_task import Predictions, eval_batches, load_arrays, predict
 from models.benchmark import split_validation
 from models.checkpoint import load_run
 from models.multitask import CTR, CVR, task_metrics
+from models.registry import multitask_models
 from models.schema import DataError, load_behavior
 from models.train import TrainConfig, train_run
 
@@ -119,9 +120,9 @@ def _with_gains(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def check_models(models: Sequence[str]) -> None:
     """ValueError unless every name is an architecture with a multi-task option."""
-    unknown = [model for model in models if model not in LABELS]
+    unknown = [model for model in models if model not in multitask_models()]
     if unknown or not models:
-        choices = ", ".join(LABELS)
+        choices = ", ".join(multitask_models())
         raise ValueError(f"no multi-task option for {', '.join(unknown) or 'no model'}; "
                          f"choose from {choices}")  # fmt: skip
 

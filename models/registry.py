@@ -39,3 +39,8 @@ def model_class(name: str) -> type[Any]:
     module_name, class_name = target.split(":")
     cls: type[Any] = getattr(importlib.import_module(module_name), class_name)
     return cls
+
+
+def multitask_models() -> list[str]:
+    """Behaviour models with a conversion tower (`ctr train --tasks ctr,cvr`)."""
+    return [name for name in BEHAVIOR_MODELS if model_class(name).supports_multitask]

@@ -158,7 +158,7 @@ class Reloader:
             except RoutingError as exc:
                 counter.labels("invalid").inc()
                 log.error("routing file refused: %s", exc, extra={"details": exc.details})
-                raise ReloadFailed(422, "invalid_routing", str(exc), exc.details) from None
+                raise ReloadFailed(422, "invalid_routing", exc.message, exc.details) from None
             self._routing_seen = routing.sha256
             if routing.sha256 == self.routing.sha256:
                 counter.labels("unchanged").inc()

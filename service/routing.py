@@ -76,7 +76,16 @@ class RoutingError(ValueError):
 
     def __init__(self, message: str, details: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
+        self.message = message
         self.details = details or []
+
+    def __str__(self) -> str:
+        """The message and every location, on one line: a refused start-up's log says why."""
+        where = "; ".join(
+            f"{'.'.join(map(str, detail['loc'])) or 'file'}: {detail['msg']}"
+            for detail in self.details
+        )
+        return f"{self.message} ({where})" if where else self.message
 
 
 class _Strict(BaseModel):

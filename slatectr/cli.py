@@ -93,8 +93,9 @@ def train(
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
     tasks: Annotated[str | None, typer.Option(
-        help="Behaviour models: ctr (default), ctr,cvr (multi-task pCTR/pCVR/pCTCVR, needs a "
-        "conversion column) or cvr (conversion model on clicked rows only).")] = None,
+        help="Behaviour models: ctr (default), ctr,cvr (multi-task pCTR/pCVR/pCTCVR for sarn, "
+        "fat, gru and din; needs a conversion column) or cvr (conversion model on clicked rows "
+        "only).")] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -111,25 +112,20 @@ def train(
         raise typer.BadParameter(f"choose one of: {known}", param_hint="--model")
     from models.multitask import validate_tasks
     from models.overrides import parse_assignments
-    from models.registry import is_slate_model, model_class
+    from models.registry import model_class, multitask_models
     from models.train import resolve_device, train_config_for, train_run
 
     if tasks is not None:
-        if is_slate_model(model):
-            message = "slate click models have no conversion task"
-            raise typer.BadParameter(message, param_hint="--tasks")
-        try:
-            tasks = ",".join(validate_tasks([t.strip() for t in tasks.split(",")]))
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--tasks") from None
+        tasks = _checked_tasks(model, tasks, set_ or [])
     assignments = [*(set_ or []), *([f"tasks={tasks}"] if tasks is not None else [])]
     try:
         overrides = parse_assignments(model_class(model).config_class(), assignments)
         chosen = validate_tasks(overrides.get("tasks", ("ctr",)))
-        if len(chosen) > 1 and not getattr(model_class(model), "supports_multitask", False):
-            raise ValueError(f"{model} has no multi-task option (sarn, fat, gru and din have)")
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--set") from None
+    if len(chosen) > 1 and model not in multitask_models():
+        message = f"{model} has no multi-task option ({', '.join(multitask_models())} have)"
+        raise typer.BadParameter(message, param_hint="--tasks" if tasks else "--set")
     config = train_config_for(
         model, epochs=epochs, batch_size=batch_size, max_len=max_len, seed=seed, device=device,
         lr=lr, patience=patience,
@@ -145,6 +141,22 @@ def train(
     summary = {"model": model, "run": str(out), "best_epoch": metrics["best_epoch"]}
     summary.update({f"valid_{k}": v for k, v in metrics["valid"].items()})
     _echo_json(summary)
+
+
+def _checked_tasks(model: str, tasks: str, assignments: list[str]) -> str:
+    """--tasks as the canonical "ctr,cvr" text (spaces allowed); BadParameter says why not."""
+    from models.multitask import validate_tasks
+    from models.registry import is_slate_model
+
+    if is_slate_model(model):
+        raise typer.BadParameter("slate click models have no conversion task", param_hint="--tasks")
+    if any(a.split("=", 1)[0].strip() == "tasks" for a in assignments):
+        message = "give the tasks once, with --tasks or with --set tasks=..., not both"
+        raise typer.BadParameter(message, param_hint="--tasks")
+    try:
+        return ",".join(validate_tasks([t.strip() for t in tasks.split(",") if t.strip()]))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tasks") from None
 
 
 @app.command()

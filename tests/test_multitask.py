@@ -210,6 +210,22 @@ def test_conversion_tasks_need_a_conversion_column(tmp_path: Path) -> None:
                             TrainConfig(max_len=8), False, MULTI)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("tasks", "change", "column"),
+    [(MULTI, {"conversion": 0}, "conversion"), (("cvr",), {"conversion": 0}, "conversion"),
+     (("ctr",), {"label": 0, "conversion": 0}, "label")],
+)  # fmt: skip
+def test_a_validation_file_that_cannot_rank_epochs_is_refused(
+    files: tuple[Path, Path], tmp_path: Path, tasks: tuple[str, ...], change: dict[str, int],
+    column: str,
+) -> None:  # fmt: skip
+    write_table(pd.read_parquet(files[1]).assign(**change), tmp_path / "one-class.parquet")
+    with pytest.raises(DataError, match="both classes") as caught:
+        build_behavior_task(files[0], tmp_path / "one-class.parquet", TrainConfig(max_len=8),
+                            False, tasks)  # fmt: skip
+    assert f"column '{column}'" in str(caught.value)
+
+
 def test_cli_trains_and_evaluates_a_multi_task_model(
     files: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -81,7 +81,11 @@ def test_a_failed_writer_publishes_nothing_and_leaves_no_temporary_directory(
     with pytest.raises(RuntimeError, match="parity failed"):
         publish(tmp_path, "m", None, failing)
     assert list_models(tmp_path) == {}
-    assert list((tmp_path / "m").iterdir()) == []
+    assert not (tmp_path / "m").exists()  # a refused first export leaves no empty model dir
+    publish(tmp_path, "m", 1, _writer())
+    with pytest.raises(RuntimeError, match="parity failed"):
+        publish(tmp_path, "m", None, failing)
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["1"]  # the served one stays
 
 
 def test_incomplete_and_temporary_directories_are_invisible(tmp_path: Path) -> None:

@@ -146,7 +146,8 @@ experiments:
 def test_invalid_routing_files_are_refused_with_locations(text: str, fragment: str) -> None:
     with pytest.raises(RoutingError) as caught:
         parse_routing(text, ".yaml")
-    assert fragment in str(caught.value) + json.dumps(caught.value.details)
+    # the message alone says where and why: it is all a refused start-up's log shows
+    assert fragment in str(caught.value)
 
 
 def test_routing_file_suffix_and_json(tmp_path: Path) -> None:
@@ -185,7 +186,7 @@ def test_an_invalid_routing_file_stops_the_start(tmp_path: Path) -> None:
         async with running(app):
             pass
 
-    with pytest.raises(RoutingError):
+    with pytest.raises(RoutingError, match=r"experiments\.0\.variants: Field required"):
         asyncio.run(scenario())
 
 
