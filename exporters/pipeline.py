@@ -29,7 +29,15 @@ from exporters.feeds import BEHAVIOR_INPUTS, ScoringRequest, encode_behavior
 from exporters.loader import DEFAULT_SESSION_OPTIONS, open_model, session_options
 from exporters.onnx_export import Exporter, describe_graph, export_behavior
 from exporters.parity import FP32_TOLERANCE, Encoder, Flatten, ParityReport, check_parity
-from exporters.repository import MODEL_FILE, publish, sha256_file, write_manifest
+from exporters.repository import (
+    MODEL_FILE,
+    latest_version,
+    model_dir,
+    publish,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from exporters.slate_export import export_slate
 from exporters.slate_feeds import SLATE_INPUTS, SlateContract, encode_slates, flatten_slate_scores
 from models.base import BehaviorModel
@@ -61,6 +69,7 @@ class ExportResult:
     version: int
     parity: ParityReport
     fp16: dict[str, Any] | None
+    warnings: list[str]  # for stderr: what changes for clients once this version is served
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -140,10 +149,33 @@ def export_run(run_dir: Path, repo: Path, options: ExportOptions | None = None) 
     if plan.labelled is not None:
         cases.update(case_lib.real_cases(plan.labelled[0]))
     job = _Job(Path(run_dir), run, options, plan, cases)
-    directory, version = publish(repo, options.name or run.name, options.version, job.write)
+    name = options.name or run.name
+    before = _served_tasks(repo, name)
+    directory, version = publish(repo, name, options.version, job.write)
     _smoke_test(directory, cases)
     assert job.parity is not None
-    return ExportResult(directory, options.name or run.name, version, job.parity, job.fp16)
+    return ExportResult(directory, name, version, job.parity, job.fp16,
+                        _task_change(name, before, (version, read_manifest(directory)["tasks"])))
+
+
+def _task_change(name: str, before: tuple[int, list[str]] | None,
+                 after: tuple[int, list[str]]) -> list[str]:  # fmt: skip
+    """A warning when a new version changes which outputs the name's answers carry."""
+    if before is None or before[1] == after[1]:
+        return []
+    change = "gain" if len(after[1]) > len(before[1]) else "lose"
+    return [f"{name} version {after[0]} has tasks {','.join(after[1])} where version "
+            f"{before[0]} has {','.join(before[1])}: once it is served, /v1/score answers for "
+            f"{name} {change} conversion_scores and ctcvr_scores"]  # fmt: skip
+
+
+def _served_tasks(repo: Path, name: str) -> tuple[int, list[str]] | None:
+    """(version, tasks) of the highest complete version of `name`, None when there is none."""
+    try:
+        version = latest_version(repo, name)
+    except LookupError:
+        return None
+    return version, read_manifest(model_dir(repo, name, version)).get("tasks", ["ctr"])
 
 
 @dataclass

@@ -166,7 +166,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
 ) -> None:
     """Score a trained run on a file; prints ONE JSON line {"model","auc","logloss","n"}
-    (multi-task runs add "cvr_auc", "ctcvr_auc", "ctcvr_logloss")."""
+    (multi-task runs add "cvr_auc", "ctcvr_auc", "ctcvr_logloss"; a --tasks cvr run reports
+    auc/logloss/n over the clicked rows; an undefined metric is null)."""
     from models.evaluate import evaluate_run
     from models.train import resolve_device
 
@@ -265,6 +266,8 @@ def export(
         except (FileExistsError, ValueError) as exc:  # bad name, taken version, bad data
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
     _echo_json(result.summary())
 
 

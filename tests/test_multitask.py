@@ -337,12 +337,28 @@ def test_multi_task_export_serves_three_outputs_within_tolerance(
     assert pairwise_scores(model, feeds).shape == (3, 3)
 
 
+def test_exporting_other_tasks_under_a_served_name_warns_what_clients_will_see(
+    tmp_path: Path,
+) -> None:
+    behaviour, _ = write_data(tmp_path / "data")
+    repo, options = tmp_path / "repo", ExportOptions(name="ranker", data=behaviour)
+    single = make_run(tmp_path / "single", "gru", behaviour)
+    multi = make_run(tmp_path / "multi", "gru", behaviour, tasks=MULTI)
+    assert export_run(single, repo, options).warnings == []  # a new name: nothing changes
+    (warning,) = export_run(multi, repo, options).warnings
+    assert "version 2 has tasks ctr,cvr where version 1 has ctr" in warning
+    assert "gain conversion_scores" in warning
+    assert export_run(multi, repo, options).warnings == []  # same tasks as version 2
+    (warning,) = export_run(single, repo, options).warnings
+    assert "lose conversion_scores" in warning
+
+
 def test_a_conversion_only_model_is_not_exported(tmp_path: Path) -> None:
     behaviour, _ = write_data(tmp_path / "data")
     run = make_run(tmp_path / "run", "gru", behaviour, tasks=("cvr",))
     with pytest.raises(ValueError, match="conversion-only model is a baseline"):
         export_run(run, tmp_path / "repo", ExportOptions(data=behaviour))
-    assert not (tmp_path / "repo" / "gru" / "1").exists()
+    assert not (tmp_path / "repo" / "gru").exists()  # refused before anything is left behind
 
 
 # --- the benchmark -----------------------------------------------------------------------------
