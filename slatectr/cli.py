@@ -205,22 +205,31 @@ def serve(
         str | None, typer.Option(help="Comma-separated name[:version] to load [CTR_MODELS].")
     ] = None,
     default_model: Annotated[str | None, typer.Option(help="[CTR_DEFAULT_MODEL]")] = None,
+    routing_file: Annotated[
+        Path | None, typer.Option(help="A/B and shadow experiments (YAML/JSON) [CTR_ROUTING_FILE].")
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="[CTR_LOG_LEVEL]")] = None,
 ) -> None:
     """Run the scoring service (uvicorn). Every setting is also a CTR_* environment variable."""
     from pydantic import ValidationError
 
+    from service.routing import RoutingError, read_routing
     from service.server import serve as run_server
     from service.settings import Settings
 
     given: dict[str, Any] = {
         "repo": repo, "redis_url": redis_url, "host": host, "port": port, "models": models,
-        "default_model": default_model, "log_level": log_level,
+        "default_model": default_model, "routing_file": routing_file, "log_level": log_level,
     }  # fmt: skip
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         typer.echo(f"error: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:  # checked again at start-up; here a bad file is one line, not a lifespan traceback
+        read_routing(settings.routing_file)
+    except RoutingError as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     run_server(settings)
 

@@ -63,3 +63,13 @@ def test_help_lists_train_and_evaluate_and_bad_runs_fail_cleanly(tmp_path: Path)
     assert "model.safetensors is missing" in failed.stderr
     assert "Traceback" not in failed.stderr
     assert failed.stdout == ""
+
+
+def test_serve_refuses_a_bad_routing_file_in_one_line_before_starting(tmp_path: Path) -> None:
+    routing = tmp_path / "routing.yaml"
+    routing.write_text("experiments: [{name: a, variants: [{name: x, model: m, weight: 1}]},"
+                       " {name: b, variants: [{name: x, model: m, weight: 1}]}]")  # fmt: skip
+    failed = ctr("serve", "--repo", tmp_path, "--routing-file", routing, "--port", "1", check=False)
+    assert failed.returncode == 2
+    assert failed.stderr.startswith("error: the routing file is invalid (")
+    assert "variant names must be unique" in failed.stderr and "Traceback" not in failed.stderr
