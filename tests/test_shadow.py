@@ -345,3 +345,11 @@ def test_multi_task_shadows_compare_every_output_both_sides_have(
             assert f"primary_{name}" not in record and f"shadow_{name}" not in record
         assert sample(metrics, "ctr_shadow_duration_seconds_count", **labels) == 1
 
+
+
+def test_a_single_task_primary_is_compared_with_a_multi_task_shadow_on_scores_alone() -> None:
+    from service.shadow import shared_outputs
+
+    assert shared_outputs(("scores",), OUTPUTS) == ("scores",)
+    assert shared_outputs(OUTPUTS, ("scores",)) == ("scores",)
+    assert shared_outputs(OUTPUTS, OUTPUTS[::-1]) == OUTPUTS  # in the primary's order
