@@ -31,6 +31,7 @@ from exporters.onnx_export import Exporter, describe_graph, export_behavior
 from exporters.parity import FP32_TOLERANCE, Encoder, Flatten, ParityReport, check_parity
 from exporters.repository import (
     MODEL_FILE,
+    ModelIntegrityError,
     latest_version,
     model_dir,
     publish,
@@ -150,32 +151,40 @@ def export_run(run_dir: Path, repo: Path, options: ExportOptions | None = None) 
         cases.update(case_lib.real_cases(plan.labelled[0]))
     job = _Job(Path(run_dir), run, options, plan, cases)
     name = options.name or run.name
-    before = _served_tasks(repo, name)
+    before = _latest_outputs(repo, name)
     directory, version = publish(repo, name, options.version, job.write)
     _smoke_test(directory, cases)
     assert job.parity is not None
+    after = _output_names(read_manifest(directory))
     return ExportResult(directory, name, version, job.parity, job.fp16,
-                        _task_change(name, before, (version, read_manifest(directory)["tasks"])))
+                        _output_change(name, before, (version, after)))  # fmt: skip
 
 
-def _task_change(name: str, before: tuple[int, list[str]] | None,
-                 after: tuple[int, list[str]]) -> list[str]:  # fmt: skip
-    """A warning when a new version changes which outputs the name's answers carry."""
-    if before is None or before[1] == after[1]:
-        return []
-    change = "gain" if len(after[1]) > len(before[1]) else "lose"
-    return [f"{name} version {after[0]} has tasks {','.join(after[1])} where version "
-            f"{before[0]} has {','.join(before[1])}: once it is served, /v1/score answers for "
-            f"{name} {change} conversion_scores and ctcvr_scores"]  # fmt: skip
-
-
-def _served_tasks(repo: Path, name: str) -> tuple[int, list[str]] | None:
-    """(version, tasks) of the highest complete version of `name`, None when there is none."""
+def _latest_outputs(repo: Path, name: str) -> tuple[int, list[str]] | None:
+    """(version, output names) of the name's highest version; None when there is none or it
+    cannot be read (a warning must never stop the export that would replace it)."""
     try:
         version = latest_version(repo, name)
-    except LookupError:
+        return version, _output_names(read_manifest(model_dir(repo, name, version)))
+    except (LookupError, ModelIntegrityError, OSError, ValueError):
         return None
-    return version, read_manifest(model_dir(repo, name, version)).get("tasks", ["ctr"])
+
+
+def _output_names(manifest: dict[str, Any]) -> list[str]:
+    return [output["name"] for output in manifest.get("outputs", [])]
+
+
+def _output_change(name: str, before: tuple[int, list[str]] | None,
+                   after: tuple[int, list[str]]) -> list[str]:  # fmt: skip
+    """A warning when the new version changes the fields of the name's /v1/score answers."""
+    if before is None or set(before[1]) == set(after[1]):
+        return []
+    changes = [f"{verb} {', '.join(names)}" for verb, names in (
+        ("gain", [n for n in after[1] if n not in before[1]]),
+        ("lose", [n for n in before[1] if n not in after[1]])) if names]  # fmt: skip
+    return [f"{name} version {after[0]} outputs {', '.join(after[1])} where version {before[0]} "
+            f"outputs {', '.join(before[1])}: once it is served, /v1/score answers for {name} "
+            f"{' and '.join(changes)}"]  # fmt: skip
 
 
 @dataclass

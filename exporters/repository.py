@@ -15,7 +15,6 @@ Integrity: the manifest records the sha256 and byte size of every file in the di
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -200,21 +199,20 @@ def publish(
     chosen = next_version(repo, name) if version is None else validate_version(version)
     if (name_dir / str(chosen)).exists():
         raise FileExistsError(f"{name_dir / str(chosen)} already exists; versions are immutable")
-    tmp = name_dir / f"{_TMP_PREFIX}{chosen}-{uuid.uuid4().hex[:8]}"
-    new_name = not name_dir.exists()
+    # Staged beside the model directories (a dot name is never a model), so that a refused
+    # export creates no model directory, and one is never removed under a concurrent reader.
+    tmp = Path(repo) / f"{_TMP_PREFIX}{name}-{chosen}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
         write(tmp, chosen)
         if not (tmp / MANIFEST).is_file():
             raise RuntimeError("the writer did not produce a manifest")
         _fsync_tree(tmp)
+        name_dir.mkdir(exist_ok=True)
         return _rename_into_place(tmp, name_dir, chosen, retry=version is None)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-        if new_name:  # a refused first export leaves no empty model directory behind
-            with contextlib.suppress(OSError):  # not empty: it was published (or is, by a peer)
-                name_dir.rmdir()
 
 
 def _rename_into_place(tmp: Path, name_dir: Path, version: int, retry: bool) -> tuple[Path, int]:

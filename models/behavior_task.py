@@ -29,7 +29,13 @@ from models.dataset import (
     iterate_batches,
 )
 from models.features import FeatureSpec, Vocabulary, vocab_sizes
-from models.multitask import CVR, needs_conversions, task_losses, task_metrics
+from models.multitask import (
+    CVR,
+    needs_conversions,
+    selection_labels,
+    task_losses,
+    task_metrics,
+)
 from models.schema import DataError, load_behavior
 from models.train import TrainConfig
 
@@ -157,21 +163,11 @@ def task_rows(frame: pd.DataFrame, tasks: Sequence[str], path: Path) -> pd.DataF
 def check_selectable(valid: BehaviorArrays, tasks: Sequence[str], path: Path) -> None:
     """Early stopping ranks epochs by validation AUC: a target with one class would leave it
     undefined in every epoch and the first epoch kept blindly, so such a file is refused."""
-    for column, values in _selection_targets(valid, tasks).items():
-        if np.unique(values).size < 2:
-            only = f"every row has {int(values[0])}" if values.size else "it has no rows"
-            message = f"validation needs both classes (early stopping ranks epochs by AUC); {only}"
+    for column, labels in selection_labels(valid.label, valid.conversion, tasks).items():
+        if np.unique(labels).size < 2:
+            message = ("validation needs both classes (early stopping ranks epochs by AUC); "
+                       f"every row has {int(labels[0])}")  # fmt: skip
             raise DataError(path, message, column=column)
-
-
-def _selection_targets(valid: BehaviorArrays, tasks: Sequence[str]) -> dict[str, np.ndarray]:
-    """The label each AUC behind `task_metrics`' selection is computed against, by column."""
-    if not needs_conversions(tasks):
-        return {"label": valid.label}
-    assert valid.conversion is not None  # task_rows refused a file without the column
-    if tuple(tasks) == (CVR,):
-        return {"conversion": valid.conversion}  # over the clicked rows only
-    return {"label": valid.label, "conversion": valid.label * valid.conversion}
 
 
 def build_behavior_task(

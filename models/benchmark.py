@@ -60,12 +60,14 @@ def split_validation(
     """
     train_out, valid_out = out_dir / "train.parquet", out_dir / "valid.parquet"
     record_path = out_dir / "split.json"
-    digest = hashlib.sha256(train_path.read_bytes()).hexdigest()
+    frame = load_behavior(train_path)  # a missing or bad file is a DataError, before anything
+    with train_path.open("rb") as source:
+        digest = hashlib.file_digest(source, "sha256").hexdigest()
     record = {"source_sha256": digest, "fraction": fraction, "seed": seed}
     made = train_out.exists() and valid_out.exists() and record_path.exists()
     if made and json.loads(record_path.read_text()) == record:
         return train_out, valid_out
-    frame = load_behavior(train_path)
+    record_path.unlink(missing_ok=True)  # an interrupted split must not look complete later
     users = np.sort(frame["user_id"].unique())
     rng = np.random.default_rng(seed)
     held_out = set(rng.permutation(users)[: max(1, int(len(users) * fraction))].tolist())
@@ -74,6 +76,20 @@ def split_validation(
     write_table(frame[is_valid].reset_index(drop=True), valid_out)
     record_path.write_text(json.dumps(record) + "\n")
     return train_out, valid_out
+
+
+class RowLog:
+    """OUT/rows.jsonl: a benchmark's finished rows, one JSON line each, written as they
+    finish so that an interrupted run keeps them. Opened once the benchmark's inputs have
+    been checked, it starts empty: the file holds this run's rows only."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "rows.jsonl"
+        self.path.write_text("")
+
+    def append(self, rows: Sequence[dict[str, Any]]) -> None:
+        with self.path.open("a") as log:
+            log.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def run_variant(
@@ -104,17 +120,16 @@ def run_model_bench(
     """Every variant on `world` (written by `ctr simulate`), plus the oracle row.
 
     `config_for(model_name)` gives each model its training config (SARN's default learning
-    rate differs). Rows are also appended to OUT/rows.jsonl as they finish, so a long run
-    loses nothing if it is interrupted."""
+    rate differs). Rows also go to OUT/rows.jsonl as they finish (see `RowLog`)."""
     out.mkdir(parents=True, exist_ok=True)
     train, valid = split_validation(world / "behavior" / "train.parquet", out / "data")
     test = world / "behavior" / "test.parquet"
+    log = RowLog(out)
     rows = []
     for variant in variants:
         row = run_variant(variant, train, valid, test, out, config_for(variant.model))
         rows.append(row)
-        with (out / "rows.jsonl").open("a") as log:
-            log.write(json.dumps(row) + "\n")
+        log.append([row])
     oracle = json.loads((world / "oracle.json").read_text())["behavior"]
     rows.append({"model": "oracle (true probabilities)", "auc": oracle["auc"],
                  "logloss": oracle["logloss"]})

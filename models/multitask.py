@@ -115,3 +115,17 @@ def task_metrics(
         metrics["ctcvr_logloss"] = logloss(conversion, ctcvr)
         metrics["selection"] = (metrics["auc"] + metrics["ctcvr_auc"]) / 2
     return metrics
+
+
+def selection_labels(
+    click: np.ndarray, conversion: np.ndarray | None, tasks: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The labels of the AUCs that early stopping ranks epochs by (`auc`, or the `selection`
+    mean of `task_metrics`), keyed by the file column each comes from."""
+    if not needs_conversions(tasks):
+        return {"label": click}
+    if conversion is None:
+        raise ValueError("the model has a conversion task but there are no conversions")
+    if tuple(tasks) == (CVR,):
+        return {"conversion": conversion[click > 0.5]}  # over the clicked rows only
+    return {"label": click, "conversion": click * conversion}

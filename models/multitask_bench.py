@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from models.behavior_task import Predictions, eval_batches, load_arrays, predict
-from models.benchmark import split_validation
+from models.benchmark import RowLog, split_validation
 from models.checkpoint import load_run
 from models.multitask import CTR, CVR, task_metrics
 from models.registry import multitask_models
@@ -120,11 +120,12 @@ def _with_gains(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def check_models(models: Sequence[str]) -> None:
     """ValueError unless every name is an architecture with a multi-task option."""
+    choices = ", ".join(multitask_models())
+    if not models:
+        raise ValueError(f"no architecture given; choose from {choices}")
     unknown = [model for model in models if model not in multitask_models()]
-    if unknown or not models:
-        choices = ", ".join(multitask_models())
-        raise ValueError(f"no multi-task option for {', '.join(unknown) or 'no model'}; "
-                         f"choose from {choices}")  # fmt: skip
+    if unknown:
+        raise ValueError(f"no multi-task option for {', '.join(unknown)}; choose from {choices}")
 
 
 def run_multitask_bench(
@@ -135,22 +136,21 @@ def run_multitask_bench(
     seeds: Sequence[int] = (0,),
 ) -> list[dict[str, Any]]:
     """Every architecture and seed on `world` (per-seed rows go to OUT/rows.jsonl as they
-    finish; the file is started afresh) -> the summary rows, then the oracle row. Runs already
-    in OUT/runs are trained again, not reused."""
+    finish, see `RowLog`) -> the summary rows, then the oracle row. Runs already in OUT/runs
+    are trained again, not reused."""
     check_models(models)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.jsonl").write_text("")  # this run's rows only
     files = split_validation(world / "behavior" / "train.parquet", out / "data")
     test = world / "behavior" / "test.parquet"
     if "conversion" not in load_behavior(test).columns:  # before hours of training, not after
         raise DataError(test, "no conversions: simulate the world again", column="conversion")
+    log = RowLog(out)
     runs: list[dict[str, Any]] = []
     for model in models:
         for seed in seeds:
             new = bench_architecture(model, files, test, out, replace(config_for(model), seed=seed))
             runs += [{**row, "seed": seed} for row in new]
-            with (out / "rows.jsonl").open("a") as log:
-                log.writelines(json.dumps({**row, "seed": seed}) + "\n" for row in new)
+            log.append(runs[-len(new):])
     rows = summarize(runs)
     oracle = json.loads((world / "oracle.json").read_text())["behavior"]
     rows.append({"model": "oracle", "approach": "true probabilities", "ctr_auc": oracle["auc"],

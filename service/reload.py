@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from exporters.loader import LoadedModel
 from exporters.repository import latest_version, list_models
 from service.registry import ModelSpec, load_version, warm_up
-from service.routing import LoadedRouting, RoutingError, read_routing
+from service.routing import LoadedRouting, RoutingError, check_references, read_routing
 
 if TYPE_CHECKING:
     from service.engine import ScoringEngine
@@ -106,7 +106,7 @@ class Reloader:
         """Start-up: loads what the routing file names (a failure leaves the service not ready,
         as for `CTR_MODELS`), installs the router, and starts the poller if configured."""
         self._held = {s.name for s in specs if s.version is not None}
-        self._check_references(routing, await asyncio.to_thread(list_models, self._repo))
+        check_references(routing, await asyncio.to_thread(list_models, self._repo))
         plans = await self._load_missing(routing, strict=False)
         self._install(plans, routing)
         self._routing_seen = routing.sha256
@@ -154,10 +154,10 @@ class Reloader:
         async with self._lock:
             try:
                 routing = await asyncio.to_thread(read_routing, path)
-                self._check_references(routing, await asyncio.to_thread(list_models, self._repo))
+                check_references(routing, await asyncio.to_thread(list_models, self._repo))
             except RoutingError as exc:
                 counter.labels("invalid").inc()
-                log.error("routing file refused: %s", exc, extra={"details": exc.details})
+                log.error("routing file refused: %s", exc)  # str(exc) names every location
                 raise ReloadFailed(422, "invalid_routing", exc.message, exc.details) from None
             self._routing_seen = routing.sha256
             if routing.sha256 == self.routing.sha256:
@@ -269,18 +269,6 @@ class Reloader:
         self._engine.refresh_history_floor()
         timeout = self._engine.settings.graceful_timeout_s
         self._engine.pool.retire(self.routing.config.model_keys(), timeout)
-
-    @staticmethod
-    def _check_references(routing: LoadedRouting, available: dict[str, list[int]]) -> None:
-        """Every routed or shadowed model (and pinned version) exists in the repository."""
-        missing = [
-            f"{name}:{version}" if version is not None else name
-            for name, version in sorted(routing.config.model_keys(), key=str)
-            if name not in available or (version is not None and version not in available[name])
-        ]
-        if missing:
-            details = [{"loc": ["model"], "msg": f"{m} is not in the repository"} for m in missing]
-            raise RoutingError("the routing file names models the repository lacks", details)
 
 
 def _sha256_or_none(path: Path) -> str | None:

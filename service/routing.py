@@ -258,3 +258,15 @@ class ExperimentRouter:
         ]  # fmt: skip
         return {"file": self.routing.file, "sha256": self.routing.sha256,
                 "default_model": self.default_model, "experiments": experiments}  # fmt: skip
+
+
+def check_references(routing: LoadedRouting, available: dict[str, list[int]]) -> None:
+    """Every routed or shadowed model (and pinned version) exists in the repository."""
+    missing = [
+        f"{name}:{version}" if version is not None else name
+        for name, version in sorted(routing.config.model_keys(), key=str)
+        if name not in available or (version is not None and version not in available[name])
+    ]
+    if missing:
+        details = [{"loc": ["model"], "msg": f"{m} is not in the repository"} for m in missing]
+        raise RoutingError("the routing file names models the repository lacks", details)

@@ -213,7 +213,8 @@ def serve(
     """Run the scoring service (uvicorn). Every setting is also a CTR_* environment variable."""
     from pydantic import ValidationError
 
-    from service.routing import RoutingError, read_routing
+    from exporters.repository import list_models
+    from service.routing import RoutingError, check_references, read_routing
     from service.server import serve as run_server
     from service.settings import Settings
 
@@ -227,7 +228,7 @@ def serve(
         typer.echo(f"error: invalid settings: {exc}", err=True)
         raise typer.Exit(2) from None
     try:  # checked again at start-up; here a bad file is one line, not a lifespan traceback
-        read_routing(settings.routing_file)
+        check_references(read_routing(settings.routing_file), list_models(settings.repo))
     except RoutingError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -73,3 +73,12 @@ def test_serve_refuses_a_bad_routing_file_in_one_line_before_starting(tmp_path: 
     assert failed.returncode == 2
     assert failed.stderr.startswith("error: the routing file is invalid (")
     assert "variant names must be unique" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_serve_refuses_a_routing_file_naming_a_model_the_repository_lacks(tmp_path: Path) -> None:
+    routing = tmp_path / "routing.yaml"
+    routing.write_text("experiments: [{name: a, variants: [{name: x, model: ghost, weight: 1}]}]")
+    failed = ctr("serve", "--repo", tmp_path, "--routing-file", routing, "--port", "1", check=False)
+    assert failed.returncode == 2
+    assert failed.stderr.strip() == ("error: the routing file names models the repository lacks"
+                                     " (model: ghost is not in the repository)")  # fmt: skip

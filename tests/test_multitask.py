@@ -279,7 +279,8 @@ def test_evaluating_a_conversion_run_on_a_file_without_conversions_says_so(
     result = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "run"),
                                  "--data", str(tmp_path / "clicks.parquet")])  # fmt: skip
     assert result.exit_code == 2
-    assert "conversion" in result.output and "Traceback" not in result.output
+    assert "need conversion labels; the file has no column" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_an_undefined_metric_is_printed_as_json_null(
@@ -346,11 +347,15 @@ def test_exporting_other_tasks_under_a_served_name_warns_what_clients_will_see(
     multi = make_run(tmp_path / "multi", "gru", behaviour, tasks=MULTI)
     assert export_run(single, repo, options).warnings == []  # a new name: nothing changes
     (warning,) = export_run(multi, repo, options).warnings
-    assert "version 2 has tasks ctr,cvr where version 1 has ctr" in warning
-    assert "gain conversion_scores" in warning
-    assert export_run(multi, repo, options).warnings == []  # same tasks as version 2
+    assert ("ranker version 2 outputs scores, conversion_scores, ctcvr_scores where version 1 "
+            "outputs scores") in warning  # fmt: skip
+    assert warning.endswith("answers for ranker gain conversion_scores, ctcvr_scores")
+    assert export_run(multi, repo, options).warnings == []  # same outputs as version 2
     (warning,) = export_run(single, repo, options).warnings
-    assert "lose conversion_scores" in warning
+    assert warning.endswith("answers for ranker lose conversion_scores, ctcvr_scores")
+    # a damaged newest version cannot be compared, and must not stop the export replacing it
+    (repo / "ranker" / "4" / "manifest.json").write_text("{")
+    assert export_run(multi, repo, options).version == 5
 
 
 def test_a_conversion_only_model_is_not_exported(tmp_path: Path) -> None:
@@ -431,19 +436,31 @@ def test_bench_multitask_refuses_architectures_without_a_conversion_tower(tmp_pa
     assert not (tmp_path / "b").exists()  # refused before anything is written
 
 
-def test_a_validation_split_is_reused_only_for_the_same_source(tmp_path: Path) -> None:
-    from models.benchmark import split_validation
+def test_a_validation_split_is_reused_only_for_the_same_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import models.benchmark as benchmark
 
+    written: list[Path] = []
+
+    def counted(frame: pd.DataFrame, path: Path) -> None:
+        written.append(path)
+        write_table(frame, path)
+
+    monkeypatch.setattr(benchmark, "write_table", counted)
     write_table(conversion_frame(200, seed=5), tmp_path / "a.parquet")
     write_table(conversion_frame(200, seed=6), tmp_path / "b.parquet")
-    first = split_validation(tmp_path / "a.parquet", tmp_path / "split")
-    stamp = first[0].stat().st_mtime_ns
-    assert split_validation(tmp_path / "a.parquet", tmp_path / "split") == first
-    assert first[0].stat().st_mtime_ns == stamp  # same source: the split is reused
-    split_validation(tmp_path / "b.parquet", tmp_path / "split")
+    first = benchmark.split_validation(tmp_path / "a.parquet", tmp_path / "split")
+    assert written == list(first)
+    assert benchmark.split_validation(tmp_path / "a.parquet", tmp_path / "split") == first
+    assert written == list(first)  # same source, fraction and seed: reused, nothing rewritten
+    benchmark.split_validation(tmp_path / "b.parquet", tmp_path / "split")
+    assert written == [*first, *first]
     rows = pd.concat([pd.read_parquet(path) for path in first])
     source = pd.read_parquet(tmp_path / "b.parquet")
     assert sorted(rows["item_id"]) == sorted(source["item_id"])  # cut again, from b
+    with pytest.raises(DataError, match="not found"):
+        benchmark.split_validation(tmp_path / "missing.parquet", tmp_path / "split")
 
 
 def test_a_conversion_without_a_click_is_refused_as_bad_data(tmp_path: Path) -> None:

@@ -81,11 +81,12 @@ def test_a_failed_writer_publishes_nothing_and_leaves_no_temporary_directory(
     with pytest.raises(RuntimeError, match="parity failed"):
         publish(tmp_path, "m", None, failing)
     assert list_models(tmp_path) == {}
-    assert not (tmp_path / "m").exists()  # a refused first export leaves no empty model dir
+    assert list(tmp_path.iterdir()) == []  # no model directory, no temporary one
     publish(tmp_path, "m", 1, _writer())
     with pytest.raises(RuntimeError, match="parity failed"):
         publish(tmp_path, "m", None, failing)
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["1"]  # the served one stays
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
 def test_incomplete_and_temporary_directories_are_invisible(tmp_path: Path) -> None:

@@ -346,7 +346,6 @@ def test_multi_task_shadows_compare_every_output_both_sides_have(
         assert sample(metrics, "ctr_shadow_duration_seconds_count", **labels) == 1
 
 
-
 def test_a_single_task_primary_is_compared_with_a_multi_task_shadow_on_scores_alone() -> None:
     from service.shadow import shared_outputs
 
