@@ -136,8 +136,8 @@ def run_multitask_bench(
     seeds: Sequence[int] = (0,),
 ) -> list[dict[str, Any]]:
     """Every architecture and seed on `world` (per-seed rows go to OUT/rows.jsonl as they
-    finish, see `RowLog`) -> the summary rows, then the oracle row. Runs already in OUT/runs
-    are trained again, not reused."""
+    finish, see `RowLog`, and their plot to OUT/multitask.png) -> the summary rows, then the
+    oracle row. Runs already in OUT/runs are trained again, not reused."""
     check_models(models)
     out.mkdir(parents=True, exist_ok=True)
     files = split_validation(world / "behavior" / "train.parquet", out / "data")
@@ -151,6 +151,7 @@ def run_multitask_bench(
             new = bench_architecture(model, files, test, out, replace(config_for(model), seed=seed))
             runs += [{**row, "seed": seed} for row in new]
             log.append(runs[-len(new):])
+    plot_seeds(runs, out / "multitask.png")
     rows = summarize(runs)
     oracle = json.loads((world / "oracle.json").read_text())["behavior"]
     rows.append({"model": "oracle", "approach": "true probabilities", "ctr_auc": oracle["auc"],
@@ -181,3 +182,41 @@ def _cell(row: dict[str, Any], key: str, spec: str) -> str:
     sd = row.get(f"{key}_sd")
     sd_spec = spec.lstrip("+")  # a spread has no sign
     return f"{row[key]:{spec}}" + (f" ± {sd:{sd_spec}}" if sd is not None else "")
+
+
+def plot_seeds(runs: Sequence[dict[str, Any]], path: Path) -> None:
+    """Per-seed rows -> a PNG: for each architecture, CTCVR AUC and CVR AUC (clicked rows) of
+    the two models (left) and the multi-task model (right) of every seed, joined by a line that
+    is green where the multi-task model is higher. The paired comparison the gain column
+    summarises, with every seed visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(run["model"] for run in runs))
+    metrics = (("ctcvr_auc", "CTCVR AUC"), ("cvr_auc", "CVR AUC (clicked rows)"))
+    fig, axes = plt.subplots(len(metrics), len(models), figsize=(3.2 * len(models), 6.4),
+                             squeeze=False)  # fmt: skip
+    for column, model in enumerate(models):
+        pairs = _pairs(runs, model)
+        for row, (key, label) in enumerate(metrics):
+            ax = axes[row][column]
+            for separate, joint in pairs:
+                better = joint[key] > separate[key]
+                ax.plot([0, 1], [separate[key], joint[key]], marker="o", alpha=0.7,
+                        color="tab:green" if better else "tab:red")  # fmt: skip
+            ax.set_xticks([0, 1], ["CTR × CVR\nmodels", "multi-task"])
+            ax.set_xlim(-0.3, 1.3)
+            ax.set_title(f"{model}: {label}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pairs(runs: Sequence[dict[str, Any]], model: str) -> list[tuple[dict[str, Any], ...]]:
+    by_seed: dict[Any, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        if run["model"] == model:
+            by_seed.setdefault(run.get("seed"), {})[run["approach"]] = run
+    return [(pair[SEPARATE], pair[MULTI_TASK]) for pair in by_seed.values() if len(pair) == 2]

@@ -318,7 +318,7 @@ def bench_models(
 @bench_app.command("multitask")
 def bench_multitask(
     world: Annotated[Path, typer.Option(help="World written by `ctr simulate` (conversions).")],
-    out: Annotated[Path, typer.Option(help="Directory for runs, rows.jsonl and multitask.md.")],
+    out: Annotated[Path, typer.Option(help="Output: runs/, rows.jsonl, multitask.md/.png.")],
     models: Annotated[str, typer.Option(help="Comma-separated architectures.")] = "sarn,fat,gru",
     seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated (mean ± sd).")] = "0",
     epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 10,

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
@@ -420,6 +421,8 @@ def test_bench_multitask_compares_both_approaches_beside_the_oracle(tmp_path: Pa
     runs = tmp_path / "b" / "runs"
     joint = run_probs(runs / "gru-ctr-cvr-seed0", test)
     click, conversion = (run_probs(runs / f"gru-{t}-seed0", test)[:, 0] for t in ("ctr", "cvr"))
+    image = matplotlib.image.imread(tmp_path / "b" / "multitask.png")
+    assert image.shape[:2] == (704, 352)  # one architecture: a column of two panels, 110 dpi
     assert multi["ctcvr_auc"] == pytest.approx(roc_auc_score(ctcvr, joint[:, 0] * joint[:, 1]))
     assert separate["ctcvr_auc"] == pytest.approx(roc_auc_score(ctcvr, click * conversion))
     assert separate["ctr_auc"] == pytest.approx(roc_auc_score(truth["label"], click))
