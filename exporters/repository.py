@@ -15,6 +15,7 @@ Integrity: the manifest records the sha256 and byte size of every file in the di
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -202,6 +203,7 @@ def publish(
     # Staged beside the model directories (a dot name is never a model), so that a refused
     # export creates no model directory, and one is never removed under a concurrent reader.
     tmp = Path(repo) / f"{_TMP_PREFIX}{name}-{chosen}-{uuid.uuid4().hex[:8]}"
+    new_repo = not Path(repo).exists()
     tmp.mkdir(parents=True)
     try:
         write(tmp, chosen)
@@ -213,6 +215,9 @@ def publish(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if new_repo and not name_dir.exists():  # refused: leave no empty repository behind
+            with contextlib.suppress(OSError):  # not empty: another exporter published there
+                Path(repo).rmdir()
 
 
 def _rename_into_place(tmp: Path, name_dir: Path, version: int, retry: bool) -> tuple[Path, int]:

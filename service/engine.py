@@ -229,7 +229,11 @@ class ScoringEngine:
             return UnknownModel(route.model)
         return ModelUnavailable(route.model)
 
-    async def ingest(self, events: Sequence[Event]) -> IngestResult:
+    async def ingest(self, events: Sequence[Event], ignored: int = 0) -> IngestResult:
+        """Stores click events; `ignored` counts those of other types the caller left out."""
+        self.metrics.events.labels("ignored").inc(ignored)
+        if not events:
+            return IngestResult(0, 0)
         result = await self._store_call("ingest", self._require_store().ingest(events))
         self.metrics.events.labels("accepted").inc(result.accepted)
         self.metrics.events.labels("duplicate").inc(result.duplicates)

@@ -13,6 +13,7 @@ from service.auth import require_key
 from service.engine import ScoreInput, ScoringEngine
 from service.errors import LimitExceeded
 from service.schemas import (
+    CLICK_TYPES,
     ID_PATTERN,
     ErrorResponse,
     EventsRequest,
@@ -98,16 +99,20 @@ async def score(
     dependencies=[Depends(require_key("ingest"))],
 )
 async def ingest(body: EventsRequest, engine: EngineDep, settings: SettingsDep) -> EventsResponse:
-    """Appends behaviour events; idempotent per `event_id`. 503 when Redis is down."""
+    """Appends click events to the users' histories; idempotent per `event_id`. Events of
+    another `type` (a conversion, a view) are counted as `ignored`: the models' histories are
+    clicks only, as in training. 503 when Redis is down."""
     if len(body.events) > settings.max_events:
         raise LimitExceeded(["body", "events"], f"at most {settings.max_events} events per request")
     horizon = time.time() + settings.event_max_future_s
     for i, e in enumerate(body.events):
         if e.ts > horizon:
             raise LimitExceeded(["body", "events", i, "ts"], "event timestamp is in the future")
-    events = [Event(e.user_id, e.item_id, e.category_id, e.ts, e.event_id) for e in body.events]
-    result = await engine.ingest(events)
-    return EventsResponse(accepted=result.accepted, duplicates=result.duplicates)
+    clicks = [e for e in body.events if e.type in CLICK_TYPES]
+    events = [Event(e.user_id, e.item_id, e.category_id, e.ts, e.event_id) for e in clicks]
+    result = await engine.ingest(events, ignored=len(body.events) - len(clicks))
+    return EventsResponse(accepted=result.accepted, duplicates=result.duplicates,
+                          ignored=len(body.events) - len(clicks))  # fmt: skip
 
 
 @router.get(

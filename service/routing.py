@@ -158,7 +158,7 @@ def parse_routing(text: str, suffix: str) -> RoutingConfig:
     try:
         raw = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise RoutingError(f"the routing file does not parse: {exc}") from None
+        raise RoutingError(f"the routing file does not parse: {_parse_problem(exc)}") from None
     if raw is None:
         raw = {}  # an empty file: no experiments
     try:
@@ -167,6 +167,14 @@ def parse_routing(text: str, suffix: str) -> RoutingConfig:
         # Where and why only: the offending values stay out of responses and logs.
         details = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
         raise RoutingError("the routing file is invalid", details) from None
+
+
+def _parse_problem(exc: Exception) -> str:
+    """One line: PyYAML's own message spans several and names "<unicode string>"."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def read_routing(path: Path | None) -> LoadedRouting:

@@ -95,9 +95,14 @@ class EventsRequest(_Strict):
     events: list[EventIn] = Field(min_length=1, max_length=HARD_MAX_EVENTS)
 
 
+# The event types that are a click and so join the user's history (no type: a click).
+CLICK_TYPES = frozenset({None, "click"})
+
+
 class EventsResponse(BaseModel):
     accepted: int
     duplicates: int
+    ignored: int = 0  # events whose type is not a click: not part of the history
 
 
 class HistoryEntry(BaseModel):

@@ -83,7 +83,7 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 10).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default 128).")] = None,
     max_len: Annotated[int | None, typer.Option(help="History slots kept (default 50).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default 0).", min=0)] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
     lr: Annotated[
         float | None, typer.Option(help="Adam learning rate (default 1e-3; sarn 0.01).")
@@ -340,15 +340,24 @@ def bench_multitask(
         check_models(chosen)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--models") from None
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"not integers: {seeds!r}", param_hint="--seeds") from None
+    seed_list = _seed_list(seeds)
     with _user_errors():
-        rows = run_multitask_bench(world, out, config_for, chosen, seed_list or [0])
+        rows = run_multitask_bench(world, out, config_for, chosen, seed_list)
     table = format_table(rows)
     (out / "multitask.md").write_text(table + "\n")
     typer.echo(table)
+
+
+def _seed_list(text: str) -> list[int]:
+    """--seeds: distinct non-negative integers (a repeated seed would pose as a second run)."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"not integers: {text!r}", param_hint="--seeds") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
+        message = f"give distinct non-negative integers, e.g. 0,1,2; got {text!r}"
+        raise typer.BadParameter(message, param_hint="--seeds")
+    return seeds
 
 
 @bench_app.command("export")

@@ -439,6 +439,15 @@ def test_bench_multitask_refuses_architectures_without_a_conversion_tower(tmp_pa
     assert not (tmp_path / "b").exists()  # refused before anything is written
 
 
+@pytest.mark.parametrize("seeds", ["0,0", "-1", "", "0,x"])
+def test_bench_multitask_refuses_seeds_that_would_mislead(tmp_path: Path, seeds: str) -> None:
+    result = CliRunner().invoke(app, [
+        "bench", "multitask", "--world", str(tmp_path), "--out", str(tmp_path / "b"),
+        "--models", "gru", "--seeds", seeds])  # fmt: skip
+    assert result.exit_code == 2 and "--seeds" in result.output
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_validation_split_is_reused_only_for_the_same_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,6 +82,9 @@ def test_a_failed_writer_publishes_nothing_and_leaves_no_temporary_directory(
         publish(tmp_path, "m", None, failing)
     assert list_models(tmp_path) == {}
     assert list(tmp_path.iterdir()) == []  # no model directory, no temporary one
+    with pytest.raises(RuntimeError, match="parity failed"):
+        publish(tmp_path / "new-repo", "m", None, failing)
+    assert not (tmp_path / "new-repo").exists()  # a repository it created is not left empty
     publish(tmp_path, "m", 1, _writer())
     with pytest.raises(RuntimeError, match="parity failed"):
         publish(tmp_path, "m", None, failing)

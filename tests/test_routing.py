@@ -140,14 +140,15 @@ experiments:
          "integer"),
         ("experiments: [{name: a, variants: [{name: x, model: sarn, weight: 1,"
          " shadow: {model: ncm, fraction: 1.5}}]}]", "less than or equal"),
-        ("experiments: [", "does not parse"),
+        ("experiments: [", "does not parse: expected the node content"),
+        ("experiments: [ {name: x", "(line 1, column 24)"),
     ],
 )  # fmt: skip
 def test_invalid_routing_files_are_refused_with_locations(text: str, fragment: str) -> None:
     with pytest.raises(RoutingError) as caught:
         parse_routing(text, ".yaml")
-    # the message alone says where and why: it is all a refused start-up's log shows
-    assert fragment in str(caught.value)
+    # the message alone says where and why, on one line: it is all a refused start-up shows
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_routing_file_suffix_and_json(tmp_path: Path) -> None:

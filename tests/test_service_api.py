@@ -154,8 +154,9 @@ def test_history_endpoints_require_the_admin_key(client: TestClient) -> None:
 def test_events_are_idempotent_and_history_round_trips(client: TestClient) -> None:
     first = _post_events(client, [_event(2), _event(1), _event(3)])
     assert first.status_code == 202
-    assert first.json() == {"accepted": 3, "duplicates": 0}
-    assert _post_events(client, [_event(3), _event(4)]).json() == {"accepted": 1, "duplicates": 1}
+    assert first.json() == {"accepted": 3, "duplicates": 0, "ignored": 0}
+    assert _post_events(client, [_event(3), _event(4)]).json() == {
+        "accepted": 1, "duplicates": 1, "ignored": 0}  # fmt: skip
     admin = {"X-API-Key": ADMIN}
     history = client.get("/v1/users/u1/history", headers=admin).json()
     assert history["user_id"] == "u1"
@@ -164,6 +165,19 @@ def test_events_are_idempotent_and_history_round_trips(client: TestClient) -> No
     assert client.delete("/v1/users/u1/history", headers=admin).status_code == 204
     assert client.get("/v1/users/u1/history", headers=admin).json()["items"] == []
     _assert_error(client.get("/v1/users/bad%20id/history", headers=admin), 422, "invalid_request")
+
+
+def test_only_click_events_join_the_history(client: TestClient) -> None:
+    """The models were trained on click histories: a conversion sent to the same endpoint
+    must not show up as a second click of the item."""
+    types: list[dict[str, Any]] = [{}, {"type": "click"}, {"type": "conversion"}, {"type": "view"}]
+    events = [_event(k + 1, user="t1", **extra) for k, extra in enumerate(types)]
+    assert _post_events(client, events).json() == {"accepted": 2, "duplicates": 0, "ignored": 2}
+    history = client.get("/v1/users/t1/history", headers={"X-API-Key": ADMIN}).json()
+    assert [h["item_id"] for h in history["items"]] == ["i1", "i2"]
+    only = _post_events(client, [_event(5, user="t2", type="purchase")])
+    assert (only.status_code, only.json()) == (202, {"accepted": 0, "duplicates": 0, "ignored": 1})
+    assert 'ctr_events_total{outcome="ignored"} 3.0' in client.get("/metrics").text
 
 
 def test_ingest_answers_503_while_redis_is_down(

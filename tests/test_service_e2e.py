@@ -96,7 +96,7 @@ def test_ingest_then_score_over_http_matches_the_loader(
     with httpx.Client(base_url=server.url) as client:
         posted = _ingest(client, "e2e", history)
         assert posted.status_code == 202
-        assert posted.json() == {"accepted": 3, "duplicates": 0}
+        assert posted.json() == {"accepted": 3, "duplicates": 0, "ignored": 0}
         answer = client.post("/v1/score", json=_score_body("e2e", cands),
                              headers={"X-Request-ID": "e2e-req-1"})  # fmt: skip
     assert answer.status_code == 200
