@@ -54,7 +54,9 @@ async def score(
     engine: EngineDep,
     settings: SettingsDep,
     background: BackgroundTasks,
-    x_request_timeout_ms: Annotated[float | None, Header(gt=0, le=600_000)] = None,
+    x_request_timeout_ms: Annotated[
+        float | None, Header(gt=0, le=600_000, allow_inf_nan=False)
+    ] = None,
 ) -> ScoreResponse:
     """Scores `candidates` for `user_id`; `scores[i]` belongs to `candidates[i]` (as do
     `conversion_scores[i]` and `ctcvr_scores[i]` of a multi-task model)."""

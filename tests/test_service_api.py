@@ -99,6 +99,14 @@ def test_malformed_score_requests_get_422_with_the_location(
     assert client.get("/healthz").status_code == 200
 
 
+def test_a_timeout_header_that_is_not_a_finite_number_says_so(client: TestClient) -> None:
+    body = {"user_id": "u1", "candidates": [{"item_id": "i1", "category_id": "c1"}]}
+    response = client.post("/v1/score", json=body, headers={"X-Request-Timeout-Ms": "nan"})
+    (detail,) = _assert_error(response, 422, "invalid_request")["error"]["details"]
+    assert detail["loc"] == ["header", "x-request-timeout-ms"]
+    assert "finite number" in detail["msg"]
+
+
 def test_configured_limits_give_422(client: TestClient) -> None:
     candidates = [{"item_id": f"i{k}", "category_id": "c"} for k in range(51)]
     over = client.post("/v1/score", json={"user_id": "u1", "candidates": candidates})
