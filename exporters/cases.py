@@ -37,7 +37,8 @@ def behavior_requests(
     frame: pd.DataFrame, context_fields: Sequence[str]
 ) -> tuple[list[ScoringRequest], np.ndarray]:
     """Rows with equal (user, history, context) -> one request whose candidates are their
-    targets, in order of first appearance -> (requests, labels [N] in candidate order)."""
+    targets, in order of first appearance -> (requests, labels in candidate order: [N]
+    clicks, or [N, 2] (click, click ∧ conversion) when the frame has conversions)."""
     contexts = zip(*(_column(frame, f"context_{n}") for n in context_fields), strict=True)
     rows = zip(
         _column(frame, "user_id"),
@@ -46,22 +47,25 @@ def behavior_requests(
         _column(frame, "item_id"),
         _column(frame, "category_id"),
         _column(frame, "label"),
+        _column(frame, "conversion") if "conversion" in frame.columns else [None] * len(frame),
         contexts if context_fields else ([()] * len(frame)),
         strict=True,
     )
-    groups: dict[tuple[Any, ...], tuple[list[Pair], list[float]]] = {}
-    for user, hist_items, hist_cats, item, cat, label, values in rows:
+    groups: dict[tuple[Any, ...], tuple[list[Pair], list[tuple[float, ...]]]] = {}
+    for user, hist_items, hist_cats, item, cat, label, conversion, values in rows:
         context = tuple(zip(context_fields, map(str, values), strict=True))
         key = (str(user), tuple(_pairs(hist_items, hist_cats)), context)
         candidates, labels = groups.setdefault(key, ([], []))
         candidates.append((str(item), str(cat)))
-        labels.append(float(label))
+        click = float(label)
+        labels.append((click,) if conversion is None else (click, click * float(conversion)))
     requests = [
         ScoringRequest(user, list(history), candidates, dict(context))
         for (user, history, context), (candidates, _) in groups.items()
     ]
-    flat = [label for _, labels_of in groups.values() for label in labels_of]
-    return requests, np.asarray(flat, dtype=np.float64)
+    flat = np.asarray([label for _, labels_of in groups.values() for label in labels_of],
+                      dtype=np.float64).reshape(len(frame), -1)  # fmt: skip
+    return requests, flat[:, 0] if flat.shape[1] == 1 else flat
 
 
 def slate_requests(frame: pd.DataFrame) -> tuple[list[ScoringRequest], np.ndarray]:

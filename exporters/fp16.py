@@ -53,12 +53,17 @@ class Fp16Report:
     auc_fp32: float | None
     auc_fp16: float | None
     n_auc: int
+    # A multi-task graph on data with conversions: pCTCVR's AUC against click ∧ conversion.
+    ctcvr_auc_fp32: float | None = None
+    ctcvr_auc_fp16: float | None = None
 
     @property
     def auc_diff(self) -> float | None:
-        if self.auc_fp32 is None or self.auc_fp16 is None:
-            return None
-        return abs(self.auc_fp16 - self.auc_fp32)
+        return _abs_diff(self.auc_fp32, self.auc_fp16)
+
+    @property
+    def ctcvr_auc_diff(self) -> float | None:
+        return _abs_diff(self.ctcvr_auc_fp32, self.ctcvr_auc_fp16)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,15 +76,28 @@ class Fp16Report:
             "valid_auc_abs_diff": self.auc_diff,
             "auc_tolerance": FP16_AUC_TOLERANCE,
             "valid_n": self.n_auc,
+            **self._ctcvr_json(),
             "fp32_ops": FP32_OPS,
             "session_options": SESSION_OVERRIDES,
         }
 
+    def _ctcvr_json(self) -> dict[str, float | None]:
+        if self.ctcvr_auc_fp32 is None:
+            return {}
+        return {"valid_ctcvr_auc_fp32": self.ctcvr_auc_fp32,
+                "valid_ctcvr_auc_fp16": self.ctcvr_auc_fp16,
+                "valid_ctcvr_auc_abs_diff": self.ctcvr_auc_diff}  # fmt: skip
+
     def raise_if_failed(self) -> None:
         if self.max_abs_diff > FP16_TOLERANCE:
             raise Fp16Error(f"fp16 differs from fp32 by {self.max_abs_diff:.3g} > {FP16_TOLERANCE}")
-        if self.auc_diff is not None and not self.auc_diff <= FP16_AUC_TOLERANCE:
-            raise Fp16Error(f"fp16 changes the validation AUC by {self.auc_diff:.3g}")
+        for label, diff in (("", self.auc_diff), ("CTCVR ", self.ctcvr_auc_diff)):
+            if diff is not None and not diff <= FP16_AUC_TOLERANCE:
+                raise Fp16Error(f"fp16 changes the validation {label}AUC by {diff:.3g}")
+
+
+def _abs_diff(fp32: float | None, fp16: float | None) -> float | None:
+    return None if fp32 is None or fp16 is None else abs(fp16 - fp32)
 
 
 def convert(src: Path, dst: Path) -> None:
@@ -175,6 +193,16 @@ def _click_column(scores: np.ndarray) -> np.ndarray:
     return scores if scores.ndim == 1 else scores[:, 0]
 
 
+def _label_aucs(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float | None]:
+    """(pCTR AUC vs clicks, pCTCVR AUC vs click ∧ conversion or None). `labels` is [N] clicks
+    or [N, 2] (click, click ∧ conversion); pCTCVR is a multi-task graph's last column."""
+    clicks = labels if labels.ndim == 1 else labels[:, 0]
+    click_auc = auc(clicks, _click_column(scores))
+    if labels.ndim == 1 or scores.ndim == 1:
+        return click_auc, None
+    return click_auc, auc(labels[:, 1], scores[:, -1])
+
+
 def validate(
     fp32: Path,
     fp16: Path,
@@ -190,11 +218,9 @@ def validate(
     for requests in cases.values():
         a, b = _scores(s32, requests, encode, flatten), _scores(s16, requests, encode, flatten)
         worst = max(worst, float(np.nan_to_num(np.abs(a - b), nan=np.inf).max(initial=0.0)))
-    auc32 = auc16 = None
-    n = 0
-    if labelled is not None:
-        requests, labels = labelled
-        auc32 = auc(labels, _click_column(_scores(s32, requests, encode, flatten)))
-        auc16 = auc(labels, _click_column(_scores(s16, requests, encode, flatten)))
-        n = int(labels.size)
-    return Fp16Report(s16.get_providers()[0], worst, auc32, auc16, n)
+    if labelled is None:
+        return Fp16Report(s16.get_providers()[0], worst, None, None, 0)
+    requests, labels = labelled
+    auc32, ctcvr32 = _label_aucs(labels, _scores(s32, requests, encode, flatten))
+    auc16, ctcvr16 = _label_aucs(labels, _scores(s16, requests, encode, flatten))
+    return Fp16Report(s16.get_providers()[0], worst, auc32, auc16, len(labels), ctcvr32, ctcvr16)

@@ -339,6 +339,26 @@ def test_multi_task_export_serves_three_outputs_within_tolerance(
     assert pairwise_scores(model, feeds).shape == (3, 3)
 
 
+def test_the_fp16_variant_of_a_multi_task_model_is_checked_on_ctcvr_auc_too(
+    tmp_path: Path,
+) -> None:
+    behaviour, _ = write_data(tmp_path / "data")
+    run = make_run(tmp_path / "run", "gru", behaviour, tasks=MULTI)
+    options = ExportOptions(data=behaviour, fp16=True)
+    directory = export_run(run, tmp_path / "repo", options).directory
+    variant = read_manifest(directory)["variants"]["fp16"]
+    # Independently: one request per row through the fp32 model, sklearn on the product column.
+    frame = pd.read_parquet(behaviour)
+    fp32 = open_model(directory, providers=["CPUExecutionProvider"])
+    ctcvr = [fp32.score([ScoringRequest(
+        str(row.user_id), list(zip(row.hist_item_ids, row.hist_category_ids, strict=True)),
+        [(str(row.item_id), str(row.category_id))], {"device": str(row.context_device)},
+    )])[0][0, 2] for row in frame.itertuples()]  # fmt: skip
+    truth = frame["label"] * frame["conversion"]
+    assert variant["valid_ctcvr_auc_fp32"] == pytest.approx(roc_auc_score(truth, ctcvr), abs=1e-9)
+    assert variant["valid_ctcvr_auc_abs_diff"] <= variant["auc_tolerance"]
+
+
 def test_exporting_other_tasks_under_a_served_name_warns_what_clients_will_see(
     tmp_path: Path,
 ) -> None:
