@@ -40,6 +40,7 @@ def behavior_requests(
     targets, in order of first appearance -> (requests, labels in candidate order: [N]
     clicks, or [N, 2] (click, click ∧ conversion) when the frame has conversions)."""
     contexts = zip(*(_column(frame, f"context_{n}") for n in context_fields), strict=True)
+    has_conversions = "conversion" in frame.columns
     rows = zip(
         _column(frame, "user_id"),
         _column(frame, "hist_item_ids"),
@@ -47,7 +48,7 @@ def behavior_requests(
         _column(frame, "item_id"),
         _column(frame, "category_id"),
         _column(frame, "label"),
-        _column(frame, "conversion") if "conversion" in frame.columns else [None] * len(frame),
+        _column(frame, "conversion") if has_conversions else [None] * len(frame),
         contexts if context_fields else ([()] * len(frame)),
         strict=True,
     )
@@ -64,8 +65,8 @@ def behavior_requests(
         for (user, history, context), (candidates, _) in groups.items()
     ]
     flat = np.asarray([label for _, labels_of in groups.values() for label in labels_of],
-                      dtype=np.float64).reshape(len(frame), -1)  # fmt: skip
-    return requests, flat[:, 0] if flat.shape[1] == 1 else flat
+                      dtype=np.float64).reshape(-1, 2 if has_conversions else 1)  # fmt: skip
+    return requests, flat if has_conversions else flat[:, 0]
 
 
 def slate_requests(frame: pd.DataFrame) -> tuple[list[ScoringRequest], np.ndarray]:

@@ -109,21 +109,27 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _with_gains(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    separate = {(r["model"], r.get("seed")): r["ctcvr_auc"] for r in runs
-                if r["approach"] == SEPARATE}  # fmt: skip
-    return [
-        {**r, "ctcvr_gain": r["ctcvr_auc"] - separate[(r["model"], r.get("seed"))]}
-        if r["approach"] == MULTI_TASK and (r["model"], r.get("seed")) in separate else r
-        for r in runs
-    ]
+    gains = {id(joint): joint["ctcvr_auc"] - separate["ctcvr_auc"]
+             for separate, joint in _pairs(runs)}  # fmt: skip
+    return [{**r, "ctcvr_gain": gains[id(r)]} if id(r) in gains else r for r in runs]
+
+
+def _pairs(runs: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(two-model row, multi-task row) of every (model, seed) that has both, in run order."""
+    by_run: dict[tuple[Any, Any], dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        by_run.setdefault((run["model"], run.get("seed")), {})[run["approach"]] = run
+    return [(pair[SEPARATE], pair[MULTI_TASK]) for pair in by_run.values()
+            if SEPARATE in pair and MULTI_TASK in pair]  # fmt: skip
 
 
 def check_models(models: Sequence[str]) -> None:
     """ValueError unless every name is an architecture with a multi-task option."""
-    choices = ", ".join(multitask_models())
+    known = multitask_models()
+    choices = ", ".join(known)
     if not models:
         raise ValueError(f"no architecture given; choose from {choices}")
-    unknown = [model for model in models if model not in multitask_models()]
+    unknown = [model for model in models if model not in known]
     if unknown:
         raise ValueError(f"no multi-task option for {', '.join(unknown)}; choose from {choices}")
 
@@ -199,7 +205,7 @@ def plot_seeds(runs: Sequence[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(len(metrics), len(models), figsize=(3.2 * len(models), 6.4),
                              squeeze=False)  # fmt: skip
     for column, model in enumerate(models):
-        pairs = _pairs(runs, model)
+        pairs = [pair for pair in _pairs(runs) if pair[1]["model"] == model]
         for row, (key, label) in enumerate(metrics):
             ax = axes[row][column]
             for separate, joint in pairs:
@@ -212,11 +218,3 @@ def plot_seeds(runs: Sequence[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _pairs(runs: Sequence[dict[str, Any]], model: str) -> list[tuple[dict[str, Any], ...]]:
-    by_seed: dict[Any, dict[str, dict[str, Any]]] = {}
-    for run in runs:
-        if run["model"] == model:
-            by_seed.setdefault(run.get("seed"), {})[run["approach"]] = run
-    return [(pair[SEPARATE], pair[MULTI_TASK]) for pair in by_seed.values() if len(pair) == 2]

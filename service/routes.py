@@ -111,10 +111,10 @@ async def ingest(body: EventsRequest, engine: EngineDep, settings: SettingsDep) 
         if e.ts > horizon:
             raise LimitExceeded(["body", "events", i, "ts"], "event timestamp is in the future")
     clicks = [e for e in body.events if e.type in CLICK_TYPES]
+    ignored = len(body.events) - len(clicks)
     events = [Event(e.user_id, e.item_id, e.category_id, e.ts, e.event_id) for e in clicks]
-    result = await engine.ingest(events, ignored=len(body.events) - len(clicks))
-    return EventsResponse(accepted=result.accepted, duplicates=result.duplicates,
-                          ignored=len(body.events) - len(clicks))  # fmt: skip
+    result = await engine.ingest(events, ignored)
+    return EventsResponse(accepted=result.accepted, duplicates=result.duplicates, ignored=ignored)
 
 
 @router.get(
