@@ -31,14 +31,17 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first (base + the `serve` extra, read from pyproject.toml): this layer is reused
-# until pyproject.toml changes, not on every source edit. No torch: that is the `train` extra.
-COPY pyproject.toml ./
-RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt "onnxruntime-gpu==${ORT_VERSION}"
+# Dependencies first, from the lock (requirements/serve.txt: the base + the `serve` extra, exact
+# versions with sha256 hashes, see README "Dependencies"): this layer is reused until the lock
+# changes, not on every source edit. No torch: that is the `train` extra. The lock's
+# onnxruntime-gpu must be the ORT_VERSION that the CUDA base above was chosen for.
+COPY requirements/serve.txt /tmp/requirements.txt
+RUN pip install --require-hashes --no-deps -r /tmp/requirements.txt \
+    && pip check \
+    && python -c "import importlib.metadata as m, sys; v = m.version('onnxruntime-gpu'); sys.exit(0 if v == '${ORT_VERSION}' else f'the lock has onnxruntime-gpu {v}, ORT_VERSION is ${ORT_VERSION}')"
 # The project itself (what .dockerignore lets through), without its dependencies again.
 COPY . .
-RUN pip install --no-deps . \
+RUN pip install --no-deps --no-build-isolation . \
     && python -c "import service.api, sys; assert 'torch' not in sys.modules, 'serving imports torch'"
 
 # ---------------------------------------------------------------------------------------------
@@ -90,12 +93,13 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN groupadd --system --gid ${APP_UID} ctr \
     && useradd --system --uid ${APP_UID} --gid ${APP_UID} --create-home --home-dir /home/ctr ctr
 WORKDIR /src
-COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['train'] + p['optional-dependencies']['serve']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+# From the lock (requirements/train.txt: the base + the `train` and `serve` extras and torch
+# with its CUDA libraries, exact versions with sha256 hashes).
+COPY requirements/train.txt /tmp/requirements.txt
+RUN pip install --require-hashes --no-deps -r /tmp/requirements.txt && pip check
 # The project itself (what .dockerignore lets through), without its dependencies again.
 COPY . .
-RUN pip install --no-deps .
+RUN pip install --no-deps --no-build-isolation .
 WORKDIR /work
 USER ${APP_UID}:${APP_UID}
 ENTRYPOINT ["ctr"]

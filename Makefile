@@ -2,18 +2,24 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CI stays on the CPU build of torch that this environment ships; on your own machine pick the
-# build you want, e.g. `make test TORCH=torch` (pyproject.toml only asks for torch>=2.2).
+# Every install comes from the lock in requirements/ (exact versions with sha256 hashes; see
+# README "Dependencies"): dev.txt for this venv, serve.txt and train.txt for the Dockerfile.
+LOCK := requirements/dev.txt
+# torch is the one package outside the lock: CI stays on the CPU build of torch that this
+# environment ships; on your own machine pick the build you want, e.g. `make test TORCH=torch`
+# (pyproject.toml only asks for torch>=2.2). Its own dependencies are pinned in the lock.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint test run clean
+.PHONY: venv lint test run clean lock upgrade
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+# --clear: the venv holds exactly the lock, also when the lock changed under an old venv.
+$(STAMP): pyproject.toml $(LOCK)
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[train,serve,dev]"
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -43,6 +49,23 @@ $(MODEL_REPO)/sarn: | venv
 # Serves the repository on an embedded redis-server (no CTR_REDIS_URL); see README "Service".
 run: venv $(MODEL_REPO)/sarn
 	CTR_REPO=$(MODEL_REPO) $(BIN)/ctr serve
+
+# Re-resolve the lock after changing dependencies in pyproject.toml: keeps every pin that still
+# fits. `make upgrade` moves every package to its newest allowed release. Both rewrite
+# requirements/*.txt; commit them with the change and run `make test`.
+UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.10 --generate-hashes \
+	--index-url https://pypi.org/simple --custom-compile-command "make lock" $(UV_FLAGS)
+
+lock: venv
+	$(UV_COMPILE) pyproject.toml --extra train --extra serve --extra dev --extra loadtest \
+		requirements/torch-deps.in requirements/tools.in --override requirements/no-torch.txt \
+		--no-emit-package torch -o requirements/dev.txt
+	$(UV_COMPILE) pyproject.toml --extra serve -c requirements/dev.txt -o requirements/serve.txt
+	$(UV_COMPILE) pyproject.toml --extra train --extra serve requirements/torch.in \
+		-c requirements/dev.txt -o requirements/train.txt
+
+upgrade: UV_FLAGS = --upgrade
+upgrade: lock
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,11 @@
 """JSON log lines that carry the request id.
 
+Everything the process writes to stderr is one JSON object per line: Python warnings (a
+library's DeprecationWarning or UserWarning) are routed through `logging` by
+`logging.captureWarnings` and come out as records of level `warning` from the `py.warnings`
+logger, like any other library that logs. `ctr serve` configures this before it imports the
+serving stack, so warnings raised while those libraries import are caught too.
+
 The request id lives in a context variable set by the HTTP middleware for the duration of a
 request, and a logging filter copies it onto every record, so any log line written while
 serving a request (engine, store, batcher) carries it. API keys and histories are never logged.
@@ -47,7 +53,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info") -> None:
-    """Routes every logger (uvicorn's included) through one JSON handler on stderr."""
+    """Routes every logger (uvicorn's included) and every Python warning through one JSON
+    handler on stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RequestIdFilter())
@@ -57,3 +64,4 @@ def configure_logging(level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    logging.captureWarnings(True)

@@ -30,6 +30,10 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
 class Settings(BaseSettings):
     """Every knob of `ctr serve`; see the README's Service section for the table."""
 
@@ -91,7 +95,9 @@ class Settings(BaseSettings):
     # --- process ---
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
-    log_level: str = "info"
+    log_level: Annotated[
+        Literal["critical", "error", "warning", "info", "debug"], BeforeValidator(_lower)
+    ] = "info"
     drain_delay_s: Annotated[float, Field(ge=0)] = 0.0  # readiness 503 before the listener closes
     graceful_timeout_s: Annotated[float, Field(gt=0)] = 8.0  # in-flight grace on shutdown
 

@@ -29,9 +29,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
 
 from service.breaker import CircuitBreaker
 
@@ -112,7 +112,8 @@ def connect(url: str, timeout_s: float, max_connections: int, cluster: bool) -> 
     """A client that never blocks past `timeout_s` and never retries on its own.
 
     redis-py's defaults (5 s socket timeout, 10 retries) would hold a request for a minute
-    against a hung server; the caller decides about retries instead.
+    against a hung server; the caller decides about retries instead. The asyncio client takes
+    the asyncio `Retry` (redis-py 8 converts a synchronous one, with a warning).
     """
     common: dict[str, Any] = {
         "socket_timeout": timeout_s,

@@ -213,9 +213,7 @@ def serve(
     """Run the scoring service (uvicorn). Every setting is also a CTR_* environment variable."""
     from pydantic import ValidationError
 
-    from exporters.repository import list_models
-    from service.routing import RoutingError, check_references, read_routing
-    from service.server import serve as run_server
+    from service.logs import configure_logging
     from service.settings import Settings
 
     given: dict[str, Any] = {
@@ -227,6 +225,13 @@ def serve(
     except ValidationError as exc:
         typer.echo(f"error: invalid settings: {exc}", err=True)
         raise typer.Exit(2) from None
+    # Before the serving stack is imported: a warning raised while a library imports is then
+    # a JSON log line too, like everything the service writes.
+    configure_logging(settings.log_level)
+    from exporters.repository import list_models
+    from service.routing import RoutingError, check_references, read_routing
+    from service.server import serve as run_server
+
     try:  # checked again at start-up; here a bad file is one line, not a lifespan traceback
         check_references(read_routing(settings.routing_file), list_models(settings.repo))
     except RoutingError as exc:

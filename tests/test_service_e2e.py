@@ -42,16 +42,18 @@ class Server:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
 
 
-def _start(repo: Path, log: Path, **env: str) -> Server:
+def _start(repo: Path, log: Path, launch: str = LAUNCH, err: Path | None = None,
+           **env: str) -> Server:  # fmt: skip
+    """`ctr serve` on a free port; stdout and stderr go to `log` (stderr to `err` if given)."""
     port = free_port()
     environment = {**os.environ, "CTR_REPO": str(repo), "CTR_PORT": str(port),
                    "CTR_DEFAULT_MODEL": "sarn", "CTR_INGEST_API_KEYS": INGEST,
                    "CTR_ADMIN_API_KEYS": ADMIN, "CTR_REQUEST_TIMEOUT_MS": "5000",
                    **env}  # fmt: skip
     environment.pop("CTR_REDIS_URL", None)  # the embedded redis-server
-    with log.open("wb") as sink:
-        process = subprocess.Popen([sys.executable, "-c", LAUNCH], env=environment,
-                                   stdout=sink, stderr=sink)  # fmt: skip
+    with log.open("wb") as sink, (err or log).open("ab") as err_sink:
+        process = subprocess.Popen([sys.executable, "-c", launch], env=environment,
+                                   stdout=sink, stderr=err_sink if err else sink)  # fmt: skip
     server = Server(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -199,3 +201,45 @@ def test_sigterm_drains_then_exits(service_model_repo: Path, tmp_path: Path) -> 
     assert exited - signalled < 10
     messages = [line["message"] for line in server.log_lines()]
     assert "service stopped" in messages
+
+
+# A library that warns once, the first time the serving stack imports onnxruntime. No real
+# dependency can be made to warn on purpose (redis-py's Retry warning, the one that broke these
+# logs, is fixed), so this stand-in raises an ordinary `warnings.warn` from a finder on
+# sys.meta_path: the same path any library's import-time warning takes.
+WARNING_LAUNCH = (
+    "import sys, warnings\n"
+    "class WarnOnImport:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'onnxruntime':\n"
+    "            sys.meta_path.remove(self)\n"
+    "            warnings.warn('forced library warning', UserWarning)\n"
+    "        return None\n"
+    "sys.meta_path.insert(0, WarnOnImport())\n" + LAUNCH
+)
+
+
+def test_stderr_holds_only_json_lines_from_start_to_shutdown(
+    service_model_repo: Path, tmp_path: Path
+) -> None:
+    err = tmp_path / "stderr.log"
+    server = _start(service_model_repo, tmp_path / "stdout.log", WARNING_LAUNCH, err)
+    with httpx.Client(base_url=server.url) as client:
+        assert _ingest(client, "json-only", [("i1", "c1")]).status_code == 202
+        assert client.post("/v1/score", json=_score_body("json-only", [("i2", "c2")])).is_success
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(20) in (0, -signal.SIGTERM)
+    lines = [line for line in err.read_text().splitlines() if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"not a JSON line on stderr: {line!r}") from None
+    assert all(isinstance(r, dict) and {"level", "logger", "message"} <= r.keys() for r in records)
+    messages = [r["message"] for r in records]
+    assert "service started" in messages and "service stopped" in messages
+    warned = [r for r in records if r["logger"] == "py.warnings"]
+    # The forced one, as a warning record; and nothing else: the redis-py Retry warning is gone.
+    assert len(warned) == 1, warned
+    assert warned[0]["level"] == "warning" and "forced library warning" in warned[0]["message"]
