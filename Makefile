@@ -26,6 +26,7 @@ venv: $(STAMP)
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 test: lint

@@ -64,8 +64,9 @@ def behavior_requests(
         ScoringRequest(user, list(history), candidates, dict(context))
         for (user, history, context), (candidates, _) in groups.items()
     ]
-    flat = np.asarray([label for _, labels_of in groups.values() for label in labels_of],
-                      dtype=np.float64).reshape(-1, 2 if has_conversions else 1)  # fmt: skip
+    flat = np.asarray(
+        [label for _, labels_of in groups.values() for label in labels_of], dtype=np.float64
+    ).reshape(-1, 2 if has_conversions else 1)
     return requests, flat if has_conversions else flat[:, 0]
 
 

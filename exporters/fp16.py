@@ -84,9 +84,11 @@ class Fp16Report:
     def _ctcvr_json(self) -> dict[str, float | None]:
         if self.ctcvr_auc_fp32 is None:
             return {}
-        return {"valid_ctcvr_auc_fp32": self.ctcvr_auc_fp32,
-                "valid_ctcvr_auc_fp16": self.ctcvr_auc_fp16,
-                "valid_ctcvr_auc_abs_diff": self.ctcvr_auc_diff}  # fmt: skip
+        return {
+            "valid_ctcvr_auc_fp32": self.ctcvr_auc_fp32,
+            "valid_ctcvr_auc_fp16": self.ctcvr_auc_fp16,
+            "valid_ctcvr_auc_abs_diff": self.ctcvr_auc_diff,
+        }
 
     def raise_if_failed(self) -> None:
         if self.max_abs_diff > FP16_TOLERANCE:

@@ -39,9 +39,16 @@ from exporters.slate_feeds import SlateContract, encode_slates, flatten_slate_sc
 from models.features import FeatureSpec
 
 __all__ = [
-    "CONVERSION_SCORES", "CTCVR_SCORES", "SCORES", "LoadedModel", "ModelIntegrityError",
-    "ScoringRequest", "manifest_output_names", "open_model", "session_options",
-]  # fmt: skip
+    "CONVERSION_SCORES",
+    "CTCVR_SCORES",
+    "SCORES",
+    "LoadedModel",
+    "ModelIntegrityError",
+    "ScoringRequest",
+    "manifest_output_names",
+    "open_model",
+    "session_options",
+]
 
 log = logging.getLogger(__name__)
 

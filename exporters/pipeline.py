@@ -156,8 +156,14 @@ def export_run(run_dir: Path, repo: Path, options: ExportOptions | None = None) 
     _smoke_test(directory, cases)
     assert job.parity is not None
     after = _output_names(read_manifest(directory))
-    return ExportResult(directory, name, version, job.parity, job.fp16,
-                        _output_change(name, before, (version, after)))  # fmt: skip
+    return ExportResult(
+        directory,
+        name,
+        version,
+        job.parity,
+        job.fp16,
+        _output_change(name, before, (version, after)),
+    )
 
 
 def _latest_outputs(repo: Path, name: str) -> tuple[int, list[str]] | None:
@@ -174,17 +180,25 @@ def _output_names(manifest: dict[str, Any]) -> list[str]:
     return [output["name"] for output in manifest.get("outputs", [])]
 
 
-def _output_change(name: str, before: tuple[int, list[str]] | None,
-                   after: tuple[int, list[str]]) -> list[str]:  # fmt: skip
+def _output_change(
+    name: str, before: tuple[int, list[str]] | None, after: tuple[int, list[str]]
+) -> list[str]:
     """A warning when the new version changes the fields of the name's /v1/score answers."""
     if before is None or set(before[1]) == set(after[1]):
         return []
-    changes = [f"{verb} {', '.join(names)}" for verb, names in (
-        ("gain", [n for n in after[1] if n not in before[1]]),
-        ("lose", [n for n in before[1] if n not in after[1]])) if names]  # fmt: skip
-    return [f"{name} version {after[0]} outputs {', '.join(after[1])} where version {before[0]} "
-            f"outputs {', '.join(before[1])}: once it is served, /v1/score answers for {name} "
-            f"{' and '.join(changes)}"]  # fmt: skip
+    changes = [
+        f"{verb} {', '.join(names)}"
+        for verb, names in (
+            ("gain", [n for n in after[1] if n not in before[1]]),
+            ("lose", [n for n in before[1] if n not in after[1]]),
+        )
+        if names
+    ]
+    return [
+        f"{name} version {after[0]} outputs {', '.join(after[1])} where version {before[0]} "
+        f"outputs {', '.join(before[1])}: once it is served, /v1/score answers for {name} "
+        f"{' and '.join(changes)}"
+    ]
 
 
 @dataclass
@@ -299,9 +313,12 @@ def _onnx_info(path: Path, opset: int, exporter: str) -> dict[str, Any]:
         "python": platform.python_version(),
     }
     return {
-        "file": MODEL_FILE, "sha256": sha256_file(path), "opset": opset,
-        "exporter": exporter, "versions": versions,
-    }  # fmt: skip
+        "file": MODEL_FILE,
+        "sha256": sha256_file(path),
+        "opset": opset,
+        "exporter": exporter,
+        "versions": versions,
+    }
 
 
 def _smoke_test(directory: Path, cases: case_lib.Cases) -> None:

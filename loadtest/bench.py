@@ -79,8 +79,10 @@ def raw_ort(config: SuiteConfig, population: Population) -> list[dict[str, float
     rows = []
     for users in config.users_per_call:
         picks = [sampler.user() for _ in range(users)]
-        requests = [ScoringRequest(u, sampler.history(u, config.history),
-                                   sampler.candidates(config.slate)) for u in picks]  # fmt: skip
+        requests = [
+            ScoringRequest(u, sampler.history(u, config.history), sampler.candidates(config.slate))
+            for u in picks
+        ]
         feeds = model.encode(requests)
         model.run(feeds)  # warm-up: first-shape allocations
         times = []
@@ -89,8 +91,14 @@ def raw_ort(config: SuiteConfig, population: Population) -> list[dict[str, float
             model.run(feeds)
             times.append(time.perf_counter() - start)
         n = users * config.slate
-        rows.append({"users": users, "candidates": n, "median_cps": n / statistics.median(times),
-                     "best_cps": n / min(times)})  # fmt: skip
+        rows.append(
+            {
+                "users": users,
+                "candidates": n,
+                "median_cps": n / statistics.median(times),
+                "best_cps": n / min(times),
+            }
+        )
     return rows
 
 
@@ -110,8 +118,11 @@ def best_of(before: list[dict[str, float]], after: list[dict[str, float]]) -> li
 def batch_stats_raw(url: str) -> dict[str, float]:
     """The service's cumulative `_sum` and `_count` of the batch-size histograms."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {f"{m}{part}": _sample_sum(text, f"{m}{part}")
-            for m in BATCH_METRICS for part in ("_sum", "_count")}  # fmt: skip
+    return {
+        f"{m}{part}": _sample_sum(text, f"{m}{part}")
+        for m in BATCH_METRICS
+        for part in ("_sum", "_count")
+    }
 
 
 def batch_stats(url: str, since: dict[str, float] | None = None) -> dict[str, float]:
@@ -135,28 +146,46 @@ def _measure(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Closed loop at `concurrency`, then Poisson arrivals at half the throughput reached."""
     common: dict[str, Any] = {
-        "world": config.world, "url": url, "steps": str(config.concurrency),
-        "step_seconds": config.seconds, "settle_s": config.settle_s,
-        "slate": str(config.slate), "ingest_ratio": 0.0, **load,
-    }  # fmt: skip
-    full = run_loadtest(LoadTestConfig(out=out / "saturation",
-                                       seed_history=config.history if seed else 0,
-                                       **common)).summary  # fmt: skip
+        "world": config.world,
+        "url": url,
+        "steps": str(config.concurrency),
+        "step_seconds": config.seconds,
+        "settle_s": config.settle_s,
+        "slate": str(config.slate),
+        "ingest_ratio": 0.0,
+        **load,
+    }
+    full = run_loadtest(
+        LoadTestConfig(out=out / "saturation", seed_history=config.history if seed else 0, **common)
+    ).summary
     rate = full["steps"][-1]["score_rps"] / 2
-    half = run_loadtest(LoadTestConfig(out=out / "half_load", seed_history=0,
-                                       user_rate=rate / config.concurrency, arrival="poisson",
-                                       **common)).summary  # fmt: skip
+    half = run_loadtest(
+        LoadTestConfig(
+            out=out / "half_load",
+            seed_history=0,
+            user_rate=rate / config.concurrency,
+            arrival="poisson",
+            **common,
+        )
+    ).summary
     return full, half
 
 
 def _row(name: str, full: dict[str, Any], half: dict[str, Any], **extra: Any) -> dict[str, Any]:
     step, calm = full["steps"][-1], half["steps"][-1]
-    return {"system": name, "candidates_per_s": step["candidates_per_s"],
-            "rps": step["score_rps"], "saturation_p50_ms": step["p50_ms"],
-            "saturation_p99_ms": step["p99_ms"], "errors": step["failures"],
-            "half_load_rps": calm["score_rps"], "half_load_p50_ms": calm["p50_ms"],
-            "half_load_p99_ms": calm["p99_ms"], "half_load_errors": calm["failures"],
-            **extra}  # fmt: skip
+    return {
+        "system": name,
+        "candidates_per_s": step["candidates_per_s"],
+        "rps": step["score_rps"],
+        "saturation_p50_ms": step["p50_ms"],
+        "saturation_p99_ms": step["p99_ms"],
+        "errors": step["failures"],
+        "half_load_rps": calm["score_rps"],
+        "half_load_p50_ms": calm["p50_ms"],
+        "half_load_p99_ms": calm["p99_ms"],
+        "half_load_errors": calm["failures"],
+        **extra,
+    }
 
 
 def service_rows(config: SuiteConfig) -> list[dict[str, Any]]:
@@ -165,16 +194,21 @@ def service_rows(config: SuiteConfig) -> list[dict[str, Any]]:
     rows = []
     for name, env in (("service", {}), ("naive service", {"CTR_NAIVE": "true"})):
         out = config.out / name.replace(" ", "_")
-        with LocalService(config.repo, out / "service.log",
-                          {**config.service_env, "CTR_DEFAULT_MODEL": config.model, **env}) as svc:
+        with LocalService(
+            config.repo,
+            out / "service.log",
+            {**config.service_env, "CTR_DEFAULT_MODEL": config.model, **env},
+        ) as svc:
             full, half = _measure(config, svc.url, out, seed=True)
             rows.append(_row(name, full, half, **batch_stats(svc.url)))
             if name == "service":
                 before = batch_stats_raw(svc.url)
-                full, half = _measure(config, svc.url, out / "inline", seed=False,
-                                      history=str(config.history))  # fmt: skip
-                rows.append(_row("service, history inline", full, half,
-                                 **batch_stats(svc.url, before)))  # fmt: skip
+                full, half = _measure(
+                    config, svc.url, out / "inline", seed=False, history=str(config.history)
+                )
+                rows.append(
+                    _row("service, history inline", full, half, **batch_stats(svc.url, before))
+                )
     return rows
 
 
@@ -184,19 +218,28 @@ def peer_row(config: SuiteConfig) -> dict[str, Any]:
     directory = _model_dir(config)
     with TritonPeer(directory, python, out / "peer.log") as peer:
         full, half = _measure(
-            config, peer.url, out, seed=False, history=str(config.history),
-            locustfile=TRITON_LOCUSTFILE, ready_path="/v2/health/ready",
+            config,
+            peer.url,
+            out,
+            seed=False,
+            history=str(config.history),
+            locustfile=TRITON_LOCUSTFILE,
+            ready_path="/v2/health/ready",
             locust_args=["--ctr-model-dir", str(directory), "--ctr-triton-model", peer.name],
-        )  # fmt: skip
+        )
     return _row("Triton (PyTriton, dynamic batching)", full, half)
 
 
 def export_section(config: SuiteConfig) -> dict[str, Any]:
     from exporters.bench import BenchConfig, format_table, run_bench
 
-    bench = BenchConfig(models=config.export_models, users=config.users_per_call,
-                        slate=config.slate, history=config.history,
-                        repeats=config.export_repeats)  # fmt: skip
+    bench = BenchConfig(
+        models=config.export_models,
+        users=config.users_per_call,
+        slate=config.slate,
+        history=config.history,
+        repeats=config.export_repeats,
+    )
     rows = run_bench(bench)
     return {"rows": [r.to_json() for r in rows], "table": format_table(rows, bench)}
 
@@ -206,8 +249,11 @@ def run_suite(config: SuiteConfig) -> dict[str, Any]:
     config.out.mkdir(parents=True, exist_ok=True)
     started, before = time.time(), machine()
     population = Population.load(config.world, config.history)
-    result: dict[str, Any] = {"machine": before, "started": started,
-                              "config": {k: str(v) for k, v in asdict(config).items()}}
+    result: dict[str, Any] = {
+        "machine": before,
+        "started": started,
+        "config": {k: str(v) for k, v in asdict(config).items()},
+    }
     first = raw_ort(config, population)
     result["systems"] = service_rows(config)
     if config.peer == "triton":

@@ -26,21 +26,39 @@ def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
     inline, peer = _system(result, "service, history inline"), _system(result, "Triton")
     assert service is not None
     rows = [
-        {"check": "service / raw ONNX Runtime (candidates/s)", "target": "≥ 0.6",
-         "value": service["candidates_per_s"] / raw,
-         "met": service["candidates_per_s"] / raw >= TARGETS["raw_ort_ratio"]},
-        {"check": "service p99 at half its throughput (ms)", "target": "≤ 25",
-         "value": service["half_load_p99_ms"],
-         "met": service["half_load_p99_ms"] <= TARGETS["half_load_p99_ms"]},
-    ]  # fmt: skip
+        {
+            "check": "service / raw ONNX Runtime (candidates/s)",
+            "target": "≥ 0.6",
+            "value": service["candidates_per_s"] / raw,
+            "met": service["candidates_per_s"] / raw >= TARGETS["raw_ort_ratio"],
+        },
+        {
+            "check": "service p99 at half its throughput (ms)",
+            "target": "≤ 25",
+            "value": service["half_load_p99_ms"],
+            "met": service["half_load_p99_ms"] <= TARGETS["half_load_p99_ms"],
+        },
+    ]
     if naive is not None and naive["candidates_per_s"] > 0:
         ratio = service["candidates_per_s"] / naive["candidates_per_s"]
-        rows.append({"check": "service / naive service (candidates/s)", "target": "≥ 5",
-                     "value": ratio, "met": ratio >= TARGETS["naive_ratio"]})  # fmt: skip
+        rows.append(
+            {
+                "check": "service / naive service (candidates/s)",
+                "target": "≥ 5",
+                "value": ratio,
+                "met": ratio >= TARGETS["naive_ratio"],
+            }
+        )
     if peer is not None and inline is not None and peer["candidates_per_s"] > 0:
         ratio = inline["candidates_per_s"] / peer["candidates_per_s"]
-        rows.append({"check": "service (history inline) / Triton peer (candidates/s)",
-                     "target": "(reported)", "value": ratio, "met": None})  # fmt: skip
+        rows.append(
+            {
+                "check": "service (history inline) / Triton peer (candidates/s)",
+                "target": "(reported)",
+                "value": ratio,
+                "met": None,
+            }
+        )
     return rows
 
 
@@ -61,11 +79,13 @@ def markdown(result: dict[str, Any]) -> str:
         "| system | candidates/s | req/s | vs raw ORT | p50 / p99 ms at saturation "
         "| p50 / p99 ms at half load | mean batch (candidates) |",
         "|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for row in result["raw_ort"]:
-        lines.append(f"| raw ONNX Runtime, {row['users']} user(s)/call | "
-                     f"{row['median_cps']:,.0f} | – | {row['median_cps'] / raw['median_cps']:.2f} "
-                     f"| – | – | {row['candidates']} |")  # fmt: skip
+        lines.append(
+            f"| raw ONNX Runtime, {row['users']} user(s)/call | "
+            f"{row['median_cps']:,.0f} | – | {row['median_cps'] / raw['median_cps']:.2f} "
+            f"| – | – | {row['candidates']} |"
+        )
     for s in result["systems"]:
         batch = f"{s['mean_batch_candidates']:.0f}" if s.get("mean_batch_candidates") else "–"
         lines.append(
@@ -79,8 +99,12 @@ def markdown(result: dict[str, Any]) -> str:
         met = "–" if c["met"] is None else ("yes" if c["met"] else "**no**")
         lines.append(f"| {c['check']} | {c['target']} | {c['value']:.2f} | {met} |")
     if "export" in result:
-        lines += ["", "Slate-shared vs pairwise export (`exporters.bench`, random weights):", "",
-                  result["export"]["table"]]  # fmt: skip
+        lines += [
+            "",
+            "Slate-shared vs pairwise export (`exporters.bench`, random weights):",
+            "",
+            result["export"]["table"],
+        ]
     lines += ["", "![benchmark](bench.png)", ""]
     return "\n".join(lines)
 

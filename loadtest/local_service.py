@@ -26,9 +26,11 @@ class ServiceError(RuntimeError):
 
 
 def wait_ready(
-    url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None,
+    url: str,
+    timeout_s: float,
+    process: subprocess.Popen[bytes] | None = None,
     path: str = "/readyz",
-) -> None:  # fmt: skip
+) -> None:
     """Polls `GET {url}{path}` until it answers 200."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
@@ -72,16 +74,24 @@ class LocalService:
             raise ServiceError(f"model repository {self.repo} does not exist")
         self.port = free_port()
         environment = {k: v for k, v in os.environ.items() if not k.startswith("CTR_")}
-        environment.update({"CTR_REPO": str(self.repo), "CTR_PORT": str(self.port),
-                            "CTR_HOST": "127.0.0.1", "CTR_LOG_LEVEL": "warning",
-                            **self.env})  # fmt: skip
+        environment.update(
+            {
+                "CTR_REPO": str(self.repo),
+                "CTR_PORT": str(self.port),
+                "CTR_HOST": "127.0.0.1",
+                "CTR_LOG_LEVEL": "warning",
+                **self.env,
+            }
+        )
         environment.pop("CTR_REDIS_URL", None)  # the embedded redis-server, owned by the child
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as sink:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "slatectr.cli", "serve"],
-                env=environment, stdout=sink, stderr=sink,
-            )  # fmt: skip
+                env=environment,
+                stdout=sink,
+                stderr=sink,
+            )
         try:
             wait_ready(self.url, self.ready_timeout_s, self.process)
         except ServiceError as exc:

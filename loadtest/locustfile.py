@@ -45,8 +45,13 @@ _USER_SEEDS = itertools.count()
 def _arguments(parser: Any) -> None:
     def add(name: str, default: str, help_text: str) -> None:
         env = "CTR_LT_" + name.upper().replace("-", "_")
-        parser.add_argument(f"--ctr-{name}", default=default, env_var=env,
-                           help=f"{help_text} [{env}]", include_in_web_ui=False)  # fmt: skip
+        parser.add_argument(
+            f"--ctr-{name}",
+            default=default,
+            env_var=env,
+            help=f"{help_text} [{env}]",
+            include_in_web_ui=False,
+        )
 
     add("world", "runs/demo/world", "world dir (ctr simulate --out) or events file")
     add("slate", "100", "candidates per score request: N or LOW-HIGH")
@@ -79,8 +84,9 @@ def population(environment: Environment) -> Population:
     key = f"{opts.ctr_world}|{opts.ctr_history}|{opts.ctr_zipf}|{opts.ctr_seed}"
     if key not in _POPULATION:
         longest = max(parse_range(opts.ctr_history)[1], 1)
-        _POPULATION[key] = Population.load(opts.ctr_world, longest, float(opts.ctr_zipf),
-                                           int(opts.ctr_seed))  # fmt: skip
+        _POPULATION[key] = Population.load(
+            opts.ctr_world, longest, float(opts.ctr_zipf), int(opts.ctr_seed)
+        )
     return _POPULATION[key]
 
 
@@ -146,8 +152,11 @@ class ScoringUser(PacedUser):
         self.ingest_batch = parse_range(opts.ctr_ingest_batch)
         self.ingest_ratio = float(opts.ctr_ingest_ratio)
         self.model = str(opts.ctr_model)
-        self.score_headers = {"X-Request-Timeout-Ms": str(opts.ctr_timeout_ms)} if float(
-            opts.ctr_timeout_ms) > 0 else {}  # fmt: skip
+        self.score_headers = (
+            {"X-Request-Timeout-Ms": str(opts.ctr_timeout_ms)}
+            if float(opts.ctr_timeout_ms) > 0
+            else {}
+        )
         self.event_headers = {"X-API-Key": str(opts.ctr_api_key)} if opts.ctr_api_key else {}
 
     @task
@@ -160,28 +169,42 @@ class ScoringUser(PacedUser):
     def score(self) -> None:
         user = self.sampler.user()
         k = max(1, self.draw(self.slate))
-        body: dict[str, Any] = {"user_id": user, "candidates": [
-            {"item_id": i, "category_id": c} for i, c in self.sampler.candidates(k)]}
+        body: dict[str, Any] = {
+            "user_id": user,
+            "candidates": [{"item_id": i, "category_id": c} for i, c in self.sampler.candidates(k)],
+        }
         length = self.draw(self.history)
         if length > 0:
-            body["history"] = [{"item_id": i, "category_id": c}
-                               for i, c in self.sampler.history(user, length)]  # fmt: skip
+            body["history"] = [
+                {"item_id": i, "category_id": c} for i, c in self.sampler.history(user, length)
+            ]
         if self.model:
             body["model"] = self.model
-        with self.client.post(SCORE, json=body, headers=self.score_headers, name=SCORE,
-                              catch_response=True) as resp:  # fmt: skip
+        with self.client.post(
+            SCORE, json=body, headers=self.score_headers, name=SCORE, catch_response=True
+        ) as resp:
             classify(resp, 200, lambda answer: len(answer.get("scores", ())) == k)
 
     def ingest(self) -> None:
         user = self.sampler.user()
         now = time.time()
         batch = [
-            {"user_id": user, "item_id": i, "category_id": c, "ts": now,
-             "event_id": f"lt-{uuid.uuid4().hex}"}
+            {
+                "user_id": user,
+                "item_id": i,
+                "category_id": c,
+                "ts": now,
+                "event_id": f"lt-{uuid.uuid4().hex}",
+            }
             for i, c in self.sampler.candidates(max(1, self.draw(self.ingest_batch)))
-        ]  # fmt: skip
-        with self.client.post(EVENTS, json={"events": batch}, headers=self.event_headers,
-                              name=EVENTS, catch_response=True) as resp:  # fmt: skip
+        ]
+        with self.client.post(
+            EVENTS,
+            json={"events": batch},
+            headers=self.event_headers,
+            name=EVENTS,
+            catch_response=True,
+        ) as resp:
             classify(resp, 202, lambda answer: answer.get("accepted", -1) >= 0)
 
 
@@ -194,13 +217,18 @@ class SteppedLoad(LoadTestShape):
         if self.recorder is None:
             assert self.runner is not None
             opts = options(self.runner.environment)
-            plan = parse_plan(opts.ctr_steps, float(opts.ctr_step_seconds),
-                              float(opts.ctr_user_rate))  # fmt: skip
+            plan = parse_plan(
+                opts.ctr_steps, float(opts.ctr_step_seconds), float(opts.ctr_user_rate)
+            )
             low, high = parse_range(opts.ctr_slate)
             out = opts.ctr_steps_out or None
-            self.recorder = StepRecorder(plan, float(opts.ctr_settle),
-                                         None if out is None else Path(out), SCORE,
-                                         (low + high) / 2)  # fmt: skip
+            self.recorder = StepRecorder(
+                plan,
+                float(opts.ctr_settle),
+                None if out is None else Path(out),
+                SCORE,
+                (low + high) / 2,
+            )
         return self.recorder
 
     def tick(self) -> tuple[int, float] | None:

@@ -49,8 +49,11 @@ def find_peer_python(given: Path | None) -> Path:
 def python_libdir(python: Path) -> str:
     done = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
-        capture_output=True, text=True, check=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
     return done.stdout.strip()
 
 
@@ -58,9 +61,15 @@ class TritonPeer:
     """`with TritonPeer(model_dir, python, log) as peer:` -> `peer.url` (Triton HTTP)."""
 
     def __init__(
-        self, model_dir: Path, python: Path, log: Path, name: str = "ctr", delay_us: int = 0,
-        max_batch: int = 64, ready_timeout_s: float = 240.0,
-    ) -> None:  # fmt: skip
+        self,
+        model_dir: Path,
+        python: Path,
+        log: Path,
+        name: str = "ctr",
+        delay_us: int = 0,
+        max_batch: int = 64,
+        ready_timeout_s: float = 240.0,
+    ) -> None:
         self.model_dir = Path(model_dir)
         self.python = python
         self.log = log
@@ -78,18 +87,37 @@ class TritonPeer:
     def start(self) -> TritonPeer:
         self.port, grpc, metrics = free_port(), free_port(), free_port()
         libdir = python_libdir(self.python)
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT),
-               "LD_LIBRARY_PATH": os.pathsep.join(
-                   p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)}  # fmt: skip
-        command = [str(self.python), "-m", "loadtest.peer_triton", "--model-dir",
-                   str(self.model_dir), "--name", self.name, "--http-port", str(self.port),
-                   "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                   "--delay-us", str(self.delay_us),
-                   "--max-batch", str(self.max_batch)]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO_ROOT),
+            "LD_LIBRARY_PATH": os.pathsep.join(
+                p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p
+            ),
+        }
+        command = [
+            str(self.python),
+            "-m",
+            "loadtest.peer_triton",
+            "--model-dir",
+            str(self.model_dir),
+            "--name",
+            self.name,
+            "--http-port",
+            str(self.port),
+            "--grpc-port",
+            str(grpc),
+            "--metrics-port",
+            str(metrics),
+            "--delay-us",
+            str(self.delay_us),
+            "--max-batch",
+            str(self.max_batch),
+        ]
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as sink:
-            self.process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=sink,
-                                            stderr=sink, start_new_session=True)  # fmt: skip
+            self.process = subprocess.Popen(
+                command, env=env, cwd=REPO_ROOT, stdout=sink, stderr=sink, start_new_session=True
+            )
         try:
             self._wait_ready()
         except ServiceError:

@@ -57,28 +57,40 @@ def serve(args: argparse.Namespace) -> None:
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    model = open_model(Path(args.model_dir), providers=["CPUExecutionProvider"],
-                       intra_op_threads=args.threads)  # fmt: skip
+    model = open_model(
+        Path(args.model_dir), providers=["CPUExecutionProvider"], intra_op_threads=args.threads
+    )
     if model.kind != "behavior":
         raise SystemExit("the peer serves behaviour models (slate-shared graph) only")
     vector = (-1,)
     loopback = "127.0.0.1"  # like the service in benchmarks: never listen beyond this host
-    config = TritonConfig(http_address=loopback, http_port=args.http_port,
-                          grpc_address=loopback, grpc_port=args.grpc_port,
-                          metrics_address=loopback, metrics_port=args.metrics_port,
-                          log_verbose=0)  # fmt: skip
+    config = TritonConfig(
+        http_address=loopback,
+        http_port=args.http_port,
+        grpc_address=loopback,
+        grpc_port=args.grpc_port,
+        metrics_address=loopback,
+        metrics_port=args.metrics_port,
+        log_verbose=0,
+    )
     with Triton(config=config) as triton:
         triton.bind(
             model_name=args.name,
             infer_func=infer_function(model),
-            inputs=[Tensor(name="user", dtype=np.int64, shape=(1,)),
-                    *(Tensor(name=n, dtype=np.int64, shape=vector)
-                      for n in ("hist_items", "hist_cats", "cand_items", "cand_cats"))],
+            inputs=[
+                Tensor(name="user", dtype=np.int64, shape=(1,)),
+                *(
+                    Tensor(name=n, dtype=np.int64, shape=vector)
+                    for n in ("hist_items", "hist_cats", "cand_items", "cand_cats")
+                ),
+            ],
             outputs=[Tensor(name="scores", dtype=np.float32, shape=vector)],
-            config=ModelConfig(max_batch_size=args.max_batch,
-                               batcher=DynamicBatcher(max_queue_delay_microseconds=args.delay_us)),
+            config=ModelConfig(
+                max_batch_size=args.max_batch,
+                batcher=DynamicBatcher(max_queue_delay_microseconds=args.delay_us),
+            ),
             strict=False,
-        )  # fmt: skip
+        )
         triton.serve()
 
 

@@ -62,17 +62,23 @@ def _number(text: str) -> float:
 
 def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
-    return {"cpus": os.cpu_count(), "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "loadavg_1m": round(load[0], 2)}  # fmt: skip
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "loadavg_1m": round(load[0], 2),
+    }
 
 
 def summarize(
     stats: dict[str, dict[str, float]], steps: dict[str, Any], slo: Slo, extra: dict[str, Any]
 ) -> dict[str, Any]:
     total = stats.get(TOTAL, {"requests": 0.0, "failures": 0.0, "rps": 0.0})
-    score = stats.get(SCORE, {"requests": 0.0, "failures": 0.0, "rps": 0.0, "p50_ms": 0.0,
-                              "p95_ms": 0.0, "p99_ms": 0.0})  # fmt: skip
+    score = stats.get(
+        SCORE,
+        {"requests": 0.0, "failures": 0.0, "rps": 0.0, "p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0},
+    )
     requests = total["requests"]
     shed = sum(row["requests"] for name, row in stats.items() if name.endswith(SHED_SUFFIX))
     error_rate = total["failures"] / requests if requests else 0.0
@@ -82,23 +88,34 @@ def summarize(
     return {
         **extra,
         "totals": {
-            "requests": int(requests), "failures": int(total["failures"]), "shed": int(shed),
-            "error_rate": error_rate, "shed_rate": shed / requests if requests else 0.0,
-            "rps": total["rps"], "score_requests": int(score["requests"]),
+            "requests": int(requests),
+            "failures": int(total["failures"]),
+            "shed": int(shed),
+            "error_rate": error_rate,
+            "shed_rate": shed / requests if requests else 0.0,
+            "rps": total["rps"],
+            "score_requests": int(score["requests"]),
             "score_rps": score["rps"],
-            "p50_ms": score["p50_ms"], "p95_ms": score["p95_ms"], "p99_ms": score["p99_ms"],
+            "p50_ms": score["p50_ms"],
+            "p95_ms": score["p95_ms"],
+            "p99_ms": score["p99_ms"],
         },
         "peak": {
             "score_rps": max((s["score_rps"] for s in step_rows), default=0.0),
             "candidates_per_s": max((s["candidates_per_s"] for s in step_rows), default=0.0),
-            "best_step_within_slo": within[-1]["step"] if within and (
-                slo.p99_ms is not None or slo.error_rate is not None) else None,
+            "best_step_within_slo": within[-1]["step"]
+            if within and (slo.p99_ms is not None or slo.error_rate is not None)
+            else None,
         },
         "steps": step_rows,
         "by_name": stats,
-        "slo": {"p99_ms": slo.p99_ms, "error_rate": slo.error_rate,
-                "passed": not violations, "violations": violations},
-    }  # fmt: skip
+        "slo": {
+            "p99_ms": slo.p99_ms,
+            "error_rate": slo.error_rate,
+            "passed": not violations,
+            "violations": violations,
+        },
+    }
 
 
 def _load_axis(steps: list[dict[str, Any]]) -> tuple[list[float], str]:
@@ -122,8 +139,12 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
         ax.plot(x, [max(s[key], 0.1) for s in steps], style, label=key.replace("_ms", ""))
     if summary["slo"]["p99_ms"] is not None:
         ax.axhline(summary["slo"]["p99_ms"], color="red", linestyle="--", label="p99 SLO")
-    ax.set(xlabel=label, ylabel="latency of admitted /v1/score (ms)", yscale="log",
-           title="Latency percentiles per step")  # fmt: skip
+    ax.set(
+        xlabel=label,
+        ylabel="latency of admitted /v1/score (ms)",
+        yscale="log",
+        title="Latency percentiles per step",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -148,8 +169,10 @@ def plot(summary: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _slo_text(slo: dict[str, Any]) -> str:
-    parts = [f"p99 ≤ {slo['p99_ms']:g} ms" if slo["p99_ms"] is not None else "",
-             f"error rate ≤ {slo['error_rate']:g}" if slo["error_rate"] is not None else ""]
+    parts = [
+        f"p99 ≤ {slo['p99_ms']:g} ms" if slo["p99_ms"] is not None else "",
+        f"error rate ≤ {slo['error_rate']:g}" if slo["error_rate"] is not None else "",
+    ]
     return ", ".join(p for p in parts if p) or "none stated"
 
 
@@ -159,8 +182,8 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         "# Load test report",
         "",
-        f"- target: `{summary.get('target')}`" + (" (started by the runner)"
-                                                  if summary.get("local_service") else ""),
+        f"- target: `{summary.get('target')}`"
+        + (" (started by the runner)" if summary.get("local_service") else ""),
         f"- machine: {m.get('cpus')} CPUs, {m.get('processor')}, load average (1 min) "
         f"{m.get('loadavg_1m')} before the run",
         f"- command: `{summary.get('command', '')}`",
@@ -176,7 +199,7 @@ def markdown(summary: dict[str, Any]) -> str:
         "| step | users | offered req/s | scoring req/s | candidates/s | p50 ms | p95 ms "
         "| p99 ms | shed rate | error rate |",
         "|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for s in summary["steps"]:
         offered = f"{s['offered_rps']:.0f}" if s.get("offered_rps") else "closed loop"
         lines.append(

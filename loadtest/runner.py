@@ -104,19 +104,43 @@ def _target(config: LoadTestConfig) -> Iterator[str]:
 
 def locust_command(config: LoadTestConfig, url: str) -> list[str]:
     options = {
-        "world": config.world, "slate": config.slate, "history": config.history,
-        "zipf": config.zipf, "ingest-ratio": config.ingest_ratio, "model": config.model,
-        "timeout-ms": config.timeout_ms, "steps": config.steps,
-        "step-seconds": config.step_seconds, "user-rate": config.user_rate,
-        "arrival": config.arrival, "spawn-rate": config.spawn_rate, "settle": config.settle_s,
-        "steps-out": config.out / "steps.json", "seed": config.seed,
-    }  # fmt: skip
+        "world": config.world,
+        "slate": config.slate,
+        "history": config.history,
+        "zipf": config.zipf,
+        "ingest-ratio": config.ingest_ratio,
+        "model": config.model,
+        "timeout-ms": config.timeout_ms,
+        "steps": config.steps,
+        "step-seconds": config.step_seconds,
+        "user-rate": config.user_rate,
+        "arrival": config.arrival,
+        "spawn-rate": config.spawn_rate,
+        "settle": config.settle_s,
+        "steps-out": config.out / "steps.json",
+        "seed": config.seed,
+    }
     command = [
-        sys.executable, "-m", "locust", "-f", str(config.locustfile), "--headless",
-        "--host", url, "--csv", str(config.out / CSV_PREFIX), "--html",
-        str(config.out / "report.html"), "--only-summary", "--exit-code-on-error", "0",
-        "--loglevel", "WARNING", "--logfile", str(config.out / "locust.log"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(config.locustfile),
+        "--headless",
+        "--host",
+        url,
+        "--csv",
+        str(config.out / CSV_PREFIX),
+        "--html",
+        str(config.out / "report.html"),
+        "--only-summary",
+        "--exit-code-on-error",
+        "0",
+        "--loglevel",
+        "WARNING",
+        "--logfile",
+        str(config.out / "locust.log"),
+    ]
     if config.workers > 0:
         command += ["--processes", str(config.workers)]
     for name, value in options.items():
@@ -131,8 +155,9 @@ def run_locust(config: LoadTestConfig, url: str) -> list[str]:
     limit = config.planned_seconds() + 60  # start-up, shutdown and report writing
     with (config.out / "locust.out").open("wb") as sink:
         try:
-            done = subprocess.run(command, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                  timeout=limit, check=False)  # fmt: skip
+            done = subprocess.run(
+                command, env=env, stdout=sink, stderr=subprocess.STDOUT, timeout=limit, check=False
+            )
         except subprocess.TimeoutExpired:
             raise LoadTestError(f"locust did not finish within {limit:.0f}s") from None
     if done.returncode != 0 or not (config.out / f"{CSV_PREFIX}_stats.csv").exists():
@@ -151,8 +176,9 @@ def run_loadtest(config: LoadTestConfig) -> LoadTestResult:
         with _target(config) as url:
             seeded = None
             if config.seed_history > 0:
-                seeded = seed_histories(url, events, config.seed_history, config.seed_batch,
-                                        config.api_key or None)  # fmt: skip
+                seeded = seed_histories(
+                    url, events, config.seed_history, config.seed_batch, config.api_key or None
+                )
             command = run_locust(config, url)
     except (ServiceError, SeedError) as exc:
         raise LoadTestError(str(exc)) from exc
@@ -168,6 +194,7 @@ def run_loadtest(config: LoadTestConfig) -> LoadTestResult:
         "seeding": None if seeded is None else asdict(seeded),
         "config": {k: str(v) for k, v in asdict(config).items() if k != "api_key"},
     }
-    summary = write_report(config.out, config.out / CSV_PREFIX, config.out / "steps.json",
-                           config.slo, extra)  # fmt: skip
+    summary = write_report(
+        config.out, config.out / CSV_PREFIX, config.out / "steps.json", config.slo, extra
+    )
     return LoadTestResult(summary, EXIT_OK if summary["slo"]["passed"] else EXIT_SLO)

@@ -39,9 +39,10 @@ def event_batches(frame: pd.DataFrame, per_user: int, batch: int) -> list[list[d
         ids = [f"seed-{i}" for i in kept.index]
     records = [
         {"user_id": u, "item_id": i, "category_id": c, "ts": float(t), "event_id": e}
-        for u, i, c, t, e in zip(kept["user_id"], kept["item_id"], kept["category_id"],
-                                 kept["ts"], ids, strict=True)
-    ]  # fmt: skip
+        for u, i, c, t, e in zip(
+            kept["user_id"], kept["item_id"], kept["category_id"], kept["ts"], ids, strict=True
+        )
+    ]
     return [records[start : start + batch] for start in range(0, len(records), batch)]
 
 

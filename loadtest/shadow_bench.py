@@ -57,8 +57,15 @@ def _seed(url: str, pairs: list[tuple[str, str]], users: int, per_user: int) -> 
     with httpx.Client(base_url=url, timeout=30) as client:
         for u in range(users):
             picks = rng.integers(0, len(pairs), per_user)
-            events = [{"user_id": f"b{u}", "item_id": pairs[p][0], "category_id": pairs[p][1],
-                       "ts": 1_700_000_000 + k} for k, p in enumerate(picks)]  # fmt: skip
+            events = [
+                {
+                    "user_id": f"b{u}",
+                    "item_id": pairs[p][0],
+                    "category_id": pairs[p][1],
+                    "ts": 1_700_000_000 + k,
+                }
+                for k, p in enumerate(picks)
+            ]
             client.post("/v1/events", json={"events": events}).raise_for_status()
 
 
@@ -158,17 +165,31 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     routing = out / "routing.yaml"
-    texts = {f: ROUTING.format(model=args.model, primary=args.primary, shadow=args.shadow,
-                               fraction=f) for f in (0.0, 1.0)}  # fmt: skip
+    texts = {
+        f: ROUTING.format(model=args.model, primary=args.primary, shadow=args.shadow, fraction=f)
+        for f in (0.0, 1.0)
+    }
     routing.write_text(texts[0.0])
     pairs = _vocab(Path(args.repo), args.model, args.primary)
     rng = np.random.default_rng(1)
-    bodies = [{"user_id": f"b{k % args.users}", "candidates": [
-        {"item_id": pairs[p][0], "category_id": pairs[p][1]}
-        for p in rng.integers(0, len(pairs), args.candidates)]} for k in range(512)]  # fmt: skip
-    env = {"CTR_ROUTING_FILE": str(routing), "CTR_REQUEST_TIMEOUT_MS": "5000",
-           "CTR_MAX_REQUEST_TIMEOUT_MS": "10000", "CTR_QUEUE_MAX_REQUESTS": "1024",
-           "CTR_DEFAULT_MODEL": args.model, "CTR_MODELS": args.model}  # fmt: skip
+    bodies = [
+        {
+            "user_id": f"b{k % args.users}",
+            "candidates": [
+                {"item_id": pairs[p][0], "category_id": pairs[p][1]}
+                for p in rng.integers(0, len(pairs), args.candidates)
+            ],
+        }
+        for k in range(512)
+    ]
+    env = {
+        "CTR_ROUTING_FILE": str(routing),
+        "CTR_REQUEST_TIMEOUT_MS": "5000",
+        "CTR_MAX_REQUEST_TIMEOUT_MS": "10000",
+        "CTR_QUEUE_MAX_REQUESTS": "1024",
+        "CTR_DEFAULT_MODEL": args.model,
+        "CTR_MODELS": args.model,
+    }
     rows: list[dict[str, Any]] = []
     with LocalService(Path(args.repo), out / "service.log", env) as service:
         _seed(service.url, pairs, args.users, args.history)
@@ -183,15 +204,20 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     _shadow_idle(service.url)
                     before = _shadow_counts(service.url)
                     lat, failed, elapsed = asyncio.run(
-                        drive(service.url, bodies, level, args.seconds))
+                        drive(service.url, bodies, level, args.seconds)
+                    )
                     after = _shadow_counts(service.url)
-                    row = {"load": f"{level} req/s" if kind == "rate" else f"{level} clients",
-                           "shadow": fraction, "repeat": repeat,
-                           "p50_ms": 1000 * float(np.percentile(lat, 50)),
-                           "p99_ms": 1000 * float(np.percentile(lat, 99)),
-                           "rps": len(lat) / elapsed, "failed": failed,
-                           "shadow_scored": after[0] - before[0],
-                           "shadow_dropped": after[1] - before[1]}  # fmt: skip
+                    row = {
+                        "load": f"{level} req/s" if kind == "rate" else f"{level} clients",
+                        "shadow": fraction,
+                        "repeat": repeat,
+                        "p50_ms": 1000 * float(np.percentile(lat, 50)),
+                        "p99_ms": 1000 * float(np.percentile(lat, 99)),
+                        "rps": len(lat) / elapsed,
+                        "failed": failed,
+                        "shadow_scored": after[0] - before[0],
+                        "shadow_dropped": after[1] - before[1],
+                    }
                     print(json.dumps(row), flush=True)
                     rows.append(row | {"latencies": lat})
     (out / "rows.json").write_text(json.dumps(rows))
@@ -211,15 +237,19 @@ def _paired_growth(rows: list[dict[str, Any]]) -> float:
 def table(rows: list[dict[str, Any]]) -> str:
     """Medians over the repeats (and p99 of all repeats' answers pooled), one line per (load,
     shadow fraction)."""
-    lines = ["| load | shadow | p50 ms | p99 ms | p99 vs 0 % | paired p99 vs 0 % | pooled p99 ms | "
-             "answered req/s | shadow scored | shadow dropped | failed |", "|---" * 11 + "|"]
+    lines = [
+        "| load | shadow | p50 ms | p99 ms | p99 vs 0 % | paired p99 vs 0 % | pooled p99 ms | "
+        "answered req/s | shadow scored | shadow dropped | failed |",
+        "|---" * 11 + "|",
+    ]
     for load in dict.fromkeys(r["load"] for r in rows):
         medians: dict[float, dict[str, float]] = {}
         for fraction in (0.0, 1.0):
             mine = [r for r in rows if (r["load"], r["shadow"]) == (load, fraction)]
-            medians[fraction] = {k: statistics.median(r[k] for r in mine)
-                                 for k in ("p50_ms", "p99_ms", "rps", "shadow_scored",
-                                           "shadow_dropped", "failed")}  # fmt: skip
+            medians[fraction] = {
+                k: statistics.median(r[k] for r in mine)
+                for k in ("p50_ms", "p99_ms", "rps", "shadow_scored", "shadow_dropped", "failed")
+            }
             pooled = [x for r in mine for x in r["latencies"]]
             medians[fraction]["pooled_p99_ms"] = 1000 * float(np.percentile(pooled, 99))
         paired = _paired_growth([r for r in rows if r["load"] == load])
@@ -242,10 +272,18 @@ def main() -> None:
     parser.add_argument("--model", default="din")
     parser.add_argument("--primary", type=int, default=1)
     parser.add_argument("--shadow", type=int, default=2)
-    parser.add_argument("--rates", type=lambda t: [float(x) for x in t.split(",") if x],
-                        default=[40.0, 80.0], help="open-loop requests/s")  # fmt: skip
-    parser.add_argument("--concurrency", type=lambda t: [int(x) for x in t.split(",") if x],
-                        default=[8], help="closed-loop clients")  # fmt: skip
+    parser.add_argument(
+        "--rates",
+        type=lambda t: [float(x) for x in t.split(",") if x],
+        default=[40.0, 80.0],
+        help="open-loop requests/s",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=lambda t: [int(x) for x in t.split(",") if x],
+        default=[8],
+        help="closed-loop clients",
+    )
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=5)

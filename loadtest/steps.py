@@ -54,8 +54,11 @@ def snapshot(entries: Mapping[tuple[str, str], _Entry]) -> Snapshot:
         if previous is not None:  # one name sent with two methods: merge
             for ms, count in previous.response_times.items():
                 times[ms] = times.get(ms, 0) + count
-            out[name] = EntrySnapshot(previous.requests + entry.num_requests,
-                                      previous.failures + entry.num_failures, times)  # fmt: skip
+            out[name] = EntrySnapshot(
+                previous.requests + entry.num_requests,
+                previous.failures + entry.num_failures,
+                times,
+            )
         else:
             out[name] = EntrySnapshot(entry.num_requests, entry.num_failures, times)
     return out
@@ -67,9 +70,11 @@ def difference(later: Snapshot, earlier: Snapshot) -> Snapshot:
     for name, entry in later.items():
         before = earlier.get(name, EntrySnapshot(0, 0, {}))
         times = {ms: n - before.response_times.get(ms, 0) for ms, n in entry.response_times.items()}
-        out[name] = EntrySnapshot(entry.requests - before.requests,
-                                  entry.failures - before.failures,
-                                  {ms: n for ms, n in times.items() if n > 0})  # fmt: skip
+        out[name] = EntrySnapshot(
+            entry.requests - before.requests,
+            entry.failures - before.failures,
+            {ms: n for ms, n in times.items() if n > 0},
+        )
     return out
 
 
@@ -133,17 +138,29 @@ def step_result(
     seconds = max(window_s, 1e-9)
     latency = {key: percentile(score.response_times, q) for key, q in PERCENTILES.items()}
     return StepResult(
-        step=index, users=plan.users, offered_rps=plan.offered_rps, window_s=window_s,
-        requests=requests, failures=failures, shed=shed, rps=requests / seconds,
+        step=index,
+        users=plan.users,
+        offered_rps=plan.offered_rps,
+        window_s=window_s,
+        requests=requests,
+        failures=failures,
+        shed=shed,
+        rps=requests / seconds,
         score_rps=score.requests / seconds,
         candidates_per_s=(score.requests - score.failures) * mean_k / seconds,
         error_rate=failures / requests if requests else 0.0,
         shed_rate=shed / requests if requests else 0.0,
-        by_name={name: {"requests": e.requests, "failures": e.failures,
-                        **{k: percentile(e.response_times, q) for k, q in PERCENTILES.items()}}
-                 for name, e in window.items() if e.requests},
+        by_name={
+            name: {
+                "requests": e.requests,
+                "failures": e.failures,
+                **{k: percentile(e.response_times, q) for k, q in PERCENTILES.items()},
+            }
+            for name, e in window.items()
+            if e.requests
+        },
         **latency,
-    )  # fmt: skip
+    )
 
 
 class StepRecorder:
@@ -154,9 +171,13 @@ class StepRecorder:
     """
 
     def __init__(
-        self, plan: list[StepPlan], settle_s: float, path: Path | None, score_name: str,
+        self,
+        plan: list[StepPlan],
+        settle_s: float,
+        path: Path | None,
+        score_name: str,
         mean_k: float,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.plan = plan
         self.settle_s = settle_s
         self.path = path
@@ -194,8 +215,11 @@ class StepRecorder:
             self._settled = (start, {})
         since, before = self._settled
         window = difference(snapshot(entries), before)
-        self.results.append(step_result(index, self.plan[index], window, elapsed - since,
-                                        self.score_name, self.mean_k))  # fmt: skip
+        self.results.append(
+            step_result(
+                index, self.plan[index], window, elapsed - since, self.score_name, self.mean_k
+            )
+        )
         self._settled = None
         self.write()
 

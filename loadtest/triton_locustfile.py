@@ -27,15 +27,27 @@ _VOCABS: dict[str, dict[str, Vocabulary]] = {}
 
 @events.init_command_line_parser.add_listener
 def _arguments(parser: Any) -> None:
-    parser.add_argument("--ctr-model-dir", default="", env_var="CTR_LT_MODEL_DIR",
-                        help="model version directory (its vocabularies) [CTR_LT_MODEL_DIR]")
-    parser.add_argument("--ctr-triton-model", default="ctr", env_var="CTR_LT_TRITON_MODEL",
-                        help="Triton model name [CTR_LT_TRITON_MODEL]")  # fmt: skip
+    parser.add_argument(
+        "--ctr-model-dir",
+        default="",
+        env_var="CTR_LT_MODEL_DIR",
+        help="model version directory (its vocabularies) [CTR_LT_MODEL_DIR]",
+    )
+    parser.add_argument(
+        "--ctr-triton-model",
+        default="ctr",
+        env_var="CTR_LT_TRITON_MODEL",
+        help="Triton model name [CTR_LT_TRITON_MODEL]",
+    )
 
 
 def _tensor(name: str, values: np.ndarray) -> dict[str, Any]:
-    return {"name": name, "shape": [1, len(values)], "datatype": "INT64",
-            "data": [int(v) for v in values]}  # fmt: skip
+    return {
+        "name": name,
+        "shape": [1, len(values)],
+        "datatype": "INT64",
+        "data": [int(v) for v in values],
+    }
 
 
 class TritonUser(PacedUser):
@@ -67,11 +79,16 @@ class TritonUser(PacedUser):
         items, cats = encode_pairs(self.sampler.candidates(k), self.vocabs)
         hist_items, hist_cats = self._history(user)
         user_index = self.vocabs["user"].encode([user]) if "user" in self.vocabs else [1]
-        body = {"inputs": [_tensor("user", np.asarray(user_index)),
-                           _tensor("hist_items", hist_items), _tensor("hist_cats", hist_cats),
-                           _tensor("cand_items", items), _tensor("cand_cats", cats)],
-                "outputs": [{"name": "scores"}]}  # fmt: skip
+        body = {
+            "inputs": [
+                _tensor("user", np.asarray(user_index)),
+                _tensor("hist_items", hist_items),
+                _tensor("hist_cats", hist_cats),
+                _tensor("cand_items", items),
+                _tensor("cand_cats", cats),
+            ],
+            "outputs": [{"name": "scores"}],
+        }
         # Reported under the scoring name so the step statistics and the report read the same.
-        with self.client.post(self.path, json=body, name=SCORE,
-                              catch_response=True) as resp:  # fmt: skip
+        with self.client.post(self.path, json=body, name=SCORE, catch_response=True) as resp:
             classify(resp, 200, lambda answer: len(answer["outputs"][0]["data"]) == k)

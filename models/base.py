@@ -59,9 +59,7 @@ class BehaviorModel(nn.Module, ABC):
     supports_multitask: ClassVar[bool] = True  # False: `_add_towers` gets no tower factory
     tasks: tuple[str, ...] = ("ctr",)  # set per instance by `_add_towers`
 
-    def _add_towers(
-        self, tasks: Sequence[str], make_tower: Callable[[], nn.Module] | None
-    ) -> None:
+    def _add_towers(self, tasks: Sequence[str], make_tower: Callable[[], nn.Module] | None) -> None:
         """The model's own head serves tasks[0]; each further task gets `make_tower()`, a
         fresh head of the same shape over the same representation (None: single-task only)."""
         self.tasks = validate_tasks(tasks)

@@ -66,8 +66,10 @@ class BehaviorTask:
         assert isinstance(model, BehaviorModel)
         batch = batch.to(_device_of(model))
         out = model.forward_train(batch)
-        terms = {**task_losses(out.logits, batch.label, batch.conversion, model.tasks),
-                 **out.aux_losses}  # fmt: skip
+        terms = {
+            **task_losses(out.logits, batch.label, batch.conversion, model.tasks),
+            **out.aux_losses,
+        }
         total = sum(terms.values(), torch.zeros((), device=out.logits.device))
         return total, {name: float(value.detach()) for name, value in terms.items()}
 
@@ -165,8 +167,10 @@ def check_selectable(valid: BehaviorArrays, tasks: Sequence[str], path: Path) ->
     undefined in every epoch and the first epoch kept blindly, so such a file is refused."""
     for column, labels in selection_labels(valid.label, valid.conversion, tasks).items():
         if np.unique(labels).size < 2:
-            message = ("validation needs both classes (early stopping ranks epochs by AUC); "
-                       f"every row has {int(labels[0])}")  # fmt: skip
+            message = (
+                "validation needs both classes (early stopping ranks epochs by AUC); "
+                f"every row has {int(labels[0])}"
+            )
             raise DataError(path, message, column=column)
 
 

@@ -131,8 +131,9 @@ def run_model_bench(
         rows.append(row)
         log.append([row])
     oracle = json.loads((world / "oracle.json").read_text())["behavior"]
-    rows.append({"model": "oracle (true probabilities)", "auc": oracle["auc"],
-                 "logloss": oracle["logloss"]})
+    rows.append(
+        {"model": "oracle (true probabilities)", "auc": oracle["auc"], "logloss": oracle["logloss"]}
+    )
     return rows
 
 

@@ -47,19 +47,27 @@ def predict_file(run_dir: Path, test: Path, device: str) -> Predictions:
     return predict(run.model, eval_batches(arrays, 1024))
 
 
-def _train(model: str, tasks: tuple[str, ...], files: tuple[Path, Path], out: Path,
-           config: TrainConfig) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+def _train(
+    model: str, tasks: tuple[str, ...], files: tuple[Path, Path], out: Path, config: TrainConfig
+) -> tuple[Path, dict[str, Any]]:
     run_dir = out / "runs" / f"{model}-{'-'.join(tasks)}-seed{config.seed}"
     metrics = train_run(model, *files, run_dir, config, {"tasks": tasks})
     return run_dir, metrics
 
 
-def _row(model: str, approach: str, probs: np.ndarray, test: Predictions,
-         seconds: float) -> dict[str, Any]:  # fmt: skip
+def _row(
+    model: str, approach: str, probs: np.ndarray, test: Predictions, seconds: float
+) -> dict[str, Any]:
     metrics = task_metrics(probs, test.label, test.conversion, (CTR, CVR))
-    return {"model": LABELS.get(model, model), "approach": approach, "ctr_auc": metrics["auc"],
-            "cvr_auc": metrics["cvr_auc"], "ctcvr_auc": metrics["ctcvr_auc"],
-            "ctcvr_logloss": metrics["ctcvr_logloss"], "train_seconds": seconds}  # fmt: skip
+    return {
+        "model": LABELS.get(model, model),
+        "approach": approach,
+        "ctr_auc": metrics["auc"],
+        "cvr_auc": metrics["cvr_auc"],
+        "ctcvr_auc": metrics["ctcvr_auc"],
+        "ctcvr_logloss": metrics["ctcvr_logloss"],
+        "train_seconds": seconds,
+    }
 
 
 def _seconds(metrics: dict[str, Any]) -> float:
@@ -78,9 +86,8 @@ def bench_architecture(
     separate = np.stack([click.probs[:, 0], conversion.probs[:, 0]], axis=1)
     return [
         _row(model, MULTI_TASK, joint.probs, joint, _seconds(multi)),
-        _row(model, SEPARATE, separate, joint,
-             _seconds(ctr) + _seconds(cvr)),
-    ]  # fmt: skip
+        _row(model, SEPARATE, separate, joint, _seconds(ctr) + _seconds(cvr)),
+    ]
 
 
 METRICS = ("ctr_auc", "cvr_auc", "ctcvr_auc", "ctcvr_logloss", "train_seconds")
@@ -109,8 +116,9 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _with_gains(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    gains = {id(joint): joint["ctcvr_auc"] - separate["ctcvr_auc"]
-             for separate, joint in _pairs(runs)}  # fmt: skip
+    gains = {
+        id(joint): joint["ctcvr_auc"] - separate["ctcvr_auc"] for separate, joint in _pairs(runs)
+    }
     return [{**r, "ctcvr_gain": gains[id(r)]} if id(r) in gains else r for r in runs]
 
 
@@ -119,8 +127,11 @@ def _pairs(runs: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[st
     by_run: dict[tuple[Any, Any], dict[str, dict[str, Any]]] = {}
     for run in runs:
         by_run.setdefault((run["model"], run.get("seed")), {})[run["approach"]] = run
-    return [(pair[SEPARATE], pair[MULTI_TASK]) for pair in by_run.values()
-            if SEPARATE in pair and MULTI_TASK in pair]  # fmt: skip
+    return [
+        (pair[SEPARATE], pair[MULTI_TASK])
+        for pair in by_run.values()
+        if SEPARATE in pair and MULTI_TASK in pair
+    ]
 
 
 def check_models(models: Sequence[str]) -> None:
@@ -156,13 +167,20 @@ def run_multitask_bench(
         for seed in seeds:
             new = bench_architecture(model, files, test, out, replace(config_for(model), seed=seed))
             runs += [{**row, "seed": seed} for row in new]
-            log.append(runs[-len(new):])
+            log.append(runs[-len(new) :])
     plot_seeds(runs, out / "multitask.png")
     rows = summarize(runs)
     oracle = json.loads((world / "oracle.json").read_text())["behavior"]
-    rows.append({"model": "oracle", "approach": "true probabilities", "ctr_auc": oracle["auc"],
-                 "cvr_auc": oracle["cvr_auc"], "ctcvr_auc": oracle["ctcvr_auc"],
-                 "ctcvr_logloss": oracle["ctcvr_logloss"]})  # fmt: skip
+    rows.append(
+        {
+            "model": "oracle",
+            "approach": "true probabilities",
+            "ctr_auc": oracle["auc"],
+            "cvr_auc": oracle["cvr_auc"],
+            "ctcvr_auc": oracle["ctcvr_auc"],
+            "ctcvr_logloss": oracle["ctcvr_logloss"],
+        }
+    )
     return rows
 
 
@@ -202,16 +220,22 @@ def plot_seeds(runs: Sequence[dict[str, Any]], path: Path) -> None:
 
     models = list(dict.fromkeys(run["model"] for run in runs))
     metrics = (("ctcvr_auc", "CTCVR AUC"), ("cvr_auc", "CVR AUC (clicked rows)"))
-    fig, axes = plt.subplots(len(metrics), len(models), figsize=(3.2 * len(models), 6.4),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(metrics), len(models), figsize=(3.2 * len(models), 6.4), squeeze=False
+    )
     for column, model in enumerate(models):
         pairs = [pair for pair in _pairs(runs) if pair[1]["model"] == model]
         for row, (key, label) in enumerate(metrics):
             ax = axes[row][column]
             for separate, joint in pairs:
                 better = joint[key] > separate[key]
-                ax.plot([0, 1], [separate[key], joint[key]], marker="o", alpha=0.7,
-                        color="tab:green" if better else "tab:red")  # fmt: skip
+                ax.plot(
+                    [0, 1],
+                    [separate[key], joint[key]],
+                    marker="o",
+                    alpha=0.7,
+                    color="tab:green" if better else "tab:red",
+                )
             ax.set_xticks([0, 1], ["CTR × CVR\nmodels", "multi-task"])
             ax.set_xlim(-0.3, 1.3)
             ax.set_title(f"{model}: {label}", fontsize=9)

@@ -117,8 +117,12 @@ def load_behavior(path: Path) -> pd.DataFrame:
     if "conversion" in df.columns:
         bad = (df["conversion"].to_numpy() == 1) & (df["label"].to_numpy() == 0)
         if bad.any():
-            raise DataError(path, "1 on a row whose label is 0 (a conversion needs a click)",
-                            row=_first(bad), column="conversion")
+            raise DataError(
+                path,
+                "1 on a row whose label is 0 (a conversion needs a click)",
+                row=_first(bad),
+                column="conversion",
+            )
     return df
 
 
@@ -132,8 +136,12 @@ def load_slates(path: Path) -> pd.DataFrame:
     keys = ["user_id", "session_id", "slate_index"]
     dup = df.duplicated(keys).to_numpy()
     if dup.any():
-        raise DataError(path, "this (user_id, session_id, slate_index) is in an earlier row",
-                        row=_first(dup), column="slate_index")
+        raise DataError(
+            path,
+            "this (user_id, session_id, slate_index) is in an earlier row",
+            row=_first(dup),
+            column="slate_index",
+        )
     return df.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
@@ -169,8 +177,9 @@ class _Where:
     column: str
 
     def fail(self, problem: str, row: int | None = None) -> DataError:
-        return DataError(self.path, problem, row=None if row is None else row + 1,
-                         column=self.column)
+        return DataError(
+            self.path, problem, row=None if row is None else row + 1, column=self.column
+        )
 
     def reject(self, bad: np.ndarray, problem: str | Callable[[int], str]) -> None:
         """Raises for the first True in `bad` (one entry per row)."""
@@ -251,8 +260,9 @@ def _column_order(path: Path, schema: TableSchema, present: list[str]) -> list[s
         if col.name in present:
             names.append(col.name)
         elif col.required:
-            raise DataError(path, f"required column is missing (found: {', '.join(present)})",
-                            column=col.name)
+            raise DataError(
+                path, f"required column is missing (found: {', '.join(present)})", column=col.name
+            )
     return names + [c for c in present if schema.kind_of(c) and c not in names]
 
 
@@ -280,8 +290,7 @@ def _lists(where: _Where, kind: Kind, arr: pa.Array, from_text: bool) -> list[li
     if from_text:
         flat, rows, lengths = _split_text(arr)
     else:
-        where.expect(pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type), "lists",
-                     arr)
+        where.expect(pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type), "lists", arr)
         lengths = _np(pc.list_value_length(arr).fill_null(0)).astype(np.int64)
         flat, rows = pc.list_flatten(arr), np.repeat(np.arange(len(arr)), lengths)
     nulls = _np(flat.is_null())
@@ -359,8 +368,9 @@ def _check_same_lengths(path: Path, df: pd.DataFrame, ref: str, others: list[str
         bad = other != lengths
         if bad.any():
             r = _first(bad) - 1
-            raise DataError(path, f"{other[r]} values but {ref!r} has {lengths[r]}",
-                            row=r + 1, column=name)
+            raise DataError(
+                path, f"{other[r]} values but {ref!r} has {lengths[r]}", row=r + 1, column=name
+            )
     return lengths
 
 
@@ -412,7 +422,11 @@ def _to_csv_frame(df: pd.DataFrame, path: Path) -> pd.DataFrame:
         bad = _np(pc.or_(pc.equal(flat, ""), pc.match_substring_regex(flat, r"\s")))
         if bad.any():
             row = int(_np(pc.list_parent_indices(lists))[np.flatnonzero(bad)[0]])
-            raise DataError(path, "an id inside the list is empty or contains whitespace, which "
-                            "CSV cannot hold", row=row + 1, column=str(name))
+            raise DataError(
+                path,
+                "an id inside the list is empty or contains whitespace, which CSV cannot hold",
+                row=row + 1,
+                column=str(name),
+            )
         out[name] = pc.binary_join(lists, " ").to_numpy(zero_copy_only=False)
     return out

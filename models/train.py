@@ -270,4 +270,3 @@ def to_builtin(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [to_builtin(v) for v in value]
     return value.item() if isinstance(value, np.generic) else value
-

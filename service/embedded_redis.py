@@ -123,15 +123,21 @@ class RedisServer:
         save = ["--save", "60 1"] if self.persistent else ["--save", ""]
         return [
             redis_server_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.directory),
-            "--logfile", str(self.directory / "redis.log"),
-            "--appendonly", "no",
-            "--daemonize", "no",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--logfile",
+            str(self.directory / "redis.log"),
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
             *save,
             *self.extra_args,
-        ]  # fmt: skip
+        ]
 
     def _wait_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

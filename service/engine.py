@@ -65,9 +65,15 @@ from service.store import (
 )
 
 __all__ = [
-    "HistorySource", "ModelUnavailable", "Route", "Router", "ScoreInput", "ScoreResult",
-    "ScoringEngine", "UnknownModel",
-]  # fmt: skip
+    "HistorySource",
+    "ModelUnavailable",
+    "Route",
+    "Router",
+    "ScoreInput",
+    "ScoreResult",
+    "ScoringEngine",
+    "UnknownModel",
+]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -201,16 +207,30 @@ class ScoringEngine:
         model = handle.model
         after: Callable[[], None] | None = None
         if route.shadow is not None and self.shadow.sampled(route.shadow):
-            job = ShadowJob(request.request_id, route.variant, model.name, model.version,
-                            scored.request, scored.scores, model.output_names,
-                            time.monotonic())  # fmt: skip
+            job = ShadowJob(
+                request.request_id,
+                route.variant,
+                model.name,
+                model.version,
+                scored.request,
+                scored.scores,
+                model.output_names,
+                time.monotonic(),
+            )
             after = functools.partial(self._offer_shadow, route.shadow, job)
         self._observe_predictions(model, scored.scores)
         columns = _columns(model, scored.scores)
-        return ScoreResult(model.name, model.version, route.variant, columns[SCORES],
-                           scored.source, route.experiment, after,
-                           conversion_scores=columns.get(CONVERSION_SCORES),
-                           ctcvr_scores=columns.get(CTCVR_SCORES))  # fmt: skip
+        return ScoreResult(
+            model.name,
+            model.version,
+            route.variant,
+            columns[SCORES],
+            scored.source,
+            route.experiment,
+            after,
+            conversion_scores=columns.get(CONVERSION_SCORES),
+            ctcvr_scores=columns.get(CTCVR_SCORES),
+        )
 
     def _observe_predictions(self, model: LoadedModel, scores: np.ndarray) -> None:
         if scores.shape[0] == 0:  # an empty slate predicts nothing
@@ -259,8 +279,10 @@ class ScoringEngine:
 
         def infer_naive(prepared: list[_Prepared]) -> list[_Scored]:
             start = time.perf_counter()
-            scored = [_Scored(score_per_candidate(model, p.request), p.source, p.request)
-                      for p in prepared]  # fmt: skip
+            scored = [
+                _Scored(score_per_candidate(model, p.request), p.source, p.request)
+                for p in prepared
+            ]
             elapsed = time.perf_counter() - start
             self.metrics.inference_duration.labels(model.name, str(model.version)).observe(elapsed)
             return scored

@@ -28,9 +28,24 @@ from exporters.feeds import SCORES  # torch- and onnxruntime-free
 from service.batcher import BatchObserver
 
 LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.05, 0.075,
-    0.1, 0.25, 0.5, 1.0, 2.5,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 CANDIDATE_BUCKETS = (1, 10, 50, 100, 200, 500, 1000, 2000, 4000, 8000, 16000)
 REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # |primary - shadow| of a click probability: 0.1 pp .. 50 pp.
@@ -49,67 +64,106 @@ class ServiceMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.request_duration = Histogram(
-            "ctr_request_duration_seconds", "HTTP request latency.",
-            ["endpoint", "model", "variant", "status"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "ctr_request_duration_seconds",
+            "HTTP request latency.",
+            ["endpoint", "model", "variant", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
-            "ctr_queue_wait_seconds", "Time from admission to the start of inference.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "ctr_queue_wait_seconds",
+            "Time from admission to the start of inference.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inference_duration = Histogram(
-            "ctr_inference_duration_seconds", "ONNX Runtime run() time per batch.",
-            ["model", "version"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "ctr_inference_duration_seconds",
+            "ONNX Runtime run() time per batch.",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.encode_duration = Histogram(
-            "ctr_encode_duration_seconds", "Vocabulary mapping and array building per batch.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "ctr_encode_duration_seconds",
+            "Vocabulary mapping and array building per batch.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_candidates = Histogram(
-            "ctr_batch_candidates", "Candidates per inference batch.",
-            ["model"], buckets=CANDIDATE_BUCKETS, registry=r,
-        )  # fmt: skip
+            "ctr_batch_candidates",
+            "Candidates per inference batch.",
+            ["model"],
+            buckets=CANDIDATE_BUCKETS,
+            registry=r,
+        )
         self.batch_requests = Histogram(
-            "ctr_batch_requests", "Requests per inference batch.",
-            ["model"], buckets=REQUEST_BUCKETS, registry=r,
-        )  # fmt: skip
+            "ctr_batch_requests",
+            "Requests per inference batch.",
+            ["model"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
         self.store_duration = Histogram(
-            "ctr_store_duration_seconds", "Redis behaviour-store call latency.",
-            ["operation", "outcome"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "ctr_store_duration_seconds",
+            "Redis behaviour-store call latency.",
+            ["operation", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.rejected = Counter(
-            "ctr_requests_rejected_total", "Scoring requests refused or dropped, by reason.",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            "ctr_requests_rejected_total",
+            "Scoring requests refused or dropped, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.history_source = Counter(
-            "ctr_history_source_total", "Where each scored request's history came from.",
-            ["source"], registry=r,
-        )  # fmt: skip
+            "ctr_history_source_total",
+            "Where each scored request's history came from.",
+            ["source"],
+            registry=r,
+        )
         self.events = Counter(
             "ctr_events_total", "Ingested events by outcome.", ["outcome"], registry=r
         )
         self.model_info = Gauge(
-            "ctr_model_info", "Loaded model versions and the execution provider in use (1).",
-            ["model", "version", "provider"], multiprocess_mode="max", registry=r,
-        )  # fmt: skip
+            "ctr_model_info",
+            "Loaded model versions and the execution provider in use (1).",
+            ["model", "version", "provider"],
+            multiprocess_mode="max",
+            registry=r,
+        )
         self.dependency_up = Gauge(
-            "ctr_dependency_up", "1 when the dependency answered its last call.",
-            ["dependency"], multiprocess_mode="max", registry=r,
-        )  # fmt: skip
+            "ctr_dependency_up",
+            "1 when the dependency answered its last call.",
+            ["dependency"],
+            multiprocess_mode="max",
+            registry=r,
+        )
         self.queue_depth = Gauge(
-            "ctr_queue_depth", "Requests waiting in a model's batch queue.",
-            ["model"], multiprocess_mode="livesum", registry=r,
-        )  # fmt: skip
+            "ctr_queue_depth",
+            "Requests waiting in a model's batch queue.",
+            ["model"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.inflight = Gauge(
-            "ctr_inflight_requests", "HTTP requests being handled.",
-            multiprocess_mode="livesum", registry=r,
-        )  # fmt: skip
+            "ctr_inflight_requests",
+            "HTTP requests being handled.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         # One observation per scored request and output, the mean over its candidates: a
         # shift in what a model predicts (pCTR, pCVR, pCTCVR) shows without a label or a
         # per-candidate cost on the scoring path.
         self.prediction_mean = Histogram(
-            "ctr_prediction_mean", "Mean predicted probability of a scored slate, per output.",
-            ["model", "output"], buckets=PROBABILITY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "ctr_prediction_mean",
+            "Mean predicted probability of a scored slate, per output.",
+            ["model", "output"],
+            buckets=PROBABILITY_BUCKETS,
+            registry=r,
+        )
         self._shadow_metrics(r)
         self._reload_metrics(r)
 
@@ -122,42 +176,58 @@ class ServiceMetrics:
         self.shadow_abs_diff = Histogram(
             "ctr_shadow_abs_diff",
             "|primary - shadow| probability, one per candidate and output compared.",
-            compared, buckets=ABS_DIFF_BUCKETS, registry=r,
-        )  # fmt: skip
+            compared,
+            buckets=ABS_DIFF_BUCKETS,
+            registry=r,
+        )
         self.shadow_rank_correlation = Histogram(
             "ctr_shadow_rank_correlation",
             "Spearman rank correlation of primary and shadow slate orderings, one per request "
             "and output compared (not observed for slates of one candidate or with all scores "
             "tied on a side).",
-            compared, buckets=RANK_BUCKETS, registry=r,
-        )  # fmt: skip
+            compared,
+            buckets=RANK_BUCKETS,
+            registry=r,
+        )
         self.shadow_duration = Histogram(
-            "ctr_shadow_duration_seconds", "Shadow scoring time, from enqueue to scores.",
-            pair, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "ctr_shadow_duration_seconds",
+            "Shadow scoring time, from enqueue to scores.",
+            pair,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.shadow_dropped = Counter(
-            "ctr_shadow_dropped_total", "Shadow requests not scored, by reason.",
-            ["shadow", "reason"], registry=r,
-        )  # fmt: skip
+            "ctr_shadow_dropped_total",
+            "Shadow requests not scored, by reason.",
+            ["shadow", "reason"],
+            registry=r,
+        )
         self.shadow_errors = Counter(
-            "ctr_shadow_errors_total", "Shadow failures (never seen by clients), by stage.",
-            ["shadow", "stage"], registry=r,
-        )  # fmt: skip
+            "ctr_shadow_errors_total",
+            "Shadow failures (never seen by clients), by stage.",
+            ["shadow", "stage"],
+            registry=r,
+        )
 
     def _reload_metrics(self, r: CollectorRegistry) -> None:
         self.model_reloads = Counter(
-            "ctr_model_reloads_total", "Model versions swapped in while serving.",
-            ["model"], registry=r,
-        )  # fmt: skip
+            "ctr_model_reloads_total",
+            "Model versions swapped in while serving.",
+            ["model"],
+            registry=r,
+        )
         self.model_reload_failures = Counter(
             "ctr_model_reload_failures_total",
             "Model versions that failed to load or warm up; the old version kept serving.",
-            ["model", "stage"], registry=r,
-        )  # fmt: skip
+            ["model", "stage"],
+            registry=r,
+        )
         self.routing_reloads = Counter(
-            "ctr_routing_reloads_total", "Routing file reloads, by outcome.",
-            ["outcome"], registry=r,
-        )  # fmt: skip
+            "ctr_routing_reloads_total",
+            "Routing file reloads, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
         for outcome in ("ok", "unchanged", "invalid", "failed"):
             self.routing_reloads.labels(outcome)
 

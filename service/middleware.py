@@ -122,7 +122,9 @@ class RequestContextMiddleware:
         access_log.log(
             level,
             "%s %s %d",
-            scope.get("method", ""), endpoint, status,
+            scope.get("method", ""),
+            endpoint,
+            status,
             extra={
                 "method": scope.get("method", ""),
                 "endpoint": endpoint,
@@ -135,4 +137,4 @@ class RequestContextMiddleware:
                 "history_source": state.get("history_source"),
                 "client_request_id": state.get("client_request_id"),
             },
-        )  # fmt: skip
+        )

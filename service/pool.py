@@ -88,8 +88,9 @@ class ModelPool:
             runner = self._make_runner(model)
             runner.start()
             self.handles[key] = Handle(model, runner)
-            self._metrics.model_info.labels(model.name, str(model.version),
-                                            model.providers[0]).set(1)  # fmt: skip
+            self._metrics.model_info.labels(model.name, str(model.version), model.providers[0]).set(
+                1
+            )
             self._metrics.init_model(model.name)
         return self.handles[key]
 

@@ -93,8 +93,11 @@ def open_spec(
     warm_up(model)
     log.info(
         "model %s v%d (%s) loaded; execution provider %s",
-        model.name, model.version, model.kind, model.providers[0],
-    )  # fmt: skip
+        model.name,
+        model.version,
+        model.kind,
+        model.providers[0],
+    )
     return model
 
 
@@ -118,8 +121,10 @@ def warmup_requests(model: LoadedModel) -> list[ScoringRequest]:
     items = model.vocabs["item"].tokens[:8] if "item" in model.vocabs else []
     categories = model.vocabs["category"].tokens[:8] if "category" in model.vocabs else []
     unknown = ("warmup-unknown", "warmup-unknown")
-    known = [(item, categories[k % len(categories)] if categories else unknown[1])
-             for k, item in enumerate(items)] or [unknown]  # fmt: skip
+    known = [
+        (item, categories[k % len(categories)] if categories else unknown[1])
+        for k, item in enumerate(items)
+    ] or [unknown]
     history = (known * model.max_history)[: model.max_history]
     return [
         ScoringRequest("warmup-1", [], [known[0]]),

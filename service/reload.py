@@ -216,8 +216,9 @@ class Reloader:
         stage = "load"
         try:
             spec = ModelSpec(name, version)
-            model = await asyncio.to_thread(load_version, s.repo, spec, s.providers,
-                                            s.intra_op_threads)  # fmt: skip
+            model = await asyncio.to_thread(
+                load_version, s.repo, spec, s.providers, s.intra_op_threads
+            )
             stage = "warmup"
             await asyncio.to_thread(warm_up, model)
         except Exception as exc:
@@ -227,9 +228,11 @@ class Reloader:
             current = self._engine.pool.current_version(name)
             keeps = f"; v{current} keeps serving" if current is not None else ""
             raise ReloadFailed(
-                503, "model_load_failed", f"{name} v{version} failed at {stage}{keeps}",
+                503,
+                "model_load_failed",
+                f"{name} v{version} failed at {stage}{keeps}",
                 [{"stage": stage, "error": type(exc).__name__}],
-            ) from None  # fmt: skip
+            ) from None
         return model
 
     async def _load_missing(self, routing: LoadedRouting, strict: bool) -> list[_Plan]:
@@ -240,8 +243,11 @@ class Reloader:
         for name, version in sorted(routing.config.model_keys(), key=str):
             if version is None and pool.current_version(name) is not None:
                 continue  # the current version serves unpinned routes
-            wanted = version if version is not None else await asyncio.to_thread(
-                latest_version, self._repo, name)  # fmt: skip
+            wanted = (
+                version
+                if version is not None
+                else await asyncio.to_thread(latest_version, self._repo, name)
+            )
             planned = {(p.model.name, p.model.version) for p in plans}
             if (name, wanted) in pool.handles or (name, wanted) in planned:
                 continue

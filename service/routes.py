@@ -61,8 +61,9 @@ async def score(
     """Scores `candidates` for `user_id`; `scores[i]` belongs to `candidates[i]` (as do
     `conversion_scores[i]` and `ctcvr_scores[i]` of a multi-task model)."""
     _check_score_limits(body, settings)
-    timeout_ms = min(x_request_timeout_ms or settings.request_timeout_ms,
-                     settings.max_request_timeout_ms)  # fmt: skip
+    timeout_ms = min(
+        x_request_timeout_ms or settings.request_timeout_ms, settings.max_request_timeout_ms
+    )
     inline = body.history
     result = await engine.score(
         ScoreInput(

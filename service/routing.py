@@ -237,9 +237,12 @@ class ExperimentRouter:
                 position = bucket(experiment.salt or experiment.name, request.user_id)
                 variant = assign(experiment.variants, position)
                 return Route(
-                    variant.model, variant.name, variant.version, experiment.name,
+                    variant.model,
+                    variant.name,
+                    variant.version,
+                    experiment.name,
                     self._shadows.get(variant.name),
-                )  # fmt: skip
+                )
         if self.default_model is None:
             raise ModelUnavailable("no default model")
         return Route(self.default_model, DEFAULT_VARIANT)
@@ -260,12 +263,19 @@ class ExperimentRouter:
         """What /v1/models shows: the file's name and fingerprint and the experiments (salts
         are left out: with a salt anyone could compute every user's arm)."""
         experiments = [
-            {"name": e.name, "match": dict(e.match),
-             "variants": [v.model_dump(exclude_none=True) for v in e.variants]}
+            {
+                "name": e.name,
+                "match": dict(e.match),
+                "variants": [v.model_dump(exclude_none=True) for v in e.variants],
+            }
             for e in self.routing.config.experiments
-        ]  # fmt: skip
-        return {"file": self.routing.file, "sha256": self.routing.sha256,
-                "default_model": self.default_model, "experiments": experiments}  # fmt: skip
+        ]
+        return {
+            "file": self.routing.file,
+            "sha256": self.routing.sha256,
+            "default_model": self.default_model,
+            "experiments": experiments,
+        }
 
 
 def check_references(routing: LoadedRouting, available: dict[str, list[int]]) -> None:

@@ -73,13 +73,17 @@ class ScoreResponse(BaseModel):
     scores: list[float] = Field(description="pCTR: P(click | impression) per candidate.")
     history_source: HistorySource
     conversion_scores: list[float] | SkipJsonSchema[None] = Field(
-        None, exclude_if=_absent, description="pCVR: P(conversion | click, impression) per "
-        "candidate; multi-task models only."
-    )  # fmt: skip
+        None,
+        exclude_if=_absent,
+        description="pCVR: P(conversion | click, impression) per "
+        "candidate; multi-task models only.",
+    )
     ctcvr_scores: list[float] | SkipJsonSchema[None] = Field(
-        None, exclude_if=_absent, description="pCTCVR: P(click and conversion | impression) = "
-        "scores x conversion_scores per candidate; multi-task models only."
-    )  # fmt: skip
+        None,
+        exclude_if=_absent,
+        description="pCTCVR: P(click and conversion | impression) = "
+        "scores x conversion_scores per candidate; multi-task models only.",
+    )
 
 
 class EventIn(_Strict):

@@ -60,6 +60,7 @@ _WARNING_INTERVAL_S = 10.0
 _NICE = 10
 _STOP_CHECK_S = 0.1  # a waiting shadow thread notices a stop within this
 
+
 @dataclass(frozen=True)
 class ShadowSettings:
     queue_max: int = 64  # jobs waiting or running per shadow model version
@@ -290,8 +291,11 @@ class ShadowScorer:
         for job, scores in zip(jobs, model.score([j.request for j in jobs]), strict=True):
             k = len(job.request.candidates)
             if scores.shape != (k, len(model.output_names)) or not _probabilities(scores):
-                self.failed(model.name, "output", ValueError(f"{model.name} v{model.version} "
-                                                             "returned no probabilities"))
+                self.failed(
+                    model.name,
+                    "output",
+                    ValueError(f"{model.name} v{model.version} returned no probabilities"),
+                )
                 continue
             outputs = shared_outputs(job.outputs, model.output_names)
             primary = job.scores[:, [job.outputs.index(name) for name in outputs]]
@@ -319,12 +323,15 @@ class ShadowScorer:
         if store is None or key is None or loop is None:
             return
         fields = {
-            "request_id": job.request_id, "variant": job.variant,
-            "model": job.model, "version": str(job.version),
-            "shadow": model.name, "shadow_version": str(model.version),
+            "request_id": job.request_id,
+            "variant": job.variant,
+            "model": job.model,
+            "version": str(job.version),
+            "shadow": model.name,
+            "shadow_version": str(model.version),
             "items": json.dumps([item for item, _ in job.request.candidates]),
             "outputs": json.dumps(list(outcome.outputs)),
-        }  # fmt: skip
+        }
         for j, name in enumerate(outcome.outputs):
             rho = outcome.rank_correlations[j]
             fields[f"primary_{name}"] = json.dumps(outcome.primary[:, j].tolist())

@@ -32,20 +32,32 @@ def simulate(
     items: Annotated[int, typer.Option(help="Number of items.")] = 2000,
     seed: Annotated[int, typer.Option(help="Random seed; the world is deterministic.")] = 0,
     events_per_user: Annotated[
-        int, typer.Option(help="Clicks per user in the behaviour stream.")] = 50,
+        int, typer.Option(help="Clicks per user in the behaviour stream.")
+    ] = 50,
     pair_strength: Annotated[
-        float, typer.Option(help="Weight of the relational (history-pair) truth term.")] = 3.0,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="Any SimulationConfig field, NAME=VALUE (repeatable), e.g. "
-        "--set slate_size=8 --set satisfaction=0.3.")] = None,
+        float, typer.Option(help="Weight of the relational (history-pair) truth term.")
+    ] = 3.0,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Any SimulationConfig field, NAME=VALUE (repeatable), e.g. "
+            "--set slate_size=8 --set satisfaction=0.3.",
+        ),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars (stderr).")] = True,
 ) -> None:
     """Write a synthetic world with known ground truth (samples, slates, events, oracle)."""
     from models.overrides import with_overrides
     from models.simulate import SimulationConfig, simulate_world
 
-    base = SimulationConfig(n_users=users, n_items=items, seed=seed,
-                            events_per_user=events_per_user, pair_strength=pair_strength)
+    base = SimulationConfig(
+        n_users=users,
+        n_items=items,
+        seed=seed,
+        events_per_user=events_per_user,
+        pair_strength=pair_strength,
+    )
     try:
         config = with_overrides(base, set_ or [])
         config.validate()
@@ -92,10 +104,14 @@ def train(
         int | None, typer.Option(help="Epochs without a better valid AUC before stop (default 2).")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar or per-epoch lines.")] = False,
-    tasks: Annotated[str | None, typer.Option(
-        help="Behaviour models: ctr (default), ctr,cvr (multi-task pCTR/pCVR/pCTCVR for sarn, "
-        "fat, gru and din; needs a conversion column) or cvr (conversion model on clicked rows "
-        "only).")] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="Behaviour models: ctr (default), ctr,cvr (multi-task pCTR/pCVR/pCTCVR for sarn, "
+            "fat, gru and din; needs a conversion column) or cvr (conversion model on clicked rows "
+            "only)."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -127,8 +143,14 @@ def train(
         message = f"{model} has no multi-task option ({', '.join(multitask_models())} have)"
         raise typer.BadParameter(message, param_hint="--tasks" if tasks else "--set")
     config = train_config_for(
-        model, epochs=epochs, batch_size=batch_size, max_len=max_len, seed=seed, device=device,
-        lr=lr, patience=patience,
+        model,
+        epochs=epochs,
+        batch_size=batch_size,
+        max_len=max_len,
+        seed=seed,
+        device=device,
+        lr=lr,
+        patience=patience,
     )
     try:
         resolve_device(device)
@@ -217,9 +239,15 @@ def serve(
     from service.settings import Settings
 
     given: dict[str, Any] = {
-        "repo": repo, "redis_url": redis_url, "host": host, "port": port, "models": models,
-        "default_model": default_model, "routing_file": routing_file, "log_level": log_level,
-    }  # fmt: skip
+        "repo": repo,
+        "redis_url": redis_url,
+        "host": host,
+        "port": port,
+        "models": models,
+        "default_model": default_model,
+        "routing_file": routing_file,
+        "log_level": log_level,
+    }
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
@@ -269,9 +297,14 @@ def export(
     if fp16 and data is None:
         raise typer.BadParameter("--fp16 needs --data (validation AUC check)", param_hint="--data")
     options = ExportOptions(
-        name=name, version=version, data=data, fp16=fp16, exporter=exporter,  # type: ignore[arg-type]
-        intra_op_threads=threads, slate_history=slate_history,
-    )  # fmt: skip
+        name=name,
+        version=version,
+        data=data,
+        fp16=fp16,
+        exporter=exporter,  # type: ignore[arg-type]
+        intra_op_threads=threads,
+        slate_history=slate_history,
+    )
     with _user_errors():
         try:
             result = export_run(run, repo, options)
@@ -286,8 +319,9 @@ def export(
     _echo_json(result.summary())
 
 
-bench_app = typer.Typer(help="Benchmark tables (docs/*.md say which command made each).",
-                        no_args_is_help=True)  # fmt: skip
+bench_app = typer.Typer(
+    help="Benchmark tables (docs/*.md say which command made each).", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 
 
@@ -380,9 +414,12 @@ def bench_export(
 
     config = BenchConfig(
         models=[m.strip() for m in models.split(",") if m.strip()],
-        users=[int(u) for u in users.split(",")], slate=slate, history=history,
-        repeats=repeats, threads=threads,
-    )  # fmt: skip
+        users=[int(u) for u in users.split(",")],
+        slate=slate,
+        history=history,
+        repeats=repeats,
+        threads=threads,
+    )
     rows = run_bench(config)
     typer.echo(format_table(rows, config))
     if out is not None:
@@ -412,12 +449,17 @@ def bench_suite(
     concurrency: Annotated[int, typer.Option(help="Closed-loop locust users.")] = 16,
     seconds: Annotated[float, typer.Option(help="Seconds per load measurement.")] = 20.0,
     peer: Annotated[str, typer.Option(help="triton (PyTriton) or none.")] = "triton",
-    peer_python: Annotated[Path | None, typer.Option(
-        help="Python with the bench extra [CTR_BENCH_PEER_PYTHON, ./.venv-bench].")] = None,
+    peer_python: Annotated[
+        Path | None,
+        typer.Option(help="Python with the bench extra [CTR_BENCH_PEER_PYTHON, ./.venv-bench]."),
+    ] = None,
     export_models: Annotated[
-        str, typer.Option(help="Models for the export benchmark; empty = skip.")] = "sarn",
-    serve_env: Annotated[list[str] | None, typer.Option(
-        help="KEY=VALUE for both services, repeatable (e.g. CTR_INTRA_OP_THREADS=2).")] = None,
+        str, typer.Option(help="Models for the export benchmark; empty = skip.")
+    ] = "sarn",
+    serve_env: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE for both services, repeatable (e.g. CTR_INTRA_OP_THREADS=2)."),
+    ] = None,
 ) -> None:
     """Raw ORT vs the service vs the naive service vs Triton, plus the export benchmark.
 
@@ -427,11 +469,19 @@ def bench_suite(
     if peer not in ("triton", "none"):
         raise typer.BadParameter("triton or none", param_hint="--peer")
     config = SuiteConfig(
-        repo=repo, world=world, out=out, model=model, slate=slate, history=history,
-        users_per_call=[int(u) for u in users.split(",")], concurrency=concurrency,
-        seconds=seconds, peer=peer, peer_python=peer_python,
+        repo=repo,
+        world=world,
+        out=out,
+        model=model,
+        slate=slate,
+        history=history,
+        users_per_call=[int(u) for u in users.split(",")],
+        concurrency=concurrency,
+        seconds=seconds,
+        peer=peer,
+        peer_python=peer_python,
         export_models=[m.strip() for m in export_models.split(",") if m.strip()],
-    )  # fmt: skip
+    )
     config.service_env.update(_key_values(serve_env))
     run_suite(config)
     typer.echo((out / "bench.md").read_text())
@@ -446,27 +496,34 @@ def loadtest(
     ] = None,
     repo: Annotated[Path | None, typer.Option(help="Model repository (local service).")] = None,
     steps: Annotated[str, typer.Option(help="Concurrent users per step, comma-separated.")] = (
-        "4,8,16,32"),
+        "4,8,16,32"
+    ),
     step_seconds: Annotated[float, typer.Option(help="Seconds per step.")] = 10.0,
     user_rate: Annotated[
-        float, typer.Option(help="Requests/s per user; 0 = closed loop, no think time.")] = 0.0,
+        float, typer.Option(help="Requests/s per user; 0 = closed loop, no think time.")
+    ] = 0.0,
     arrival: Annotated[str, typer.Option(help="pacing or poisson (with --user-rate).")] = "pacing",
     slate: Annotated[str, typer.Option(help="Candidates per request: N or LOW-HIGH.")] = "100",
     history: Annotated[
-        str, typer.Option(help="Inline history length N or LOW-HIGH; 0 = stored in Redis.")] = "0",
+        str, typer.Option(help="Inline history length N or LOW-HIGH; 0 = stored in Redis.")
+    ] = "0",
     ingest_ratio: Annotated[float, typer.Option(help="Share of event posts.")] = 0.1,
     model: Annotated[str, typer.Option(help="Pin a model (default: the service's).")] = "",
     timeout_ms: Annotated[float, typer.Option(help="X-Request-Timeout-Ms (0: none).")] = 0.0,
     seed_history: Annotated[
-        int, typer.Option(help="Events per user seeded through /v1/events; 0 = none.")] = 50,
+        int, typer.Option(help="Events per user seeded through /v1/events; 0 = none.")
+    ] = 50,
     workers: Annotated[int, typer.Option(help="Locust worker processes (0: one).")] = 0,
     slo_p99_ms: Annotated[
-        float | None, typer.Option(help="Fail (exit 1) if the scoring p99 exceeds this.")] = None,
+        float | None, typer.Option(help="Fail (exit 1) if the scoring p99 exceeds this.")
+    ] = None,
     slo_error_rate: Annotated[
         float | None, typer.Option(help="Fail (exit 1) if failures/requests exceeds this.")
     ] = None,
-    serve_env: Annotated[list[str] | None, typer.Option(
-        help="KEY=VALUE for the local service, repeatable (e.g. CTR_NAIVE=true).")] = None,
+    serve_env: Annotated[
+        list[str] | None,
+        typer.Option(help="KEY=VALUE for the local service, repeatable (e.g. CTR_NAIVE=true)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Seed, run locust headless and write a report; exit 1 when the SLO is missed.
@@ -478,21 +535,45 @@ def loadtest(
 
     env = _key_values(serve_env)
     config = LoadTestConfig(
-        world=world, out=out, url=url, repo=repo, steps=steps, step_seconds=step_seconds,
-        user_rate=user_rate, arrival=arrival, slate=slate, history=history,
-        ingest_ratio=ingest_ratio, model=model, timeout_ms=timeout_ms,
-        api_key=os.environ.get("CTR_LT_API_KEY", ""), seed_history=seed_history,
-        workers=workers, seed=seed, slo=Slo(slo_p99_ms, slo_error_rate), service_env=env,
-    )  # fmt: skip
+        world=world,
+        out=out,
+        url=url,
+        repo=repo,
+        steps=steps,
+        step_seconds=step_seconds,
+        user_rate=user_rate,
+        arrival=arrival,
+        slate=slate,
+        history=history,
+        ingest_ratio=ingest_ratio,
+        model=model,
+        timeout_ms=timeout_ms,
+        api_key=os.environ.get("CTR_LT_API_KEY", ""),
+        seed_history=seed_history,
+        workers=workers,
+        seed=seed,
+        slo=Slo(slo_p99_ms, slo_error_rate),
+        service_env=env,
+    )
     try:
         result = run_loadtest(config)
     except (LoadTestError, ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(EXIT_ERROR) from None
     totals, slo = result.summary["totals"], result.summary["slo"]
-    typer.echo(json.dumps({"report": str(out), "rps": totals["rps"], "p99_ms": totals["p99_ms"],
-                           "error_rate": totals["error_rate"], "shed_rate": totals["shed_rate"],
-                           "slo_passed": slo["passed"], "violations": slo["violations"]}))
+    typer.echo(
+        json.dumps(
+            {
+                "report": str(out),
+                "rps": totals["rps"],
+                "p99_ms": totals["p99_ms"],
+                "error_rate": totals["error_rate"],
+                "shed_rate": totals["shed_rate"],
+                "slo_passed": slo["passed"],
+                "violations": slo["violations"],
+            }
+        )
+    )
     raise typer.Exit(result.exit_code)
 
 

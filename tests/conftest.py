@@ -48,17 +48,29 @@ def service_model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     world = SimulationConfig(n_users=60, n_items=80, n_categories=8, events_per_user=12, seed=0)
     simulate_world(world, root / "world", progress=False)
     tiny = {
-        "sarn": {"embedding_dim": 4, "relation_width": 4, "attention_hidden": 4,
-                 "hidden_dims": (8,), "regression_hidden": 4},
+        "sarn": {
+            "embedding_dim": 4,
+            "relation_width": 4,
+            "attention_hidden": 4,
+            "hidden_dims": (8,),
+            "regression_hidden": 4,
+        },
         "ncm": {"dim": 8},
         "gru-mt": {"embed_dim": 4, "context_dim": 4, "mlp_hidden": (8,), "tasks": ("ctr", "cvr")},
-    }  # fmt: skip
+    }
     for name, overrides in tiny.items():
         model = name.removesuffix("-mt")
         data = root / "world" / ("slates" if name == "ncm" else "behavior")
         config = train_config_for(model, epochs=1, batch_size=64, max_len=10, device="cpu")
-        train_run(model, data / "train.parquet", data / "test.parquet", root / name, config,
-                  overrides, progress=False)  # fmt: skip
+        train_run(
+            model,
+            data / "train.parquet",
+            data / "test.parquet",
+            root / name,
+            config,
+            overrides,
+            progress=False,
+        )
         export_run(root / name, root / "repo", ExportOptions(name=name))
     return root / "repo"
 

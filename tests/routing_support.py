@@ -54,10 +54,22 @@ def ab_template(service_model_repo: Path, tmp_path_factory: pytest.TempPathFacto
     shutil.copytree(service_model_repo, root / "repo")
     world = service_model_repo.parent / "world" / "behavior"
     config = train_config_for("sarn", epochs=1, batch_size=64, max_len=14, device="cpu", seed=1)
-    tiny = {"embedding_dim": 4, "relation_width": 4, "attention_hidden": 4, "hidden_dims": (8,),
-            "regression_hidden": 4}  # fmt: skip
-    train_run("sarn", world / "train.parquet", world / "test.parquet", root / "sarn2", config,
-              tiny, progress=False)  # fmt: skip
+    tiny = {
+        "embedding_dim": 4,
+        "relation_width": 4,
+        "attention_hidden": 4,
+        "hidden_dims": (8,),
+        "regression_hidden": 4,
+    }
+    train_run(
+        "sarn",
+        world / "train.parquet",
+        world / "test.parquet",
+        root / "sarn2",
+        config,
+        tiny,
+        progress=False,
+    )
     export_run(root / "sarn2", root / "repo", ExportOptions(name="sarn", version=2))
     return root / "repo"
 
@@ -69,10 +81,13 @@ def ab_repo(ab_template: Path, tmp_path: Path) -> Path:
 
 
 def publish_copy(
-    repo: Path, name: str, source: Path, version: int,
+    repo: Path,
+    name: str,
+    source: Path,
+    version: int,
     alter: Callable[[Path], None] | None = None,
     damage: Callable[[Path], None] | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """Publishes the version directory `source` as `name` v`version` (atomic rename);
     `alter(dir)` may change the files first (the manifest's hashes are recomputed after it: a
     consistent but different model); `damage(dir)` changes them after the manifest is written
@@ -145,8 +160,9 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     }
 
 
-def sample(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-           **labels: str) -> float:  # fmt: skip
+def sample(
+    metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
     """Sum of the samples of `name` whose labels include `labels` (0 when none)."""
     wanted = set(labels.items())
     return sum(v for (n, lab), v in metrics.items() if n == name and wanted <= set(lab))
@@ -155,12 +171,19 @@ def sample(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 def launch(repo: Path, log: Path, **env: str) -> Server:
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("CTR_")}
-    environment |= {"CTR_REPO": str(repo), "CTR_PORT": str(port), "CTR_DEFAULT_MODEL": "sarn",
-                    "CTR_ADMIN_API_KEYS": ADMIN, "CTR_REQUEST_TIMEOUT_MS": "5000",
-                    "CTR_INTRA_OP_THREADS": "1", **env}  # fmt: skip
+    environment |= {
+        "CTR_REPO": str(repo),
+        "CTR_PORT": str(port),
+        "CTR_DEFAULT_MODEL": "sarn",
+        "CTR_ADMIN_API_KEYS": ADMIN,
+        "CTR_REQUEST_TIMEOUT_MS": "5000",
+        "CTR_INTRA_OP_THREADS": "1",
+        **env,
+    }
     with log.open("wb") as sink:
-        process = subprocess.Popen([sys.executable, "-c", LAUNCH], env=environment,
-                                   stdout=sink, stderr=sink)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-c", LAUNCH], env=environment, stdout=sink, stderr=sink
+        )
     return Server(process, f"http://127.0.0.1:{port}", log)
 
 

@@ -31,8 +31,13 @@ CANDIDATES = [("i3", "c3"), ("i40", "c0"), ("nope", "c1"), ("i7", "c7")]
 @pytest.fixture
 def make_app(service_model_repo: Path, redis_server: RedisServer) -> AppFactory:
     def factory(**overrides: Any) -> FastAPI:
-        values = {"repo": service_model_repo, "redis_url": redis_server.url,
-                  "default_model": "sarn", "request_timeout_ms": 5000.0, **overrides}  # fmt: skip
+        values = {
+            "repo": service_model_repo,
+            "redis_url": redis_server.url,
+            "default_model": "sarn",
+            "request_timeout_ms": 5000.0,
+            **overrides,
+        }
         return build_app(Settings(**values))
 
     return factory
@@ -52,17 +57,21 @@ def reference(service_model_repo: Path) -> Callable[[str], LoadedModel]:
 
 
 def expected_scores(
-    model: LoadedModel, history: list[tuple[str, str]], cands: list[tuple[str, str]],
+    model: LoadedModel,
+    history: list[tuple[str, str]],
+    cands: list[tuple[str, str]],
     user: str = "u1",
-) -> list[float]:  # fmt: skip
+) -> list[float]:
     (scores,) = model.score([ScoringRequest(user, history, cands)])  # [K, O]
     return [float(s) for s in scores[:, 0]]  # column 0: pCTR
 
 
 def expected_outputs(
-    model: LoadedModel, history: list[tuple[str, str]], cands: list[tuple[str, str]],
+    model: LoadedModel,
+    history: list[tuple[str, str]],
+    cands: list[tuple[str, str]],
     user: str = "u1",
-) -> dict[str, list[float]]:  # fmt: skip
+) -> dict[str, list[float]]:
     """Every output of the loader, by name: what a `/v1/score` body carries under that key."""
     (scores,) = model.score([ScoringRequest(user, history, cands)])  # [K, O]
     return {name: [float(s) for s in scores[:, j]] for j, name in enumerate(model.output_names)}
@@ -74,8 +83,10 @@ def score_body(user: str = "u1", cands: list[tuple[str, str]] = CANDIDATES, **ex
 
 
 def events_body(user: str, history: list[tuple[str, str]]) -> Any:
-    events = [{"user_id": user, "item_id": i, "category_id": c, "ts": 1000 + k,
-               "event_id": f"{user}-{k}"} for k, (i, c) in enumerate(history)]  # fmt: skip
+    events = [
+        {"user_id": user, "item_id": i, "category_id": c, "ts": 1000 + k, "event_id": f"{user}-{k}"}
+        for k, (i, c) in enumerate(history)
+    ]
     return {"events": events}
 
 

@@ -30,8 +30,25 @@ def test_simulate_train_evaluate(tmp_path: Path) -> None:
     train_file, test_file = world / "behavior/train.parquet", world / "behavior/test.parquet"
 
     trained = ctr(
-        "train", "--model", "din", "--train", train_file, "--valid", test_file, "--out", run,
-        "--epochs", 2, "--max-len", 10, "--batch-size", 128, "--lr", 0.005, "--device", "cpu",
+        "train",
+        "--model",
+        "din",
+        "--train",
+        train_file,
+        "--valid",
+        test_file,
+        "--out",
+        run,
+        "--epochs",
+        2,
+        "--max-len",
+        10,
+        "--batch-size",
+        128,
+        "--lr",
+        0.005,
+        "--device",
+        "cpu",
     )
     assert "valid_auc=" in trained.stderr  # per-epoch lines go to stderr
     summary = json.loads(trained.stdout)
@@ -67,8 +84,10 @@ def test_help_lists_train_and_evaluate_and_bad_runs_fail_cleanly(tmp_path: Path)
 
 def test_serve_refuses_a_bad_routing_file_in_one_line_before_starting(tmp_path: Path) -> None:
     routing = tmp_path / "routing.yaml"
-    routing.write_text("experiments: [{name: a, variants: [{name: x, model: m, weight: 1}]},"
-                       " {name: b, variants: [{name: x, model: m, weight: 1}]}]")  # fmt: skip
+    routing.write_text(
+        "experiments: [{name: a, variants: [{name: x, model: m, weight: 1}]},"
+        " {name: b, variants: [{name: x, model: m, weight: 1}]}]"
+    )
     failed = ctr("serve", "--repo", tmp_path, "--routing-file", routing, "--port", "1", check=False)
     assert failed.returncode == 2
     assert failed.stderr.startswith("error: the routing file is invalid (")
@@ -80,5 +99,7 @@ def test_serve_refuses_a_routing_file_naming_a_model_the_repository_lacks(tmp_pa
     routing.write_text("experiments: [{name: a, variants: [{name: x, model: ghost, weight: 1}]}]")
     failed = ctr("serve", "--repo", tmp_path, "--routing-file", routing, "--port", "1", check=False)
     assert failed.returncode == 2
-    assert failed.stderr.strip() == ("error: the routing file names models the repository lacks"
-                                     " (model: ghost is not in the repository)")  # fmt: skip
+    assert failed.stderr.strip() == (
+        "error: the routing file names models the repository lacks"
+        " (model: ghost is not in the repository)"
+    )

@@ -57,8 +57,12 @@ def test_vocabularies_fit_on_train_only(tiny_behavior: pd.DataFrame) -> None:
     valid["hist_category_ids"] = [["c1", "c9"], [], ["c2"], []]
     valid["context_device"] = ["tv", "ios", "", "web"]
     arrays = encode_behavior(valid, vocabs, max_len=3, context_fields=["device"])
-    assert arrays.items.tolist() == [OOV, vocabs["item"].index("i3"), vocabs["item"].index("i1"),
-                                     OOV]
+    assert arrays.items.tolist() == [
+        OOV,
+        vocabs["item"].index("i3"),
+        vocabs["item"].index("i1"),
+        OOV,
+    ]
     assert arrays.hist_items[0].tolist() == [vocabs["item"].index("i1"), OOV, PAD]
     assert arrays.hist_cats[0, 1] == OOV
     assert arrays.context[:, 0].tolist()[0] == OOV
@@ -120,8 +124,16 @@ def test_parquet_and_csv_give_identical_batches(
         arrays = encode_behavior(frame, fit_vocabularies(frame, ["device"]), 5, ["device"])
         batches.append(list(iterate_batches(arrays, 3, shuffle=True, seed=4)))
     for a, b in zip(*batches, strict=True):
-        for name in ("user", "hist_items", "hist_cats", "items", "cats", "context", "label",
-                     "conversion"):
+        for name in (
+            "user",
+            "hist_items",
+            "hist_cats",
+            "items",
+            "cats",
+            "context",
+            "label",
+            "conversion",
+        ):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
@@ -198,8 +210,12 @@ def test_negative_categories_come_from_training_data() -> None:
     arrays = encode_behavior(frame, vocabs, 3, [])
     items, cats = NegativeSampler(arrays, seed=2).sample(np.tile(arrays.hist_items, (50, 1)))
     category_of = {vocabs["item"].index(i): vocabs["category"].index(f"c{i}") for i in "abc"}
-    category_of.update({vocabs["item"].index("t0"): vocabs["category"].index("ct"),
-                        vocabs["item"].index("t1"): vocabs["category"].index("ct")})
+    category_of.update(
+        {
+            vocabs["item"].index("t0"): vocabs["category"].index("ct"),
+            vocabs["item"].index("t1"): vocabs["category"].index("ct"),
+        }
+    )
     for item, cat in zip(items.ravel().tolist(), cats.ravel().tolist(), strict=True):
         if item != PAD:
             assert category_of[item] == cat

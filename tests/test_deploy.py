@@ -128,8 +128,10 @@ def test_serving_image_runs_ctr_serve_as_a_fixed_non_root_user(get_routes: GetRo
     args = dockerfile.args(serve)
     uid, _, gid = expand(serve.last("USER"), args).partition(":")
     assert uid.isdigit() and int(uid) >= 1000 and gid.isdigit(), (uid, gid)
-    assert any(f"--uid {args['APP_UID']}" in expand(r, args) or "--uid ${APP_UID}" in r
-               for r in serve.all("RUN"))  # fmt: skip
+    assert any(
+        f"--uid {args['APP_UID']}" in expand(r, args) or "--uid ${APP_UID}" in r
+        for r in serve.all("RUN")
+    )
     command = exec_form(serve.last("CMD"))
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert command[0] in scripts
@@ -320,9 +322,14 @@ def test_dashboard_layout_and_coverage() -> None:
     # What the issue asks to see: rate, latency quantiles, queue wait, batch size, inference,
     # history source, shed requests (shadow divergence arrives with issue 6's metrics).
     text = json.dumps([q for _, q, _ in dashboard_queries(dashboard)])
-    for metric in ("ctr_request_duration_seconds_count", "ctr_queue_wait_seconds_bucket",
-                   "ctr_batch_candidates_bucket", "ctr_inference_duration_seconds_bucket",
-                   "ctr_history_source_total", "ctr_requests_rejected_total"):  # fmt: skip
+    for metric in (
+        "ctr_request_duration_seconds_count",
+        "ctr_queue_wait_seconds_bucket",
+        "ctr_batch_candidates_bucket",
+        "ctr_inference_duration_seconds_bucket",
+        "ctr_history_source_total",
+        "ctr_requests_rejected_total",
+    ):
         assert metric in text, metric
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, " in text
@@ -335,8 +342,12 @@ def test_dashboard_layout_and_coverage() -> None:
 def test_manifests_validate_against_the_kubernetes_schemas(k8s_version: str) -> None:
     documents = _k8s_documents()
     assert {d["kind"] for _, d in documents} >= {
-        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"
-    }  # fmt: skip
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ConfigMap",
+    }
     for _, document in documents:
         kubernetes_validate.validate(document, k8s_version, strict=True)
     broken = copy.deepcopy(_k8s("Deployment"))
@@ -400,8 +411,11 @@ def test_pod_settings_are_valid_and_the_grace_period_covers_the_drain() -> None:
         env |= _k8s("ConfigMap", source["configMapRef"]["name"])["data"]
     secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
     # Secrets stay out of git; stand-in values of the documented shape.
-    env |= {"CTR_REDIS_URL": "redis://:pw@redis-cluster:6379", "CTR_INGEST_API_KEYS": "k1,k2",
-            "CTR_ADMIN_API_KEYS": "k3"}  # fmt: skip
+    env |= {
+        "CTR_REDIS_URL": "redis://:pw@redis-cluster:6379",
+        "CTR_INGEST_API_KEYS": "k1,k2",
+        "CTR_ADMIN_API_KEYS": "k3",
+    }
     assert set(secrets) <= set(env)
     settings = ctr_settings(env)
     assert settings.redis_cluster and settings.require_gpu and settings.models == []

@@ -74,12 +74,18 @@ def live(service_model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     redis = RedisServer().start()
     port = free_port()
     # Loopback instead of 0.0.0.0, and local stand-ins for the compose network's names.
-    env |= {"CTR_HOST": "127.0.0.1", "CTR_PORT": str(port), "CTR_REPO": str(service_model_repo),
-            "CTR_REDIS_URL": redis.url}  # fmt: skip
+    env |= {
+        "CTR_HOST": "127.0.0.1",
+        "CTR_PORT": str(port),
+        "CTR_REPO": str(service_model_repo),
+        "CTR_REDIS_URL": redis.url,
+    }
     # A routing file with a shadow (as deploy/k8s mounts one), so the shadow panels' series exist.
     routing = tmp_path_factory.mktemp("deploy-routing") / "routing.yaml"
-    routing.write_text("experiments: [{name: live, variants: [{name: live-a, model: sarn, "
-                       "weight: 1, shadow: {model: ncm}}]}]\n")  # fmt: skip
+    routing.write_text(
+        "experiments: [{name: live, variants: [{name: live-a, model: sarn, "
+        "weight: 1, shadow: {model: ncm}}]}]\n"
+    )
     env["CTR_ROUTING_FILE"] = str(routing)
     command = exec_form(serve.last("CMD"))
     command[0] = str(Path(sys.executable).parent / command[0])  # the console script, as on PATH
@@ -112,8 +118,16 @@ def _traffic(client: httpx.Client) -> None:
     """One request of every kind, so every histogram and counter has samples with labels."""
     models = [m["name"] for m in client.get("/v1/models").json()["models"]]
     assert models, "the fixture repository has models"
-    events = [{"user_id": "u1", "item_id": f"i{k}", "category_id": "c1", "ts": 1_700_000_000 + k,
-               "event_id": f"e{k}"} for k in range(3)]  # fmt: skip
+    events = [
+        {
+            "user_id": "u1",
+            "item_id": f"i{k}",
+            "category_id": "c1",
+            "ts": 1_700_000_000 + k,
+            "event_id": f"e{k}",
+        }
+        for k in range(3)
+    ]
     assert client.post("/v1/events", json={"events": events}).status_code == 202
     candidates = [{"item_id": "i1", "category_id": "c1"}, {"item_id": "i2", "category_id": "c2"}]
     for model in models:
@@ -122,8 +136,11 @@ def _traffic(client: httpx.Client) -> None:
         inline = body | {"history": [{"item_id": "i3", "category_id": "c1"}]}
         assert client.post("/v1/score", json=inline).status_code == 200
     # A deadline already spent on arrival is refused and counted (ctr_requests_rejected_total).
-    late = client.post("/v1/score", json={"user_id": "u1", "candidates": candidates},
-                       headers={"X-Request-Timeout-Ms": "0.001"})  # fmt: skip
+    late = client.post(
+        "/v1/score",
+        json={"user_id": "u1", "candidates": candidates},
+        headers={"X-Request-Timeout-Ms": "0.001"},
+    )
     assert late.status_code >= 400
 
 

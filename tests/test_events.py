@@ -15,8 +15,9 @@ from models.schema import load_behavior, write_table
 def _log(rows: list[tuple[str, str, int]]) -> pd.DataFrame:
     """(user, item, ts) rows; every item's category is 'c_' + item."""
     users, items, ts = zip(*rows, strict=True)
-    return pd.DataFrame({"user_id": users, "item_id": items,
-                         "category_id": [f"c_{i}" for i in items], "ts": ts})
+    return pd.DataFrame(
+        {"user_id": users, "item_id": items, "category_id": [f"c_{i}" for i in items], "ts": ts}
+    )
 
 
 def _all_train(events: pd.DataFrame, **kwargs: int) -> pd.DataFrame:
@@ -38,17 +39,28 @@ def _wide_log(n_users: int, per_user: int, seed: int) -> pd.DataFrame:
 
 
 def test_positives_and_histories_follow_time_order() -> None:
-    events = _log([
-        ("A", "a3", 30), ("B", "b1", 1), ("A", "a1", 10), ("A", "a6", 60), ("B", "b2", 2),
-        ("A", "a5", 50), ("A", "a2", 20), ("B", "b3", 3), ("A", "a4", 40), ("B", "b4", 4),
-    ])
+    events = _log(
+        [
+            ("A", "a3", 30),
+            ("B", "b1", 1),
+            ("A", "a1", 10),
+            ("A", "a6", 60),
+            ("B", "b2", 2),
+            ("A", "a5", 50),
+            ("A", "a2", 20),
+            ("B", "b3", 3),
+            ("A", "a4", 40),
+            ("B", "b4", 4),
+        ]
+    )
     pos = _positives(_all_train(events, min_hist=4))
     # B has exactly 4 events: none has 4 earlier ones. A: a5 and a6 do.
     assert pos["user_id"].tolist() == ["A", "A"]
     assert pos["item_id"].tolist() == ["a5", "a6"]
     assert pos["category_id"].tolist() == ["c_a5", "c_a6"]
     assert pos["hist_item_ids"].tolist() == [
-        ["a1", "a2", "a3", "a4"], ["a1", "a2", "a3", "a4", "a5"]
+        ["a1", "a2", "a3", "a4"],
+        ["a1", "a2", "a3", "a4", "a5"],
     ]
     assert pos["hist_category_ids"].iloc[0] == ["c_a1", "c_a2", "c_a3", "c_a4"]
     short = _positives(_all_train(events, min_hist=4, max_len=3))
@@ -57,8 +69,17 @@ def test_positives_and_histories_follow_time_order() -> None:
 
 
 def test_ties_keep_log_order() -> None:
-    events = _log([("C", "c1", 1), ("D", "d1", 5), ("C", "c2", 5), ("C", "c3", 5),
-                   ("D", "d2", 6), ("C", "c4", 5), ("C", "c5", 9)])
+    events = _log(
+        [
+            ("C", "c1", 1),
+            ("D", "d1", 5),
+            ("C", "c2", 5),
+            ("C", "c3", 5),
+            ("D", "d2", 6),
+            ("C", "c4", 5),
+            ("C", "c5", 9),
+        ]
+    )
     pos = _positives(_all_train(events, min_hist=3))
     assert pos["item_id"].tolist() == ["c4", "c5"]
     assert pos["hist_item_ids"].tolist() == [["c1", "c2", "c3"], ["c1", "c2", "c3", "c4"]]
@@ -75,8 +96,7 @@ def test_each_positive_is_followed_by_its_negative() -> None:
         assert pos["user_id"].equals(neg["user_id"])
         assert pos["hist_item_ids"].tolist() == neg["hist_item_ids"].tolist()
         assert pos["hist_category_ids"].tolist() == neg["hist_category_ids"].tolist()
-        for user, item, cat in zip(neg["user_id"], neg["item_id"], neg["category_id"],
-                                   strict=True):
+        for user, item, cat in zip(neg["user_id"], neg["item_id"], neg["category_id"], strict=True):
             assert item not in touched[user]
             assert catalogue[item] == cat
     assert len(train) + len(test) == 2 * 30 * (9 - 4)

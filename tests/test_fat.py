@@ -21,9 +21,16 @@ ATOL = 1e-6
 
 def tiny(**overrides: Any) -> FATConfig:
     base: dict[str, Any] = dict(
-        d=8, heads=2, layers=2, d_ff=16, num_bases=4, meta_dim=4, top_k=2,
-        attention_hidden=8, tower_hidden=8,
-    )  # fmt: skip
+        d=8,
+        heads=2,
+        layers=2,
+        d_ff=16,
+        num_bases=4,
+        meta_dim=4,
+        top_k=2,
+        attention_hidden=8,
+        tower_hidden=8,
+    )
     return FATConfig(**{**base, **overrides})
 
 
@@ -85,10 +92,14 @@ def make_batch(rows: int = 6, length: int = 5, seed: int = 1) -> BehaviorBatch:
 
 def rows_of(batch: BehaviorBatch, index: Tensor) -> BehaviorBatch:
     return BehaviorBatch(
-        user=batch.user[index], hist_items=batch.hist_items[index],
-        hist_cats=batch.hist_cats[index], items=batch.items[index], cats=batch.cats[index],
-        context=batch.context[index], label=batch.label[index],
-    )  # fmt: skip
+        user=batch.user[index],
+        hist_items=batch.hist_items[index],
+        hist_cats=batch.hist_cats[index],
+        items=batch.items[index],
+        cats=batch.cats[index],
+        context=batch.context[index],
+        label=batch.label[index],
+    )
 
 
 def test_shape_finiteness_and_probability_range(model: FAT) -> None:
@@ -135,9 +146,14 @@ def test_forward_slates_with_ragged_users_equals_pairwise_forward(model: FAT) ->
     cand_items = torch.randint(2, SIZES["item"], (6,), generator=g)
     cand_cats = torch.randint(2, SIZES["category"], (6,), generator=g)
     slates = model.forward_slates(
-        users.user, users.hist_items, users.hist_cats, users.context,
-        cand_items, cand_cats, cand_user_index,
-    )  # fmt: skip
+        users.user,
+        users.hist_items,
+        users.hist_cats,
+        users.context,
+        cand_items,
+        cand_cats,
+        cand_user_index,
+    )
     pairwise = rows_of(users, cand_user_index)
     pairwise.items, pairwise.cats = cand_items, cand_cats
     torch.testing.assert_close(slates, model(pairwise), atol=ATOL, rtol=0)

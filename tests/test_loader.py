@@ -148,8 +148,10 @@ def test_the_manifest_decides_which_outputs_are_served(
     full = open_model(exported_mt[0], providers=["CPUExecutionProvider"])
     named = _rewrite_outputs(exported_mt[0], tmp_path / "named", list(MULTI_TASK_OUTPUTS))
     assert open_model(named, providers=["CPUExecutionProvider"]).output_names == MULTI_TASK_OUTPUTS
-    only = open_model(_rewrite_outputs(exported_mt[0], tmp_path / "only", ["scores"]),
-                      providers=["CPUExecutionProvider"])  # fmt: skip
+    only = open_model(
+        _rewrite_outputs(exported_mt[0], tmp_path / "only", ["scores"]),
+        providers=["CPUExecutionProvider"],
+    )
     assert only.output_names == ("scores",)
     requests = _requests()
     for one, three in zip(only.score(requests), full.score(requests), strict=True):

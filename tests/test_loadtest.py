@@ -30,9 +30,17 @@ from loadtest.steps import EntrySnapshot, StepPlan, StepRecorder, difference, pe
 
 pytestmark = pytest.mark.slow
 SLATE = 8
-REPORT_FILES = ["locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv",
-                "report.html", "steps.json", "summary.json", "summary.md", "latency.png",
-                "throughput.png"]  # fmt: skip
+REPORT_FILES = [
+    "locust_stats.csv",
+    "locust_stats_history.csv",
+    "locust_failures.csv",
+    "report.html",
+    "steps.json",
+    "summary.json",
+    "summary.md",
+    "latency.png",
+    "throughput.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +50,29 @@ def world(service_model_repo: Path) -> Path:
 
 
 def _loadtest(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "slatectr.cli", "loadtest", "--slate", str(SLATE),
-               "--step-seconds", "3", "--model", "sarn", "--seed-history", "12", *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=150,
-                          env={**os.environ, **(env or {})}, check=False)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "slatectr.cli",
+        "loadtest",
+        "--slate",
+        str(SLATE),
+        "--step-seconds",
+        "3",
+        "--model",
+        "sarn",
+        "--seed-history",
+        "12",
+        *args,
+    ]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def _stats_rows(path: Path) -> dict[str, dict[str, str]]:
@@ -65,10 +92,24 @@ def test_local_run_writes_the_report_and_passes_a_lax_slo(
     service_model_repo: Path, world: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "report"
-    done = _loadtest("--world", str(world), "--out", str(out), "--repo", str(service_model_repo),
-                     "--steps", "2,4", "--ingest-ratio", "0.2", "--slo-p99-ms", "60000",
-                     "--slo-error-rate", "0.5",
-                     "--serve-env", "CTR_REQUEST_TIMEOUT_MS=5000")  # fmt: skip
+    done = _loadtest(
+        "--world",
+        str(world),
+        "--out",
+        str(out),
+        "--repo",
+        str(service_model_repo),
+        "--steps",
+        "2,4",
+        "--ingest-ratio",
+        "0.2",
+        "--slo-p99-ms",
+        "60000",
+        "--slo-error-rate",
+        "0.5",
+        "--serve-env",
+        "CTR_REQUEST_TIMEOUT_MS=5000",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     for name in REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
@@ -79,7 +120,8 @@ def test_local_run_writes_the_report_and_passes_a_lax_slo(
     assert score > 0 and ingest > 0
     assert score > ingest  # the mix is mostly scoring (80/20 here)
     assert int(rows["Aggregated"]["Request Count"]) == sum(
-        int(r["Request Count"]) for name, r in rows.items() if name != "Aggregated")
+        int(r["Request Count"]) for name, r in rows.items() if name != "Aggregated"
+    )
 
     summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
     totals = summary["totals"]
@@ -90,12 +132,17 @@ def test_local_run_writes_the_report_and_passes_a_lax_slo(
     for step in summary["steps"]:
         assert step["requests"] > 0 and step["rps"] > 0 and step["window_s"] > 0
         assert 0 < step["p50_ms"] <= step["p95_ms"] <= step["p99_ms"]
-        answered = step["by_name"]["/v1/score"]["requests"] - step["by_name"]["/v1/score"][
-            "failures"]
+        answered = (
+            step["by_name"]["/v1/score"]["requests"] - step["by_name"]["/v1/score"]["failures"]
+        )
         # every scoring request carries exactly SLATE candidates
         assert step["candidates_per_s"] == pytest.approx(SLATE * answered / step["window_s"])
-    assert summary["slo"] == {"p99_ms": 60000.0, "error_rate": 0.5, "passed": True,
-                              "violations": []}  # fmt: skip
+    assert summary["slo"] == {
+        "p99_ms": 60000.0,
+        "error_rate": 0.5,
+        "passed": True,
+        "violations": [],
+    }
     # 60 users x 12 events in the fixture's world, all kept (the last 12 per user)
     assert summary["seeding"]["events"] == 720
     assert summary["seeding"]["accepted"] == 720  # a fresh embedded Redis: nothing duplicate
@@ -110,13 +157,31 @@ def test_local_run_writes_the_report_and_passes_a_lax_slo(
 def test_external_url_missed_slo_counts_shed_apart_and_leaves_the_service(
     service_model_repo: Path, world: Path, tmp_path: Path
 ) -> None:
-    env = {"CTR_INGEST_API_KEYS": "lt-key", "CTR_DEFAULT_MODEL": "sarn",
-           "CTR_QUEUE_MAX_REQUESTS": "1", "CTR_REQUEST_TIMEOUT_MS": "5000"}  # fmt: skip
+    env = {
+        "CTR_INGEST_API_KEYS": "lt-key",
+        "CTR_DEFAULT_MODEL": "sarn",
+        "CTR_QUEUE_MAX_REQUESTS": "1",
+        "CTR_REQUEST_TIMEOUT_MS": "5000",
+    }
     out = tmp_path / "report"
     with LocalService(service_model_repo, tmp_path / "service.log", env) as service:
-        done = _loadtest("--world", str(world), "--out", str(out), "--url", service.url,
-                         "--steps", "12", "--workers", "2", "--ingest-ratio", "0",
-                         "--slo-p99-ms", "0.001", env={"CTR_LT_API_KEY": "lt-key"})  # fmt: skip
+        done = _loadtest(
+            "--world",
+            str(world),
+            "--out",
+            str(out),
+            "--url",
+            service.url,
+            "--steps",
+            "12",
+            "--workers",
+            "2",
+            "--ingest-ratio",
+            "0",
+            "--slo-p99-ms",
+            "0.001",
+            env={"CTR_LT_API_KEY": "lt-key"},
+        )
         assert done.returncode == 1, done.stdout + done.stderr
         assert httpx.get(f"{service.url}/healthz", timeout=5).status_code == 200
         history = httpx.get(f"{service.url}/v1/users/u7/history", timeout=5).json()["items"]
@@ -155,8 +220,10 @@ def test_percentiles_of_a_histogram() -> None:
 
 def test_step_windows_leave_out_what_came_before() -> None:
     earlier = {"/v1/score": EntrySnapshot(10, 1, {5: 10})}
-    later = {"/v1/score": EntrySnapshot(30, 1, {5: 12, 50: 18}),
-             "/v1/score [shed]": EntrySnapshot(4, 0, {1: 4})}  # fmt: skip
+    later = {
+        "/v1/score": EntrySnapshot(30, 1, {5: 12, 50: 18}),
+        "/v1/score [shed]": EntrySnapshot(4, 0, {1: 4}),
+    }
     window = difference(later, earlier)
     assert window["/v1/score"] == EntrySnapshot(20, 0, {5: 2, 50: 18})
     assert window["/v1/score [shed]"].requests == 4
@@ -164,8 +231,9 @@ def test_step_windows_leave_out_what_came_before() -> None:
 
 def test_recorder_follows_the_plan_and_measures_each_steady_window(tmp_path: Path) -> None:
     plan = [StepPlan(2, 10.0), StepPlan(5, 10.0, user_rate=3.0)]
-    recorder = StepRecorder(plan, settle_s=2.0, path=tmp_path / "steps.json",
-                            score_name="/v1/score", mean_k=10)  # fmt: skip
+    recorder = StepRecorder(
+        plan, settle_s=2.0, path=tmp_path / "steps.json", score_name="/v1/score", mean_k=10
+    )
     entries: dict[tuple[str, str], Any] = {("/v1/score", "POST"): _Entry(0, 0, {})}
     assert recorder.tick(0.0, entries) is plan[0]
     entries = {("/v1/score", "POST"): _Entry(7, 0, {3: 7})}  # ramp-up: left out
@@ -179,7 +247,9 @@ def test_recorder_follows_the_plan_and_measures_each_steady_window(tmp_path: Pat
     assert first.offered_rps is None
     assert recorder.tick(20.0, entries) is None
     assert [s["users"] for s in json.loads((tmp_path / "steps.json").read_text())["steps"]] == [
-        2, 5]
+        2,
+        5,
+    ]
     assert recorder.results[1].offered_rps == 15.0
 
 
@@ -193,8 +263,14 @@ def test_population_draws_zipf_users_and_bounded_inputs() -> None:
     weights = zipf_weights(100, 1.0, seed=3)
     assert weights.sum() == pytest.approx(1.0)
     assert weights.max() / weights.min() == pytest.approx(100.0)  # rank 1 vs rank 100
-    frame = pd.DataFrame({"user_id": ["a", "a", "a", "b"], "item_id": ["i1", "i2", "i3", "i4"],
-                          "category_id": ["c1", "c1", "c2", "c2"], "ts": [3, 1, 2, 5]})  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "user_id": ["a", "a", "a", "b"],
+            "item_id": ["i1", "i2", "i3", "i4"],
+            "category_id": ["c1", "c1", "c2", "c2"],
+            "ts": [3, 1, 2, 5],
+        }
+    )
     population = Population.from_events(frame.sort_values(["user_id", "ts"]), history=2)
     sampler = population.sampler(0)
     assert sampler.history("a", 5) == [("i3", "c2"), ("i1", "c1")]  # last 2 by time, oldest first

@@ -102,7 +102,9 @@ def test_the_dev_lock_satisfies_pyproject(dev: dict[str, Pin]) -> None:
             continue
         assert name in dev, f"{name} is in pyproject.toml but not in requirements/dev.txt"
         assert requirement.specifier.contains(dev[name].version, prereleases=True), (
-            requirement, dev[name].version)  # fmt: skip
+            requirement,
+            dev[name].version,
+        )
 
 
 def test_the_venv_is_the_dev_lock(dev: dict[str, Pin]) -> None:

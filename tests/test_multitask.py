@@ -39,12 +39,15 @@ def make_batch(rows: int = 6, seed: int = 0) -> BehaviorBatch:
     hist[0] = 0  # an empty history
     label = torch.tensor([1.0, 0.0] * (rows // 2))
     return BehaviorBatch(
-        user=torch.randint(2, 10, (rows,), generator=g), hist_items=hist, hist_cats=hist % 8,
+        user=torch.randint(2, 10, (rows,), generator=g),
+        hist_items=hist,
+        hist_cats=hist % 8,
         items=torch.randint(2, 30, (rows,), generator=g),
         cats=torch.randint(2, 8, (rows,), generator=g),
-        context=torch.randint(2, 5, (rows, 1), generator=g), label=label,
+        context=torch.randint(2, 5, (rows, 1), generator=g),
+        label=label,
         conversion=label * torch.tensor([1.0, 0.0, 0.0, 0.0] * (rows // 4 + 1))[:rows],
-    )  # fmt: skip
+    )
 
 
 def build(name: str, tasks: tuple[str, ...]) -> Any:
@@ -80,8 +83,9 @@ def test_the_conversion_tower_learns_from_impressions_without_a_click() -> None:
     model = build("gru", MULTI).train()
     batch = make_batch()
     unclicked = batch.label == 0
-    batch = BehaviorBatch(**{k: (v[unclicked] if isinstance(v, torch.Tensor) else v)
-                             for k, v in vars(batch).items()})  # fmt: skip
+    batch = BehaviorBatch(
+        **{k: (v[unclicked] if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+    )
     losses = task_losses(model(batch), batch.label, batch.conversion, model.tasks)
     assert set(losses) == {"ctr", "ctcvr"}
     sum(losses.values()).backward()  # type: ignore[union-attr]
@@ -130,7 +134,8 @@ def test_conversion_metrics_use_the_right_rows() -> None:
     clicked = click == 1
     assert metrics["auc"] == pytest.approx(roc_auc_score(click, probs[:, 0]))
     assert metrics["cvr_auc"] == pytest.approx(
-        roc_auc_score(conversion[clicked], probs[clicked, 1]))
+        roc_auc_score(conversion[clicked], probs[clicked, 1])
+    )
     product = probs[:, 0] * probs[:, 1]
     assert metrics["ctcvr_auc"] == pytest.approx(roc_auc_score(conversion, product))
     assert metrics["selection"] == pytest.approx((metrics["auc"] + metrics["ctcvr_auc"]) / 2)
@@ -150,12 +155,17 @@ def conversion_frame(n: int, seed: int) -> pd.DataFrame:
         target = int(rng.integers(0, 60))
         click = int((target % 6 in {h % 6 for h in hist}) == (rng.random() < 0.9))
         converts = rng.random() < (0.8 if target % 2 == 0 else 0.1)
-        rows.append({
-            "user_id": f"u{rng.integers(0, 50)}", "item_id": f"i{target}",
-            "category_id": f"c{target % 6}", "hist_item_ids": [f"i{h}" for h in hist],
-            "hist_category_ids": [f"c{h % 6}" for h in hist], "label": click,
-            "conversion": int(click and converts),
-        })  # fmt: skip
+        rows.append(
+            {
+                "user_id": f"u{rng.integers(0, 50)}",
+                "item_id": f"i{target}",
+                "category_id": f"c{target % 6}",
+                "hist_item_ids": [f"i{h}" for h in hist],
+                "hist_category_ids": [f"c{h % 6}" for h in hist],
+                "label": click,
+                "conversion": int(click and converts),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -195,10 +205,12 @@ def test_the_conversion_baseline_trains_on_clicked_rows_only(
     frame.loc[frame["label"] == 0, "user_id"] = "never-clicks"
     write_table(frame, tmp_path / "train.parquet")
     config = TrainConfig(max_len=8)
-    _, _, _, cvr_vocabs = build_behavior_task(tmp_path / "train.parquet", files[1], config,
-                                              False, ("cvr",))  # fmt: skip
-    _, _, _, mt_vocabs = build_behavior_task(tmp_path / "train.parquet", files[1], config,
-                                             False, MULTI)  # fmt: skip
+    _, _, _, cvr_vocabs = build_behavior_task(
+        tmp_path / "train.parquet", files[1], config, False, ("cvr",)
+    )
+    _, _, _, mt_vocabs = build_behavior_task(
+        tmp_path / "train.parquet", files[1], config, False, MULTI
+    )
     assert "never-clicks" in mt_vocabs["user"].tokens
     assert "never-clicks" not in cvr_vocabs["user"].tokens
 
@@ -207,23 +219,35 @@ def test_conversion_tasks_need_a_conversion_column(tmp_path: Path) -> None:
     frame = conversion_frame(50, seed=3).drop(columns="conversion")
     write_table(frame, tmp_path / "plain.parquet")
     with pytest.raises(DataError, match="conversion"):
-        build_behavior_task(tmp_path / "plain.parquet", tmp_path / "plain.parquet",
-                            TrainConfig(max_len=8), False, MULTI)  # fmt: skip
+        build_behavior_task(
+            tmp_path / "plain.parquet",
+            tmp_path / "plain.parquet",
+            TrainConfig(max_len=8),
+            False,
+            MULTI,
+        )
 
 
 @pytest.mark.parametrize(
     ("tasks", "change", "column"),
-    [(MULTI, {"conversion": 0}, "conversion"), (("cvr",), {"conversion": 0}, "conversion"),
-     (("ctr",), {"label": 0, "conversion": 0}, "label")],
-)  # fmt: skip
+    [
+        (MULTI, {"conversion": 0}, "conversion"),
+        (("cvr",), {"conversion": 0}, "conversion"),
+        (("ctr",), {"label": 0, "conversion": 0}, "label"),
+    ],
+)
 def test_a_validation_file_that_cannot_rank_epochs_is_refused(
-    files: tuple[Path, Path], tmp_path: Path, tasks: tuple[str, ...], change: dict[str, int],
+    files: tuple[Path, Path],
+    tmp_path: Path,
+    tasks: tuple[str, ...],
+    change: dict[str, int],
     column: str,
-) -> None:  # fmt: skip
+) -> None:
     write_table(pd.read_parquet(files[1]).assign(**change), tmp_path / "one-class.parquet")
     with pytest.raises(DataError, match="both classes") as caught:
-        build_behavior_task(files[0], tmp_path / "one-class.parquet", TrainConfig(max_len=8),
-                            False, tasks)  # fmt: skip
+        build_behavior_task(
+            files[0], tmp_path / "one-class.parquet", TrainConfig(max_len=8), False, tasks
+        )
     assert f"column '{column}'" in str(caught.value)
 
 
@@ -231,15 +255,31 @@ def test_cli_trains_and_evaluates_a_multi_task_model(
     files: tuple[Path, Path], tmp_path: Path
 ) -> None:
     runner = CliRunner()
-    common = ["train", "--model", "gru", "--train", str(files[0]), "--valid", str(files[1]),
-              "--epochs", "1", "--max-len", "8", "--quiet", "--device", "cpu"]  # fmt: skip
+    common = [
+        "train",
+        "--model",
+        "gru",
+        "--train",
+        str(files[0]),
+        "--valid",
+        str(files[1]),
+        "--epochs",
+        "1",
+        "--max-len",
+        "8",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     # a space after the comma is what people type; it must mean the same tasks
     result = runner.invoke(app, [*common, "--out", str(tmp_path / "run"), "--tasks", "ctr, cvr"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert {"valid_cvr_auc", "valid_ctcvr_auc"} <= set(summary)
-    evaluated = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "run"),
-                                    "--data", str(files[1]), "--device", "cpu"])  # fmt: skip
+    evaluated = runner.invoke(
+        app,
+        ["evaluate", "--run", str(tmp_path / "run"), "--data", str(files[1]), "--device", "cpu"],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(evaluated.output.strip().splitlines()[-1])
     # Independent of task_metrics: sklearn on the run's own probabilities and the file's labels.
@@ -247,14 +287,17 @@ def test_cli_trains_and_evaluates_a_multi_task_model(
     truth = pd.read_parquet(files[1])
     clicked = truth["label"].to_numpy() == 1
     assert metrics["cvr_auc"] == pytest.approx(
-        roc_auc_score(truth["conversion"][clicked], probs[clicked, 1]))
+        roc_auc_score(truth["conversion"][clicked], probs[clicked, 1])
+    )
     assert metrics["ctcvr_auc"] == pytest.approx(
-        roc_auc_score(truth["conversion"], probs[:, 0] * probs[:, 1]))
+        roc_auc_score(truth["conversion"], probs[:, 0] * probs[:, 1])
+    )
     assert "selection" not in metrics  # the early-stopping criterion is not a test metric
     bad = runner.invoke(app, [*common, "--out", str(tmp_path / "x"), "--tasks", "ctr,clicks"])
     assert bad.exit_code == 2 and "tasks must be one of" in bad.output
-    wdl = runner.invoke(app, [*common[:2], "wdl", *common[3:], "--out", str(tmp_path / "w"),
-                              "--tasks", "ctr,cvr"])  # fmt: skip
+    wdl = runner.invoke(
+        app, [*common[:2], "wdl", *common[3:], "--out", str(tmp_path / "w"), "--tasks", "ctr,cvr"]
+    )
     assert wdl.exit_code == 2 and "no multi-task option" in wdl.output
 
 
@@ -271,14 +314,35 @@ def test_evaluating_a_conversion_run_on_a_file_without_conversions_says_so(
     files: tuple[Path, Path], tmp_path: Path, tasks: str
 ) -> None:
     runner = CliRunner()
-    trained = runner.invoke(app, [
-        "train", "--model", "gru", "--train", str(files[0]), "--valid", str(files[1]),
-        "--epochs", "1", "--max-len", "8", "--quiet", "--device", "cpu", "--tasks", tasks,
-        "--out", str(tmp_path / "run")])  # fmt: skip
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "gru",
+            "--train",
+            str(files[0]),
+            "--valid",
+            str(files[1]),
+            "--epochs",
+            "1",
+            "--max-len",
+            "8",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--tasks",
+            tasks,
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert trained.exit_code == 0, trained.output
     write_table(pd.read_parquet(files[1]).drop(columns="conversion"), tmp_path / "clicks.parquet")
-    result = runner.invoke(app, ["evaluate", "--run", str(tmp_path / "run"),
-                                 "--data", str(tmp_path / "clicks.parquet")])  # fmt: skip
+    result = runner.invoke(
+        app,
+        ["evaluate", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "clicks.parquet")],
+    )
     assert result.exit_code == 2
     assert "need conversion labels; the file has no column" in result.output
     assert "Traceback" not in result.output
@@ -290,8 +354,9 @@ def test_an_undefined_metric_is_printed_as_json_null(
     assert train(files, tmp_path / "run", MULTI)["best_epoch"] >= 1
     frame = pd.read_parquet(files[1]).assign(conversion=0)  # no clicked row converts
     write_table(frame, tmp_path / "none.parquet")
-    result = CliRunner().invoke(app, ["evaluate", "--run", str(tmp_path / "run"),
-                                      "--data", str(tmp_path / "none.parquet")])  # fmt: skip
+    result = CliRunner().invoke(
+        app, ["evaluate", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "none.parquet")]
+    )
     assert result.exit_code == 0, result.output
 
     def refuse(constant: str) -> None:
@@ -304,9 +369,7 @@ def test_an_undefined_metric_is_printed_as_json_null(
 
 # --- export ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["sarn", "fat", "gru"])
-def test_multi_task_export_serves_three_outputs_within_tolerance(
-    name: str, tmp_path: Path
-) -> None:
+def test_multi_task_export_serves_three_outputs_within_tolerance(name: str, tmp_path: Path) -> None:
     behaviour, _ = write_data(tmp_path / "data")
     run = make_run(tmp_path / "run", name, behaviour, tasks=MULTI)
     directory = export_run(run, tmp_path / "repo", ExportOptions(data=behaviour)).directory
@@ -316,26 +379,44 @@ def test_multi_task_export_serves_three_outputs_within_tolerance(
     assert names == ["scores", "conversion_scores", "ctcvr_scores"]
     assert manifest["parity"]["passed"] and manifest["parity"]["max_abs_diff"] <= 1e-5
     session = open_model(directory, providers=["CPUExecutionProvider"])
-    feeds = session.encode([ScoringRequest("u1", [("i1", "c1"), ("i2", "c2")],
-                                           [("i3", "c3"), ("i4", "c4"), ("i9", "c2")],
-                                           {"device": "ios"})])  # fmt: skip
-    graph = dict(zip(names, session.session.run(names, {
-        k: feeds[k] for k in session.input_names}), strict=True))  # fmt: skip
+    feeds = session.encode(
+        [
+            ScoringRequest(
+                "u1",
+                [("i1", "c1"), ("i2", "c2")],
+                [("i3", "c3"), ("i4", "c4"), ("i9", "c2")],
+                {"device": "ios"},
+            )
+        ]
+    )
+    graph = dict(
+        zip(
+            names,
+            session.session.run(names, {k: feeds[k] for k in session.input_names}),
+            strict=True,
+        )
+    )
     # The product identity, and the training form's two sigmoids, independently of the graph.
-    np.testing.assert_allclose(graph["ctcvr_scores"],
-                               graph["scores"] * graph["conversion_scores"], atol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(
+        graph["ctcvr_scores"], graph["scores"] * graph["conversion_scores"], atol=1e-7
+    )
     model = load_run(run).model
     with torch.no_grad():
-        logits = model(BehaviorBatch(
-            user=torch.from_numpy(feeds["user"][feeds["cand_user_index"]]),
-            hist_items=torch.from_numpy(feeds["hist_items"][feeds["cand_user_index"]]),
-            hist_cats=torch.from_numpy(feeds["hist_cats"][feeds["cand_user_index"]]),
-            items=torch.from_numpy(feeds["cand_items"]), cats=torch.from_numpy(feeds["cand_cats"]),
-            context=torch.from_numpy(feeds["context"][feeds["cand_user_index"]]),
-            label=torch.zeros(3)))  # fmt: skip
+        logits = model(
+            BehaviorBatch(
+                user=torch.from_numpy(feeds["user"][feeds["cand_user_index"]]),
+                hist_items=torch.from_numpy(feeds["hist_items"][feeds["cand_user_index"]]),
+                hist_cats=torch.from_numpy(feeds["hist_cats"][feeds["cand_user_index"]]),
+                items=torch.from_numpy(feeds["cand_items"]),
+                cats=torch.from_numpy(feeds["cand_cats"]),
+                context=torch.from_numpy(feeds["context"][feeds["cand_user_index"]]),
+                label=torch.zeros(3),
+            )
+        )
     np.testing.assert_allclose(graph["scores"], torch.sigmoid(logits[:, 0]).numpy(), atol=1e-5)
-    np.testing.assert_allclose(graph["conversion_scores"], torch.sigmoid(logits[:, 1]).numpy(),
-                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        graph["conversion_scores"], torch.sigmoid(logits[:, 1]).numpy(), atol=1e-5
+    )
     assert pairwise_scores(model, feeds).shape == (3, 3)
 
 
@@ -350,10 +431,19 @@ def test_the_fp16_variant_of_a_multi_task_model_is_checked_on_ctcvr_auc_too(
     # Independently: one request per row through the fp32 model, sklearn on the product column.
     frame = pd.read_parquet(behaviour)
     fp32 = open_model(directory, providers=["CPUExecutionProvider"])
-    ctcvr = [fp32.score([ScoringRequest(
-        str(row.user_id), list(zip(row.hist_item_ids, row.hist_category_ids, strict=True)),
-        [(str(row.item_id), str(row.category_id))], {"device": str(row.context_device)},
-    )])[0][0, 2] for row in frame.itertuples()]  # fmt: skip
+    ctcvr = [
+        fp32.score(
+            [
+                ScoringRequest(
+                    str(row.user_id),
+                    list(zip(row.hist_item_ids, row.hist_category_ids, strict=True)),
+                    [(str(row.item_id), str(row.category_id))],
+                    {"device": str(row.context_device)},
+                )
+            ]
+        )[0][0, 2]
+        for row in frame.itertuples()
+    ]
     truth = frame["label"] * frame["conversion"]
     assert variant["valid_ctcvr_auc_fp32"] == pytest.approx(roc_auc_score(truth, ctcvr), abs=1e-9)
     assert variant["valid_ctcvr_auc_abs_diff"] <= variant["auc_tolerance"]
@@ -368,8 +458,10 @@ def test_exporting_other_tasks_under_a_served_name_warns_what_clients_will_see(
     multi = make_run(tmp_path / "multi", "gru", behaviour, tasks=MULTI)
     assert export_run(single, repo, options).warnings == []  # a new name: nothing changes
     (warning,) = export_run(multi, repo, options).warnings
-    assert ("ranker version 2 outputs scores, conversion_scores, ctcvr_scores where version 1 "
-            "outputs scores") in warning  # fmt: skip
+    assert (
+        "ranker version 2 outputs scores, conversion_scores, ctcvr_scores where version 1 "
+        "outputs scores"
+    ) in warning
     assert warning.endswith("answers for ranker gain conversion_scores, ctcvr_scores")
     assert export_run(multi, repo, options).warnings == []  # same outputs as version 2
     (warning,) = export_run(single, repo, options).warnings
@@ -391,8 +483,18 @@ def test_a_conversion_only_model_is_not_exported(tmp_path: Path) -> None:
 def test_summary_gives_mean_and_sample_sd_per_approach() -> None:
     from models.multitask_bench import format_table, summarize
 
-    runs = [{"model": "GRU", "approach": "a", "ctr_auc": v, "cvr_auc": 0.5, "ctcvr_auc": 0.6,
-             "ctcvr_logloss": 0.2, "train_seconds": 10.0} for v in (0.60, 0.64)]  # fmt: skip
+    runs = [
+        {
+            "model": "GRU",
+            "approach": "a",
+            "ctr_auc": v,
+            "cvr_auc": 0.5,
+            "ctcvr_auc": 0.6,
+            "ctcvr_logloss": 0.2,
+            "train_seconds": 10.0,
+        }
+        for v in (0.60, 0.64)
+    ]
     (row,) = summarize(runs)
     assert row["ctr_auc"] == pytest.approx(0.62) and row["seeds"] == 2
     assert row["ctr_auc_sd"] == pytest.approx(math.sqrt(2 * 0.02**2))  # n − 1 = 1
@@ -403,12 +505,24 @@ def test_the_multi_task_gain_is_paired_by_seed() -> None:
     from models.multitask_bench import MULTI_TASK, SEPARATE, summarize
 
     def run(approach: str, seed: int, ctcvr: float) -> dict[str, Any]:
-        return {"model": "FAT", "approach": approach, "seed": seed, "ctr_auc": 0.6,
-                "cvr_auc": 0.6, "ctcvr_auc": ctcvr, "ctcvr_logloss": 0.2, "train_seconds": 1.0}
+        return {
+            "model": "FAT",
+            "approach": approach,
+            "seed": seed,
+            "ctr_auc": 0.6,
+            "cvr_auc": 0.6,
+            "ctcvr_auc": ctcvr,
+            "ctcvr_logloss": 0.2,
+            "train_seconds": 1.0,
+        }
 
     # Seed 1 is better for both approaches; the paired gains are +0.01 and +0.03.
-    runs = [run(MULTI_TASK, 0, 0.66), run(SEPARATE, 0, 0.65),
-            run(MULTI_TASK, 1, 0.73), run(SEPARATE, 1, 0.70)]  # fmt: skip
+    runs = [
+        run(MULTI_TASK, 0, 0.66),
+        run(SEPARATE, 0, 0.65),
+        run(MULTI_TASK, 1, 0.73),
+        run(SEPARATE, 1, 0.70),
+    ]
     multi, separate = summarize(runs)
     assert multi["ctcvr_gain"] == pytest.approx(0.02)
     assert multi["ctcvr_gain_sd"] == pytest.approx(math.sqrt(2 * 0.01**2))
@@ -422,17 +536,37 @@ def test_bench_multitask_compares_both_approaches_beside_the_oracle(tmp_path: Pa
     simulate_world(world, tmp_path / "world", progress=False)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "rows.jsonl").write_text('{"stale": "row of an earlier run"}\n')
-    result = CliRunner().invoke(app, [
-        "bench", "multitask", "--world", str(tmp_path / "world"), "--out", str(tmp_path / "b"),
-        "--models", "gru", "--epochs", "1", "--max-len", "10", "--device", "cpu"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "multitask",
+            "--world",
+            str(tmp_path / "world"),
+            "--out",
+            str(tmp_path / "b"),
+            "--models",
+            "gru",
+            "--epochs",
+            "1",
+            "--max-len",
+            "10",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     table = (tmp_path / "b" / "multitask.md").read_text().splitlines()
     assert [line.split(" | ")[1] for line in table[2:]] == [
-        "multi-task (ESMM loss)", "CTR model × CVR model (clicked rows)", "true probabilities"]
+        "multi-task (ESMM loss)",
+        "CTR model × CVR model (clicked rows)",
+        "true probabilities",
+    ]
     oracle = json.loads((tmp_path / "world" / "oracle.json").read_text())["behavior"]
     assert f"| {oracle['ctcvr_auc']:.4f} |" in table[-1]
-    multi, separate = (json.loads(line)
-                       for line in (tmp_path / "b" / "rows.jsonl").read_text().splitlines())
+    multi, separate = (
+        json.loads(line) for line in (tmp_path / "b" / "rows.jsonl").read_text().splitlines()
+    )
     # Independently of the bench's arithmetic: sklearn on the test file's labels and on the
     # products of each run's own probabilities (the two-model row multiplies two runs).
     test = tmp_path / "world" / "behavior" / "test.parquet"
@@ -448,22 +582,45 @@ def test_bench_multitask_compares_both_approaches_beside_the_oracle(tmp_path: Pa
     assert separate["ctr_auc"] == pytest.approx(roc_auc_score(truth["label"], click))
     clicked = truth["label"].to_numpy() == 1
     assert separate["cvr_auc"] == pytest.approx(
-        roc_auc_score(truth["conversion"][clicked], conversion[clicked]))
+        roc_auc_score(truth["conversion"][clicked], conversion[clicked])
+    )
 
 
 def test_bench_multitask_refuses_architectures_without_a_conversion_tower(tmp_path: Path) -> None:
-    result = CliRunner().invoke(app, [
-        "bench", "multitask", "--world", str(tmp_path), "--out", str(tmp_path / "b"),
-        "--models", "gru,wdl"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "multitask",
+            "--world",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "b"),
+            "--models",
+            "gru,wdl",
+        ],
+    )
     assert result.exit_code == 2 and "no multi-task option for wdl" in result.output
     assert not (tmp_path / "b").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("seeds", ["0,0", "-1", "", "0,x"])
 def test_bench_multitask_refuses_seeds_that_would_mislead(tmp_path: Path, seeds: str) -> None:
-    result = CliRunner().invoke(app, [
-        "bench", "multitask", "--world", str(tmp_path), "--out", str(tmp_path / "b"),
-        "--models", "gru", "--seeds", seeds])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "multitask",
+            "--world",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "b"),
+            "--models",
+            "gru",
+            "--seeds",
+            seeds,
+        ],
+    )
     assert result.exit_code == 2 and "--seeds" in result.output
     assert not (tmp_path / "b").exists()
 
@@ -501,9 +658,23 @@ def test_a_conversion_without_a_click_is_refused_as_bad_data(tmp_path: Path) -> 
     frame.loc[row, "conversion"] = 1
     write_table(frame, tmp_path / "bad.parquet")
     bad = str(tmp_path / "bad.parquet")
-    result = CliRunner().invoke(app, [
-        "train", "--model", "gru", "--tasks", "ctr,cvr", "--train", bad, "--valid", bad,
-        "--out", str(tmp_path / "run"), "--quiet"])  # fmt: skip
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--model",
+            "gru",
+            "--tasks",
+            "ctr,cvr",
+            "--train",
+            bad,
+            "--valid",
+            bad,
+            "--out",
+            str(tmp_path / "run"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 2
     assert f"row {row + 1}" in result.output  # rows are counted from 1
     assert "a conversion needs a click" in result.output

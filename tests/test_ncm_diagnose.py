@@ -48,19 +48,25 @@ def cascade_world(n_sessions: int, seed: int) -> pd.DataFrame:
             clicks = np.zeros(5, dtype=int)
             if attractive.any():
                 clicks[int(np.argmax(attractive))] = 1
-            rows.append({
-                "user_id": f"u{s}", "session_id": f"s{s}", "slate_index": t,
-                "item_ids": [f"i{i}" for i in items], "category_ids": ["c"] * 5,
-                "clicks": clicks.tolist(),
-            })
+            rows.append(
+                {
+                    "user_id": f"u{s}",
+                    "session_id": f"s{s}",
+                    "slate_index": t,
+                    "item_ids": [f"i{i}" for i in items],
+                    "category_ids": ["c"] * 5,
+                    "clicks": clicks.tolist(),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def test_the_readout_pays_when_the_clicks_above_are_known() -> None:
     train, test = cascade_world(150, seed=1), cascade_world(50, seed=2)
     vocabs = fit_slate_vocabs(train)
-    task = SlateTask(encode_sessions(train, vocabs, 5), encode_sessions(test, vocabs, 5),
-                     batch_size=20)
+    task = SlateTask(
+        encode_sessions(train, vocabs, 5), encode_sessions(test, vocabs, 5), batch_size=20
+    )
     torch.manual_seed(0)
     model = NCM({n: len(v) for n, v in vocabs.items()}, NCMConfig(dim=16))
     fit(model, task, TrainConfig(epochs=4, lr=0.02, device="cpu"), progress=False)

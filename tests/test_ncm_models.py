@@ -189,10 +189,12 @@ def test_sampling_readout_follows_the_noise_input() -> None:
     model = build("ncm", readout="sample")
     assert isinstance(model, NCM)
     with torch.no_grad():
-        all_clicks = model(batch.items, batch.cats, batch.mask, batch.hist_clicks,
-                           torch.full((B, S, K), 1 - 1e-9))
-        no_clicks = model(batch.items, batch.cats, batch.mask, batch.hist_clicks,
-                          torch.zeros(B, S, K))
+        all_clicks = model(
+            batch.items, batch.cats, batch.mask, batch.hist_clicks, torch.full((B, S, K), 1 - 1e-9)
+        )
+        no_clicks = model(
+            batch.items, batch.cats, batch.mask, batch.hist_clicks, torch.zeros(B, S, K)
+        )
     real = batch.mask
     forced_ones = _teacher_logits(model, batch, real.float())
     forced_zeros = _teacher_logits(model, batch, torch.zeros(B, S, K))

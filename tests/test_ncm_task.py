@@ -25,8 +25,11 @@ torch.set_num_threads(1)
 
 def slate(user: str, session: str, index: int, items: str, cats: str, clicks: str) -> dict:
     return {
-        "user_id": user, "session_id": session, "slate_index": index,
-        "item_ids": items.split(), "category_ids": cats.split(),
+        "user_id": user,
+        "session_id": session,
+        "slate_index": index,
+        "item_ids": items.split(),
+        "category_ids": cats.split(),
         "clicks": [int(c) for c in clicks.split()],
     }
 
@@ -178,11 +181,16 @@ def learnable_world(n_sessions: int, seed: int) -> pd.DataFrame:
         for t in range(6):
             items = rng.choice(40, 4, replace=False)
             clicks = (rng.random(4) < np.where(items < 20, 0.9, 0.05)).astype(int)
-            rows.append({
-                "user_id": f"u{s}", "session_id": f"s{s}", "slate_index": t,
-                "item_ids": [f"i{i}" for i in items], "category_ids": [f"c{i % 5}" for i in items],
-                "clicks": clicks.tolist(),
-            })
+            rows.append(
+                {
+                    "user_id": f"u{s}",
+                    "session_id": f"s{s}",
+                    "slate_index": t,
+                    "item_ids": [f"i{i}" for i in items],
+                    "category_ids": [f"c{i % 5}" for i in items],
+                    "clicks": clicks.tolist(),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -193,8 +201,14 @@ def test_train_then_evaluate_a_slate_run(tmp_path: Path, name: str) -> None:
     write_table(learnable_world(120, seed=1), tmp_path / "train.parquet")
     write_table(learnable_world(40, seed=2), tmp_path / "valid.csv")
     config = TrainConfig(epochs=4, batch_size=16, lr=0.02, device="cpu", grad_clip=1.0)
-    metrics = train_run(name, tmp_path / "train.parquet", tmp_path / "valid.csv",
-                        tmp_path / "run", config, progress=False)
+    metrics = train_run(
+        name,
+        tmp_path / "train.parquet",
+        tmp_path / "valid.csv",
+        tmp_path / "run",
+        config,
+        progress=False,
+    )
     assert metrics["valid"]["auc"] > 0.85  # the item effect is learnt (oracle ≈ 0.93)
     again = evaluate_run(tmp_path / "run", tmp_path / "valid.csv", device="cpu")
     json.dumps(again)

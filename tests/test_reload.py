@@ -53,8 +53,9 @@ def _body(thread: int) -> dict[str, Any]:
 
 
 def _expected(model: LoadedModel, body: dict[str, Any]) -> list[float]:
-    pairs = [[(x["item_id"], x["category_id"]) for x in body[key]]
-             for key in ("history", "candidates")]  # fmt: skip
+    pairs = [
+        [(x["item_id"], x["category_id"]) for x in body[key]] for key in ("history", "candidates")
+    ]
     (scores,) = model.score([ScoringRequest(body["user_id"], pairs[0], pairs[1])])
     return [float(s) for s in scores[:, 0]]
 
@@ -70,8 +71,10 @@ def test_reload_under_traffic_switches_once_with_no_failed_request(
 ) -> None:
     server = start_server(repo)
     bodies = [_body(t) for t in range(THREADS)]
-    references = {"1": open_model(model_dir(repo, "sarn", 1)),
-                  "2": open_model(model_dir(ab_template, "sarn", 2))}  # fmt: skip
+    references = {
+        "1": open_model(model_dir(repo, "sarn", 1)),
+        "2": open_model(model_dir(ab_template, "sarn", 2)),
+    }
     expected = {v: [_expected(m, b) for b in bodies] for v, m in references.items()}
     assert expected["1"] != expected["2"]  # the two versions are told apart by their scores
     records: list[list[tuple[float, float, Any]]] = [[] for _ in range(THREADS)]
@@ -101,8 +104,13 @@ def test_reload_under_traffic_switches_once_with_no_failed_request(
         worker.join(30)
 
     assert reloaded.status_code == 200, reloaded.text
-    assert reloaded.json() | {"provider": ""} == {"model": "sarn", "version": "2",
-        "previous_version": "1", "changed": True, "provider": ""}  # fmt: skip
+    assert reloaded.json() | {"provider": ""} == {
+        "model": "sarn",
+        "version": "2",
+        "previous_version": "1",
+        "changed": True,
+        "provider": "",
+    }
     seen: dict[str, int] = {"1": 0, "2": 0}
     for thread, answers in enumerate(records):
         versions = []
@@ -110,8 +118,9 @@ def test_reload_under_traffic_switches_once_with_no_failed_request(
             assert not isinstance(answer, Exception), answer
             assert answer.status_code == 200, answer.text
             version = answer.json()["version"]
-            np.testing.assert_allclose(answer.json()["scores"], expected[version][thread],
-                                       rtol=0, atol=1e-5)  # fmt: skip
+            np.testing.assert_allclose(
+                answer.json()["scores"], expected[version][thread], rtol=0, atol=1e-5
+            )
             versions.append(version)
             seen[version] += 1
             if end < reload_started:
@@ -121,8 +130,10 @@ def test_reload_under_traffic_switches_once_with_no_failed_request(
         assert versions == sorted(versions)  # one switch per client, never back
     assert seen["1"] > 0 and seen["2"] > 0, seen
     # The old version is drained, then released; the swap is counted once.
-    wait_for(lambda: [v["version"] for v in _current(server)["versions"]] == ["2"],
-             what="v1 to be retired")  # fmt: skip
+    wait_for(
+        lambda: [v["version"] for v in _current(server)["versions"]] == ["2"],
+        what="v1 to be retired",
+    )
     metrics = server.metrics()
     assert sample(metrics, "ctr_model_reloads_total", model="sarn") == 1
     assert sample(metrics, "ctr_model_info", model="sarn", version="1") == 0
@@ -138,8 +149,10 @@ def test_versions_that_fail_to_load_or_warm_up_leave_the_old_one_serving(
     publish_copy(repo, "sarn", ab_template / "sarn" / "2", 3, alter=nan_weights)
     broken = server.admin(RELOAD)  # no version: the highest, v3
     corrupted = server.admin(RELOAD, json={"version": 2})
-    for answer, stage, error in ((broken, "warmup", "WarmupError"),
-                                 (corrupted, "load", "ModelIntegrityError")):  # fmt: skip
+    for answer, stage, error in (
+        (broken, "warmup", "WarmupError"),
+        (corrupted, "load", "ModelIntegrityError"),
+    ):
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["code"] == "model_load_failed"
         assert answer.json()["error"]["details"] == [{"stage": stage, "error": error}]
@@ -201,16 +214,20 @@ def test_the_file_watch_follows_new_versions_and_routing_changes(
     publish_copy(repo, "sarn", ab_template / "sarn" / "2", 2)
     wait_for(lambda: _current(server)["version"] == "2", what="the poll to load v2")
     publish_copy(repo, "sarn", repo / "sarn" / "1", 3, damage=corrupt)
-    wait_for(lambda: sample(server.metrics(), "ctr_model_reload_failures_total") == 1,
-             what="the corrupt v3 to be refused")  # fmt: skip
+    wait_for(
+        lambda: sample(server.metrics(), "ctr_model_reload_failures_total") == 1,
+        what="the corrupt v3 to be refused",
+    )
     time.sleep(1.0)  # five more polls: a refused version is not retried
     assert sample(server.metrics(), "ctr_model_reload_failures_total", stage="load") == 1
     assert _current(server)["version"] == "2"
 
     text = "experiments: [{name: all, variants: [{name: all-ncm, model: ncm, weight: 1}]}]\n"
     routing.write_text(text)
-    wait_for(lambda: _routing_sha(server) == hashlib.sha256(text.encode()).hexdigest(),
-             what="the routing change")  # fmt: skip
+    wait_for(
+        lambda: _routing_sha(server) == hashlib.sha256(text.encode()).hexdigest(),
+        what="the routing change",
+    )
     body = {"user_id": "w", "candidates": items([("i1", "c1")])}
     with server.client() as client:
         routed = client.post("/v1/score", json=body).json()
@@ -218,8 +235,10 @@ def test_the_file_watch_follows_new_versions_and_routing_changes(
 
     applied = _routing_sha(server)
     routing.write_text("experiments: [{name: a, variants: [{name: x, model: nosuch, weight: 1}]}]")
-    wait_for(lambda: sample(server.metrics(), "ctr_routing_reloads_total", outcome="invalid") == 1,
-             what="the invalid routing file to be refused")  # fmt: skip
+    wait_for(
+        lambda: sample(server.metrics(), "ctr_routing_reloads_total", outcome="invalid") == 1,
+        what="the invalid routing file to be refused",
+    )
     refused = server.admin("/v1/admin/routing/reload")
     assert refused.status_code == 422
     assert "nosuch" in refused.json()["error"]["details"][0]["msg"]

@@ -91,8 +91,15 @@ def test_assignment_is_identical_across_hash_seeds_and_splits_by_weight() -> Non
     runs = []
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        done = subprocess.run([sys.executable, "-c", ASSIGN], input=SPLIT, env=env,
-                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", ASSIGN],
+            input=SPLIT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
         runs.append(json.loads(done.stdout))
     assert runs[0]["hash"] != runs[1]["hash"]  # the seeds really change Python's hash()
     assert runs[0]["variants"] == runs[1]["variants"]
@@ -121,7 +128,8 @@ experiments:
     assert (pinned.model, pinned.variant, pinned.experiment) == ("ncm", "pinned", None)
     # Weight 0 gets nobody, over many users.
     assert {router.route(_request(f"u{k}", surface="home")).variant for k in range(500)} == {
-        "home-a"}  # fmt: skip
+        "home-a"
+    }
     assert _router("experiments: []").route(_request("u1")).variant == "default"
 
 
@@ -129,21 +137,33 @@ experiments:
     ("text", "fragment"),
     [
         ("experiments: [{name: a, variants: [{name: x, model: sarn, weight: 0}]}]", "weights"),
-        ("experiments: [{name: a, variants: [{name: default, model: sarn, weight: 1}]}]",
-         "reserved"),
-        ("experiments: [{name: a, variants: [{name: x, model: sarn, weight: 1}]},"
-         " {name: b, variants: [{name: x, model: ncm, weight: 1}]}]", "unique"),
+        (
+            "experiments: [{name: a, variants: [{name: default, model: sarn, weight: 1}]}]",
+            "reserved",
+        ),
+        (
+            "experiments: [{name: a, variants: [{name: x, model: sarn, weight: 1}]},"
+            " {name: b, variants: [{name: x, model: ncm, weight: 1}]}]",
+            "unique",
+        ),
         ("experiments: [{name: a, variants: [{name: x, model: ../etc, weight: 1}]}]", "pattern"),
-        ("experiments: [{name: a, variants: [{name: x, model: sarn, weight: 1, path: /m}]}]",
-         "Extra inputs"),
-        ("experiments: [{name: a, variants: [{name: x, model: sarn, version: '2', weight: 1}]}]",
-         "integer"),
-        ("experiments: [{name: a, variants: [{name: x, model: sarn, weight: 1,"
-         " shadow: {model: ncm, fraction: 1.5}}]}]", "less than or equal"),
+        (
+            "experiments: [{name: a, variants: [{name: x, model: sarn, weight: 1, path: /m}]}]",
+            "Extra inputs",
+        ),
+        (
+            "experiments: [{name: a, variants: [{name: x, model: sarn, version: '2', weight: 1}]}]",
+            "integer",
+        ),
+        (
+            "experiments: [{name: a, variants: [{name: x, model: sarn, weight: 1,"
+            " shadow: {model: ncm, fraction: 1.5}}]}]",
+            "less than or equal",
+        ),
         ("experiments: [", "does not parse: expected the node content"),
         ("experiments: [ {name: x", "(line 1, column 24)"),
     ],
-)  # fmt: skip
+)
 def test_invalid_routing_files_are_refused_with_locations(text: str, fragment: str) -> None:
     with pytest.raises(RoutingError) as caught:
         parse_routing(text, ".yaml")
@@ -153,8 +173,15 @@ def test_invalid_routing_files_are_refused_with_locations(text: str, fragment: s
 
 def test_routing_file_suffix_and_json(tmp_path: Path) -> None:
     json_file = tmp_path / "routing.json"
-    json_file.write_text(json.dumps({"experiments": [
-        {"name": "a", "variants": [{"name": "x", "model": "sarn", "weight": 1}]}]}))  # fmt: skip
+    json_file.write_text(
+        json.dumps(
+            {
+                "experiments": [
+                    {"name": "a", "variants": [{"name": "x", "model": "sarn", "weight": 1}]}
+                ]
+            }
+        )
+    )
     loaded = read_routing(json_file)
     assert loaded.config.experiments[0].variants[0].model == "sarn"
     assert loaded.sha256 == hashlib.sha256(json_file.read_bytes()).hexdigest()
@@ -173,8 +200,11 @@ def test_the_kubernetes_routing_file_is_valid() -> None:
     data = next(d for d in documents if d["metadata"]["name"] == "slatectr-routing")["data"]
     assert parse_routing(data["routing.yaml"], ".yaml").experiments == []
     deployment = yaml.safe_load((root / "deploy/k8s/deployment.yaml").read_text())
-    mount = next(m for m in deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
-                 if m["name"] == "routing")  # fmt: skip
+    mount = next(
+        m
+        for m in deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+        if m["name"] == "routing"
+    )
     assert data["CTR_ROUTING_FILE"] == f"{mount['mountPath']}/routing.yaml"
 
 
@@ -194,7 +224,8 @@ def test_an_invalid_routing_file_stops_the_start(tmp_path: Path) -> None:
 def test_spearman_with_ties_and_degenerate_slates() -> None:
     # Ranks [1,4,3,2] vs [2,1,4,3]: d = (-1,3,-1,-1), rho = 1 - 6*12 / (4*15) = -0.2.
     assert spearman(np.array([0.1, 0.4, 0.3, 0.2]), np.array([0.2, 0.1, 0.4, 0.3])) == (
-        pytest.approx(-0.2))  # fmt: skip
+        pytest.approx(-0.2)
+    )
     # Ties share the mean rank: [1, 2.5, 2.5, 4] vs [1, 2, 3, 4] -> 4.5 / sqrt(4.5 * 5).
     assert average_ranks(np.array([1.0, 2.0, 2.0, 3.0])).tolist() == [1.0, 2.5, 2.5, 4.0]
     tied = spearman(np.array([1.0, 2.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0]))
@@ -208,9 +239,13 @@ def test_spearman_with_ties_and_degenerate_slates() -> None:
 
 def _score_variants(server: Server, users: list[str]) -> list[tuple[str, str, str]]:
     with server.client() as client:
-        answers = [client.post("/v1/score", json={
-            "user_id": user, "candidates": items([("i1", "c1"), ("i2", "c2")])})
-            for user in users]  # fmt: skip
+        answers = [
+            client.post(
+                "/v1/score",
+                json={"user_id": user, "candidates": items([("i1", "c1"), ("i2", "c2")])},
+            )
+            for user in users
+        ]
     assert all(a.status_code == 200 for a in answers)
     return [(a.json()["variant"], a.json()["model"], a.json()["version"]) for a in answers]
 
@@ -220,16 +255,25 @@ def test_two_servers_with_different_hash_seeds_route_users_alike(
 ) -> None:
     routing = tmp_path / "routing.yaml"
     routing.write_text(SPLIT)
-    servers = [launch(ab_repo, tmp_path / f"seed{seed}.log", CTR_ROUTING_FILE=str(routing),
-                      PYTHONHASHSEED=seed) for seed in ("11", "22")]  # fmt: skip
+    servers = [
+        launch(
+            ab_repo,
+            tmp_path / f"seed{seed}.log",
+            CTR_ROUTING_FILE=str(routing),
+            PYTHONHASHSEED=seed,
+        )
+        for seed in ("11", "22")
+    ]
     try:
         for server in servers:
             wait_ready(server)
         users = USERS[:150]
         first, second = (_score_variants(server, users) for server in servers)
         with servers[0].client() as client:
-            pinned = client.post("/v1/score", json={
-                "user_id": users[0], "candidates": items([("i1", "c1")]), "model": "ncm"}).json()
+            pinned = client.post(
+                "/v1/score",
+                json={"user_id": users[0], "candidates": items([("i1", "c1")]), "model": "ncm"},
+            ).json()
             listed = client.get("/v1/models").json()
         metrics = servers[0].metrics()
     finally:
@@ -237,12 +281,14 @@ def test_two_servers_with_different_hash_seeds_route_users_alike(
             server.stop()
     assert first == second
     models = {"control": ("sarn", "1"), "treatment": ("sarn", "2"), "slate": ("ncm", "1")}
-    assert first == [(v, *models[v]) for v in (_expected("ranker-2024", u, WEIGHTS)
-                                                  for u in users)]  # fmt: skip
+    assert first == [(v, *models[v]) for v in (_expected("ranker-2024", u, WEIGHTS) for u in users)]
     assert (pinned["variant"], pinned["model"]) == ("pinned", "ncm")
     # The variant is a metric label bounded by the file, and it is in each access log line.
-    variants = {dict(labels).get("variant") for (name, labels) in metrics
-                if name == "ctr_request_duration_seconds_count"}  # fmt: skip
+    variants = {
+        dict(labels).get("variant")
+        for (name, labels) in metrics
+        if name == "ctr_request_duration_seconds_count"
+    }
     assert variants <= {"control", "treatment", "slate", "pinned", ""}
     assert sample(metrics, "ctr_request_duration_seconds_count", endpoint="/v1/score") == 151
     lines = [json.loads(line) for line in servers[0].log.read_text().splitlines() if line.strip()]

@@ -384,9 +384,14 @@ def test_forward_slates_matches_pairwise_rows() -> None:
     cand_cats = torch.randint(2, N_CATS, (7,), generator=g)
     with torch.no_grad():
         slates = model.forward_slates(
-            users.user, users.hist_items, users.hist_cats, users.context,
-            cand_items, cand_cats, index,
-        )  # fmt: skip
+            users.user,
+            users.hist_items,
+            users.hist_cats,
+            users.context,
+            cand_items,
+            cand_cats,
+            index,
+        )
         rows = dataclasses.replace(select_rows(users, index), items=cand_items, cats=cand_cats)
         pairwise = model(rows)
     assert slates.shape == (7, 1)

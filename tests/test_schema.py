@@ -57,8 +57,9 @@ def test_behavior_round_trip_is_exact(
 def test_parquet_and_csv_load_identically(tmp_path: Path, tiny_behavior: pd.DataFrame) -> None:
     write_table(tiny_behavior, tmp_path / "a.parquet")
     write_table(tiny_behavior, tmp_path / "a.csv")
-    pd.testing.assert_frame_equal(load_behavior(tmp_path / "a.parquet"),
-                                  load_behavior(tmp_path / "a.csv"))
+    pd.testing.assert_frame_equal(
+        load_behavior(tmp_path / "a.parquet"), load_behavior(tmp_path / "a.csv")
+    )
 
 
 def test_csv_ids_stay_text_and_lists_split_on_blanks(tmp_path: Path) -> None:
@@ -98,7 +99,9 @@ def test_slates_sorted_with_int_clicks_and_round_trip(tmp_path: Path) -> None:
     )
     df = load_slates(path)
     assert df[["user_id", "session_id", "slate_index"]].values.tolist() == [
-        ["u1", "s9", 0], ["u1", "s9", 1], ["u2", "s1", 0]
+        ["u1", "s9", 0],
+        ["u1", "s9", 1],
+        ["u2", "s1", 0],
     ]
     assert df["clicks"].tolist() == [[0, 0, 0], [1], [0, 1]]
     assert df["item_ids"].iloc[0] == ["y", "z", "w"]
@@ -108,9 +111,16 @@ def test_slates_sorted_with_int_clicks_and_round_trip(tmp_path: Path) -> None:
 
 
 def test_events_round_trip_with_optional_columns(tmp_path: Path) -> None:
-    events = pd.DataFrame({"user_id": ["u1", "u2"], "item_id": ["i1", "i2"],
-                           "category_id": ["c1", "c1"], "ts": [1700000000, 5],
-                           "event_id": ["e1", "e2"], "type": ["click", "click"]})
+    events = pd.DataFrame(
+        {
+            "user_id": ["u1", "u2"],
+            "item_id": ["i1", "i2"],
+            "category_id": ["c1", "c1"],
+            "ts": [1700000000, 5],
+            "event_id": ["e1", "e2"],
+            "type": ["click", "click"],
+        }
+    )
     for suffix in ("parquet", "csv"):
         write_table(events, tmp_path / f"events.{suffix}")
         pd.testing.assert_frame_equal(load_events(tmp_path / f"events.{suffix}"), events)
@@ -126,10 +136,16 @@ CSV_CASES = {
     "label float text": (f"{HEADER}\nu,i,c,,,1.0\n", 1, "label", "not an integer"),
     "empty id": (f"{HEADER}\nu,i,c,,,1\n,i,c,,,1\n", 2, "user_id", "empty id"),
     "hist lengths differ": (
-        f"{HEADER}\nu,i,c,a b,x y,1\nu,i,c,a b,x,0\n", 2, "hist_category_ids", "1 values"
+        f"{HEADER}\nu,i,c,a b,x y,1\nu,i,c,a b,x,0\n",
+        2,
+        "hist_category_ids",
+        "1 values",
     ),
     "conversion without click": (
-        f"{HEADER},conversion\nu,i,c,,,1,1\nu,i,c,,,0,1\n", 2, "conversion", "label is 0"
+        f"{HEADER},conversion\nu,i,c,,,1,1\nu,i,c,,,0,1\n",
+        2,
+        "conversion",
+        "label is 0",
     ),
 }
 
@@ -151,8 +167,11 @@ def test_bad_csv_values_name_file_row_and_column(tmp_path: Path, case: str) -> N
     [
         ("", "empty file", None),
         (f"{HEADER}\n", "no rows", None),
-        ("user_id,item_id,category_id,hist_item_ids,hist_category_ids\nu,i,c,,\n",
-         "column 'label': required column is missing", None),
+        (
+            "user_id,item_id,category_id,hist_item_ids,hist_category_ids\nu,i,c,,\n",
+            "column 'label': required column is missing",
+            None,
+        ),
         (f"{HEADER}\nu,i,c,,,1\nu,i,c,,,1,extra\n", "malformed CSV", 2),
         (f'{HEADER}\nu,i,c,,,1\nu,"i,c,,,1\n', "malformed CSV", None),
     ],
@@ -185,20 +204,29 @@ PARQUET_CASES = {
     "float label": (_with("label", pa.array([1.0, 0.0])), 1, "label", "expected integers"),
     "label 3": (_with("label", pa.array([0, 3])), 2, "label", "3 is not 0 or 1"),
     "history as a string": (
-        _with("hist_item_ids", pa.array(["i3", ""])), 1, "hist_item_ids", "expected lists"
+        _with("hist_item_ids", pa.array(["i3", ""])),
+        1,
+        "hist_item_ids",
+        "expected lists",
     ),
     "null user": (_with("user_id", pa.array(["u1", None])), 2, "user_id", "missing value"),
     "null inside list": (
         _with("hist_category_ids", pa.array([["c3"], [None]], pa.list_(pa.string()))),
-        2, "hist_category_ids", "missing value inside the list",
+        2,
+        "hist_category_ids",
+        "missing value inside the list",
     ),
     "empty id inside list": (
         _with("hist_item_ids", pa.array([["i3"], [""]], pa.list_(pa.string()))),
-        2, "hist_item_ids", "empty id",
+        2,
+        "hist_item_ids",
+        "empty id",
     ),
     "lists of floats": (
         _with("hist_item_ids", pa.array([[1.5], []], pa.list_(pa.float64()))),
-        1, "hist_item_ids", "expected lists of strings",
+        1,
+        "hist_item_ids",
+        "expected lists of strings",
     ),
 }
 
@@ -253,8 +281,12 @@ def test_bad_events(tmp_path: Path) -> None:
     path = _csv(tmp_path, "user_id,item_id,category_id,ts\nu,i,c,10\nu,i,c,soon\n", "ev.csv")
     with pytest.raises(DataError, match=r"ev\.csv: row 2, column 'ts': 'soon' is not an integer"):
         load_events(path)
-    cols = {"user_id": pa.array(["u"]), "item_id": pa.array(["i"]),
-            "category_id": pa.array(["c"]), "ts": pa.array([1.5])}
+    cols = {
+        "user_id": pa.array(["u"]),
+        "item_id": pa.array(["i"]),
+        "category_id": pa.array(["c"]),
+        "ts": pa.array([1.5]),
+    }
     with pytest.raises(DataError, match=r"ev\.parquet: row 1, column 'ts': expected integers"):
         load_events(_parquet(tmp_path, cols, "ev.parquet"))
 

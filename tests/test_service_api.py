@@ -40,8 +40,14 @@ def client(redis_server: RedisServer, tmp_path: Path) -> Iterator[TestClient]:
 
 
 def _event(k: int, user: str = "u1", **extra: Any) -> dict[str, Any]:
-    return {"user_id": user, "item_id": f"i{k}", "category_id": "c1", "ts": 1000 + k,
-            "event_id": f"e{k}", **extra}  # fmt: skip
+    return {
+        "user_id": user,
+        "item_id": f"i{k}",
+        "category_id": "c1",
+        "ts": 1000 + k,
+        "event_id": f"e{k}",
+        **extra,
+    }
 
 
 def _post_events(client: TestClient, events: list[dict[str, Any]], key: str | None = INGEST) -> Any:
@@ -75,27 +81,40 @@ def test_scoring_without_a_model_is_a_503_not_a_crash(client: TestClient) -> Non
     ("body", "where"),
     [
         ({"user_id": "u1", "candidates": []}, ["body", "candidates"]),
-        ({"user_id": "u 1", "candidates": [{"item_id": "i", "category_id": "c"}]},
-         ["body", "user_id"]),
-        ({"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c", "x": 1}]},
-         ["body", "candidates", 0, "x"]),
-        ({"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c"}], "extra": 1},
-         ["body", "extra"]),
-        ({"user_id": 5, "candidates": [{"item_id": "i", "category_id": "c"}]},
-         ["body", "user_id"]),
-        ({"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c"}],
-          "model": "../etc"}, ["body", "model"]),
-        ({"user_id": "u1", "candidates": [{"item_id": "i" * 65, "category_id": "c"}]},
-         ["body", "candidates", 0, "item_id"]),
+        (
+            {"user_id": "u 1", "candidates": [{"item_id": "i", "category_id": "c"}]},
+            ["body", "user_id"],
+        ),
+        (
+            {"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c", "x": 1}]},
+            ["body", "candidates", 0, "x"],
+        ),
+        (
+            {"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c"}], "extra": 1},
+            ["body", "extra"],
+        ),
+        ({"user_id": 5, "candidates": [{"item_id": "i", "category_id": "c"}]}, ["body", "user_id"]),
+        (
+            {
+                "user_id": "u1",
+                "candidates": [{"item_id": "i", "category_id": "c"}],
+                "model": "../etc",
+            },
+            ["body", "model"],
+        ),
+        (
+            {"user_id": "u1", "candidates": [{"item_id": "i" * 65, "category_id": "c"}]},
+            ["body", "candidates", 0, "item_id"],
+        ),
     ],
-)  # fmt: skip
+)
 def test_malformed_score_requests_get_422_with_the_location(
     client: TestClient, body: dict[str, Any], where: list[Any]
 ) -> None:
     response = client.post("/v1/score", json=body)
     details = _assert_error(response, 422, "invalid_request")["error"]["details"]
     assert where in [d["loc"] for d in details]
-    assert "\"input\"" not in response.text  # the submitted values are not echoed back
+    assert '"input"' not in response.text  # the submitted values are not echoed back
     assert client.get("/healthz").status_code == 200
 
 
@@ -111,7 +130,9 @@ def test_configured_limits_give_422(client: TestClient) -> None:
     candidates = [{"item_id": f"i{k}", "category_id": "c"} for k in range(51)]
     over = client.post("/v1/score", json={"user_id": "u1", "candidates": candidates})
     assert _assert_error(over, 422, "invalid_request")["error"]["details"][0]["loc"] == [
-        "body", "candidates"]  # fmt: skip
+        "body",
+        "candidates",
+    ]
     history = [{"item_id": "h", "category_id": "c"}] * 21
     body = {"user_id": "u1", "candidates": candidates[:1], "history": history}
     _assert_error(client.post("/v1/score", json=body), 422, "invalid_request")
@@ -121,16 +142,17 @@ def test_configured_limits_give_422(client: TestClient) -> None:
 def test_oversized_and_broken_bodies_get_4xx(client: TestClient) -> None:
     big = json.dumps({"user_id": "u1", "candidates": [], "pad": "x" * 5000}).encode()
     headers = {"content-type": "application/json"}
-    _assert_error(client.post("/v1/score", content=big, headers=headers), 413,
-                  "payload_too_large")  # fmt: skip
+    _assert_error(client.post("/v1/score", content=big, headers=headers), 413, "payload_too_large")
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
         yield from (b" " * 1000 for _ in range(6))
 
-    _assert_error(client.post("/v1/score", content=chunks(), headers=headers), 413,
-                  "payload_too_large")  # fmt: skip
-    _assert_error(client.post("/v1/score", content=b"{not json", headers=headers), 422,
-                  "invalid_request")  # fmt: skip
+    _assert_error(
+        client.post("/v1/score", content=chunks(), headers=headers), 413, "payload_too_large"
+    )
+    _assert_error(
+        client.post("/v1/score", content=b"{not json", headers=headers), 422, "invalid_request"
+    )
     deep = b"[" * 2000 + b"]" * 2000  # within the byte limit, deeper than the JSON parser allows
     _assert_error(client.post("/v1/score", content=deep, headers=headers), 400, "bad_request")
     _assert_error(client.get("/v1/nothing-here"), 404, "not_found")
@@ -153,10 +175,12 @@ def test_ingest_requires_an_ingest_key(client: TestClient) -> None:
 
 def test_history_endpoints_require_the_admin_key(client: TestClient) -> None:
     _assert_error(client.get("/v1/users/u1/history"), 401, "unauthorized")
-    _assert_error(client.get("/v1/users/u1/history", headers={"X-API-Key": INGEST}), 403,
-                  "forbidden")  # fmt: skip
-    _assert_error(client.delete("/v1/users/u1/history", headers={"X-API-Key": "x"}), 403,
-                  "forbidden")  # fmt: skip
+    _assert_error(
+        client.get("/v1/users/u1/history", headers={"X-API-Key": INGEST}), 403, "forbidden"
+    )
+    _assert_error(
+        client.delete("/v1/users/u1/history", headers={"X-API-Key": "x"}), 403, "forbidden"
+    )
 
 
 def test_events_are_idempotent_and_history_round_trips(client: TestClient) -> None:
@@ -164,7 +188,10 @@ def test_events_are_idempotent_and_history_round_trips(client: TestClient) -> No
     assert first.status_code == 202
     assert first.json() == {"accepted": 3, "duplicates": 0, "ignored": 0}
     assert _post_events(client, [_event(3), _event(4)]).json() == {
-        "accepted": 1, "duplicates": 1, "ignored": 0}  # fmt: skip
+        "accepted": 1,
+        "duplicates": 1,
+        "ignored": 0,
+    }
     admin = {"X-API-Key": ADMIN}
     history = client.get("/v1/users/u1/history", headers=admin).json()
     assert history["user_id"] == "u1"

@@ -35,8 +35,10 @@ __all__ = ["make_app", "reference"]  # fixtures used by the tests below
 def test_queued_requests_are_batched_and_split_back_correctly(
     make_app: AppFactory, reference: Callable[[str], LoadedModel]
 ) -> None:
-    slates = {f"user{k}": [(f"i{(k * 7 + j) % 80}", f"c{j % 8}") for j in range(1 + k % 5)]
-              for k in range(12)}  # fmt: skip
+    slates = {
+        f"user{k}": [(f"i{(k * 7 + j) % 80}", f"c{j % 8}") for j in range(1 + k % 5)]
+        for k in range(12)
+    }
 
     async def scenario() -> None:
         app = make_app()
@@ -44,9 +46,17 @@ def test_queued_requests_are_batched_and_split_back_correctly(
             gate = hold(app)
             first = asyncio.ensure_future(client.post("/v1/score", json=score_body()))
             await asyncio.to_thread(gate.entered.wait, 10)
-            queued = [asyncio.ensure_future(client.post("/v1/score", json=score_body(
-                user, cands, history=[{"item_id": "i1", "category_id": "c1"}])))
-                for user, cands in slates.items()]  # fmt: skip
+            queued = [
+                asyncio.ensure_future(
+                    client.post(
+                        "/v1/score",
+                        json=score_body(
+                            user, cands, history=[{"item_id": "i1", "category_id": "c1"}]
+                        ),
+                    )
+                )
+                for user, cands in slates.items()
+            ]
             await until(lambda: app.state.engine.queue_depth("sarn") == len(slates))
             gate.opened.set()
             answers = [r.json() for r in await asyncio.gather(first, *queued)]
@@ -66,8 +76,10 @@ def test_overload_is_shed_fast_and_admitted_requests_succeed(make_app: AppFactor
             gate = hold(app)
             first = asyncio.ensure_future(client.post("/v1/score", json=score_body()))
             await asyncio.to_thread(gate.entered.wait, 10)
-            admitted = [asyncio.ensure_future(client.post("/v1/score", json=score_body(f"a{k}")))
-                        for k in range(3)]  # fmt: skip
+            admitted = [
+                asyncio.ensure_future(client.post("/v1/score", json=score_body(f"a{k}")))
+                for k in range(3)
+            ]
             await until(lambda: app.state.engine.queue_depth("sarn") == 3)
             refused = []
             for k in range(10):
@@ -97,8 +109,9 @@ def test_expired_deadline_gives_504_without_inference(make_app: AppFactory) -> N
             first = asyncio.ensure_future(client.post("/v1/score", json=score_body()))
             await asyncio.to_thread(gate.entered.wait, 10)
             start = time.perf_counter()
-            late = await client.post("/v1/score", json=score_body("late"),
-                                     headers={"X-Request-Timeout-Ms": "50"})  # fmt: skip
+            late = await client.post(
+                "/v1/score", json=score_body("late"), headers={"X-Request-Timeout-Ms": "50"}
+            )
             elapsed = time.perf_counter() - start
             gate.opened.set()
             assert (await first).status_code == 200
@@ -138,8 +151,10 @@ def test_a_request_that_breaks_its_batch_fails_alone(
             await asyncio.to_thread(gate.entered.wait, 10)
             bad = [("i66", "c2"), ("i1", "c1")]
             slates = {"ok1": CANDIDATES, "bad": bad, "ok2": CANDIDATES[:2]}
-            queued = [asyncio.ensure_future(client.post("/v1/score", json=score_body(user, cands)))
-                      for user, cands in slates.items()]  # fmt: skip
+            queued = [
+                asyncio.ensure_future(client.post("/v1/score", json=score_body(user, cands)))
+                for user, cands in slates.items()
+            ]
             await until(lambda: app.state.engine.queue_depth("sarn") == 3)
             gate.opened.set()
             answers = await asyncio.gather(first, *queued)
@@ -165,7 +180,8 @@ def test_naive_baseline_scores_the_same_with_one_call_per_request(
             gate.opened.set()
             await client.post("/v1/events", json=events_body("u1", HISTORY))
             answers = await asyncio.gather(
-                *(client.post("/v1/score", json=score_body()) for _ in range(5)))
+                *(client.post("/v1/score", json=score_body()) for _ in range(5))
+            )
             feeds_users: list[int] = []
             real_run = gate._run
 

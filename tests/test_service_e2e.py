@@ -27,8 +27,10 @@ from service.embedded_redis import free_port
 from service.processes import stop_process
 
 pytestmark = pytest.mark.slow
-LAUNCH = ("import sys; sys.modules['torch'] = None; sys.argv = ['ctr', 'serve']; "
-          "from slatectr.cli import main; main()")  # fmt: skip
+LAUNCH = (
+    "import sys; sys.modules['torch'] = None; sys.argv = ['ctr', 'serve']; "
+    "from slatectr.cli import main; main()"
+)
 INGEST, ADMIN = "e2e-ingest", "e2e-admin"
 
 
@@ -42,18 +44,29 @@ class Server:
         return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
 
 
-def _start(repo: Path, log: Path, launch: str = LAUNCH, err: Path | None = None,
-           **env: str) -> Server:  # fmt: skip
+def _start(
+    repo: Path, log: Path, launch: str = LAUNCH, err: Path | None = None, **env: str
+) -> Server:
     """`ctr serve` on a free port; stdout and stderr go to `log` (stderr to `err` if given)."""
     port = free_port()
-    environment = {**os.environ, "CTR_REPO": str(repo), "CTR_PORT": str(port),
-                   "CTR_DEFAULT_MODEL": "sarn", "CTR_INGEST_API_KEYS": INGEST,
-                   "CTR_ADMIN_API_KEYS": ADMIN, "CTR_REQUEST_TIMEOUT_MS": "5000",
-                   **env}  # fmt: skip
+    environment = {
+        **os.environ,
+        "CTR_REPO": str(repo),
+        "CTR_PORT": str(port),
+        "CTR_DEFAULT_MODEL": "sarn",
+        "CTR_INGEST_API_KEYS": INGEST,
+        "CTR_ADMIN_API_KEYS": ADMIN,
+        "CTR_REQUEST_TIMEOUT_MS": "5000",
+        **env,
+    }
     environment.pop("CTR_REDIS_URL", None)  # the embedded redis-server
     with log.open("wb") as sink, (err or log).open("ab") as err_sink:
-        process = subprocess.Popen([sys.executable, "-c", launch], env=environment,
-                                   stdout=sink, stderr=err_sink if err else sink)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-c", launch],
+            env=environment,
+            stdout=sink,
+            stderr=err_sink if err else sink,
+        )
     server = Server(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -85,8 +98,10 @@ def _score_body(user: str, cands: list[tuple[str, str]]) -> dict[str, Any]:
 
 def _ingest(client: httpx.Client, user: str, history: list[tuple[str, str]]) -> httpx.Response:
     """Posts the history as events (ts increasing, event ids unique per user)."""
-    events = [{"user_id": user, "item_id": i, "category_id": c, "ts": 100 + k,
-               "event_id": f"{user}-{k}"} for k, (i, c) in enumerate(history)]  # fmt: skip
+    events = [
+        {"user_id": user, "item_id": i, "category_id": c, "ts": 100 + k, "event_id": f"{user}-{k}"}
+        for k, (i, c) in enumerate(history)
+    ]
     return client.post("/v1/events", json={"events": events}, headers={"X-API-Key": INGEST})
 
 
@@ -99,8 +114,9 @@ def test_ingest_then_score_over_http_matches_the_loader(
         posted = _ingest(client, "e2e", history)
         assert posted.status_code == 202
         assert posted.json() == {"accepted": 3, "duplicates": 0, "ignored": 0}
-        answer = client.post("/v1/score", json=_score_body("e2e", cands),
-                             headers={"X-Request-ID": "e2e-req-1"})  # fmt: skip
+        answer = client.post(
+            "/v1/score", json=_score_body("e2e", cands), headers={"X-Request-ID": "e2e-req-1"}
+        )
     assert answer.status_code == 200
     assert answer.headers["X-Request-ID"] == "e2e-req-1"
     version = latest_version(service_model_repo, "sarn")
@@ -123,8 +139,9 @@ def test_a_multi_task_model_answers_three_aligned_lists_over_http(
         single = client.post("/v1/score", json=_score_body("e2e-mt", cands))
     assert answer.status_code == single.status_code == 200
     body = answer.json()
-    gru = open_model(model_dir(service_model_repo, "gru-mt", latest_version(service_model_repo,
-                                                                            "gru-mt")))  # fmt: skip
+    gru = open_model(
+        model_dir(service_model_repo, "gru-mt", latest_version(service_model_repo, "gru-mt"))
+    )
     (expected,) = gru.score([ScoringRequest("e2e-mt", history, cands)])  # [K, 3]
     assert gru.output_names == ("scores", "conversion_scores", "ctcvr_scores")
     for j, name in enumerate(gru.output_names):
@@ -138,8 +155,11 @@ def test_a_multi_task_model_answers_three_aligned_lists_over_http(
 
 def test_logs_are_json_lines_carrying_the_request_id(server: Server) -> None:
     with httpx.Client(base_url=server.url) as client:
-        client.post("/v1/score", json=_score_body("log-user", [("i1", "c1")]),
-                    headers={"X-Request-ID": "trace-me-42"})  # fmt: skip
+        client.post(
+            "/v1/score",
+            json=_score_body("log-user", [("i1", "c1")]),
+            headers={"X-Request-ID": "trace-me-42"},
+        )
     time.sleep(0.2)
     lines = server.log_lines()  # every line parses as JSON
     mine = [line for line in lines if line.get("request_id") == "trace-me-42"]

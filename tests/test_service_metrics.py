@@ -17,8 +17,14 @@ SCRAPE = "from service.metrics import ServiceMetrics; print(ServiceMetrics().ren
 
 
 def _python(code: str, env: dict[str, str]) -> str:
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=60, check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return done.stdout
 
 
@@ -28,7 +34,9 @@ def test_two_worker_processes_are_aggregated_in_one_scrape(tmp_path: Path) -> No
         _python(WORKER, env)
     text = _python(SCRAPE, env)
     assert 'ctr_requests_rejected_total{reason="queue_full"} 6.0' in text
-    assert ('ctr_request_duration_seconds_count{endpoint="/v1/score",model="sarn",'
-            'status="200",variant="default"} 2.0') in text  # fmt: skip
+    assert (
+        'ctr_request_duration_seconds_count{endpoint="/v1/score",model="sarn",'
+        'status="200",variant="default"} 2.0'
+    ) in text
     # le="0.005" bucket holds both 4 ms observations: the SLO-sized buckets survive aggregation.
     assert 'le="0.005",model="sarn",status="200",variant="default"} 2.0' in text

@@ -66,9 +66,14 @@ def test_a_multi_task_model_answers_pctr_pcvr_and_pctcvr(
         async with running(make_app()) as client:
             assert (await client.post("/v1/events", json=events_body("u1", HISTORY))).status_code
             stored = await client.post("/v1/score", json=score_body(model=MT, request_id="mt"))
-            inline = await client.post("/v1/score", json=score_body(
-                "u9", model=MT, history=[{"item_id": i, "category_id": c} for i, c in HISTORY[:4]]
-            ))  # fmt: skip
+            inline = await client.post(
+                "/v1/score",
+                json=score_body(
+                    "u9",
+                    model=MT,
+                    history=[{"item_id": i, "category_id": c} for i, c in HISTORY[:4]],
+                ),
+            )
             fresh = await client.post("/v1/score", json=score_body("new-user", model=MT))
         assert [a.status_code for a in (stored, inline, fresh)] == [200, 200, 200]
         return stored.json(), inline.json(), fresh.json()
@@ -88,8 +93,10 @@ def test_single_task_bodies_have_no_conversion_keys(make_app: AppFactory) -> Non
 
     async def scenario() -> list[bytes]:
         async with running(make_app()) as client:
-            answers = [await client.post("/v1/score", json=score_body(model=name))
-                       for name in ("sarn", "ncm")]  # fmt: skip
+            answers = [
+                await client.post("/v1/score", json=score_body(model=name))
+                for name in ("sarn", "ncm")
+            ]
         assert [a.status_code for a in answers] == [200, 200]
         return [a.content for a in answers]
 
@@ -104,8 +111,10 @@ def test_a_batch_of_multi_task_requests_is_split_back_per_request(
 ) -> None:
     """Queued requests of different slate sizes run as one [N, 3] batch; each answer gets its
     own rows of every column."""
-    slates = {f"mt{k}": [(f"i{(k * 7 + j) % 80}", f"c{j % 8}") for j in range(1 + k % 4)]
-              for k in range(6)}  # fmt: skip
+    slates = {
+        f"mt{k}": [(f"i{(k * 7 + j) % 80}", f"c{j % 8}") for j in range(1 + k % 4)]
+        for k in range(6)
+    }
     history = [("i1", "c1"), ("i2", "c2")]
     inline = [{"item_id": i, "category_id": c} for i, c in history]
 
@@ -115,8 +124,12 @@ def test_a_batch_of_multi_task_requests_is_split_back_per_request(
             gate = hold(app, MT)
             first = asyncio.ensure_future(client.post("/v1/score", json=score_body(model=MT)))
             await asyncio.to_thread(gate.entered.wait, 10)
-            queued = [asyncio.ensure_future(client.post("/v1/score", json=score_body(
-                user, cands, model=MT, history=inline))) for user, cands in slates.items()]
+            queued = [
+                asyncio.ensure_future(
+                    client.post("/v1/score", json=score_body(user, cands, model=MT, history=inline))
+                )
+                for user, cands in slates.items()
+            ]
             await until(lambda: app.state.engine.queue_depth(MT) == len(slates))
             gate.opened.set()
             answers = [r.json() for r in await asyncio.gather(first, *queued)]
@@ -140,8 +153,9 @@ def test_the_naive_baseline_answers_the_same_three_outputs(
         assert answer.status_code == 200
         return dict(answer.json())
 
-    _assert_multi_task_body(asyncio.run(scenario()),
-                            expected_outputs(reference(MT), HISTORY, CANDIDATES))  # fmt: skip
+    _assert_multi_task_body(
+        asyncio.run(scenario()), expected_outputs(reference(MT), HISTORY, CANDIDATES)
+    )
 
 
 def test_openapi_documents_the_optional_outputs(make_app: AppFactory) -> None:
@@ -201,14 +215,14 @@ def test_a_version_whose_pcvr_is_not_a_probability_is_refused(
     assert registry.failures == {MT: "WarmupError"} and MT not in registry.models
 
 
-
 def test_the_mean_prediction_of_each_output_is_a_metric(make_app: AppFactory) -> None:
     """ctr_prediction_mean: one observation per request and output, the slate's mean."""
 
     async def scenario() -> tuple[list[dict[str, Any]], str]:
         async with running(make_app()) as client:
-            bodies = [await client.post("/v1/score", json=score_body(f"m{i}", model=MT))
-                      for i in range(2)]  # fmt: skip
+            bodies = [
+                await client.post("/v1/score", json=score_body(f"m{i}", model=MT)) for i in range(2)
+            ]
             bodies.append(await client.post("/v1/score", json=score_body(model="sarn")))
             text = (await client.get("/metrics")).text
         return [b.json() for b in bodies], text
@@ -221,5 +235,6 @@ def test_the_mean_prediction_of_each_output_is_a_metric(make_app: AppFactory) ->
         expected = np.mean(first[output]) + np.mean(second[output])  # by hand from the bodies
         assert sample(metrics, "ctr_prediction_mean_sum", **labels) == pytest.approx(expected)
     assert sample(metrics, "ctr_prediction_mean_sum", model="sarn", output="scores") == (
-        pytest.approx(np.mean(single["scores"])))
+        pytest.approx(np.mean(single["scores"]))
+    )
     assert sample(metrics, "ctr_prediction_mean_count", model="sarn") == 1  # no other output

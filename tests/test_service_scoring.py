@@ -55,7 +55,10 @@ def test_stored_and_inline_history_score_exactly_like_the_loader(
         assert (stored["history_source"], inline["history_source"]) == ("redis", "inline")
         assert stored["request_id"] == "r-1"
         assert (stored["model"], stored["version"], stored["variant"]) == (
-            "sarn", str(sarn.version), "default")
+            "sarn",
+            str(sarn.version),
+            "default",
+        )
 
     run(scenario())
 
@@ -93,7 +96,8 @@ def test_hung_redis_falls_back_within_the_deadline_and_recovers(
             try:
                 start = time.perf_counter()
                 degraded = await client.post(
-                    "/v1/score", json=score_body(), headers={"X-Request-Timeout-Ms": "1000"})
+                    "/v1/score", json=score_body(), headers={"X-Request-Timeout-Ms": "1000"}
+                )
                 elapsed = time.perf_counter() - start
             finally:
                 os.kill(redis_server.pid, signal.SIGCONT)
@@ -119,13 +123,16 @@ def test_metrics_cover_the_scoring_path(make_app: AppFactory) -> None:
         async with running(make_app()) as client:
             await client.post("/v1/score", json=score_body())
             text = (await client.get("/metrics")).text
-        for histogram in ("ctr_request_duration_seconds", "ctr_queue_wait_seconds",
-                          "ctr_inference_duration_seconds", "ctr_batch_candidates",
-                          "ctr_store_duration_seconds"):  # fmt: skip
+        for histogram in (
+            "ctr_request_duration_seconds",
+            "ctr_queue_wait_seconds",
+            "ctr_inference_duration_seconds",
+            "ctr_batch_candidates",
+            "ctr_store_duration_seconds",
+        ):
             assert f"# TYPE {histogram} histogram" in text
         assert 'ctr_batch_candidates_sum{model="sarn"} 4.0' in text
-        assert ('endpoint="/v1/score",le="+Inf",model="sarn",status="200",variant="default"'
-                in text)  # fmt: skip
+        assert 'endpoint="/v1/score",le="+Inf",model="sarn",status="200",variant="default"' in text
         assert 'ctr_model_info{model="sarn",provider="' in text
 
     run(scenario())

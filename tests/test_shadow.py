@@ -53,8 +53,14 @@ experiments:
 {shadow}"""
 SHADOW = "        shadow: {model: sarn, version: 2, fraction: 1.0}\n"
 HISTORY = [(f"i{k}", f"c{k % 8}") for k in range(15)]  # longer than v1 (10) and v2 (14) read
-CANDIDATES = [("i3", "c3"), ("i40", "c0"), ("i7", "c7"), ("i21", "c5"), ("i60", "c4"),
-              ("nope", "c1")]  # fmt: skip
+CANDIDATES = [
+    ("i3", "c3"),
+    ("i40", "c0"),
+    ("i7", "c7"),
+    ("i21", "c5"),
+    ("i60", "c4"),
+    ("nope", "c1"),
+]
 PAIR = {"variant": "live", "model": "sarn", "shadow": "sarn", "output": "scores"}
 
 
@@ -62,8 +68,11 @@ def _bodies() -> list[dict[str, object]]:
     """20 fixed requests: stored and inline histories, slates of 1 to 6."""
     bodies: list[dict[str, object]] = []
     for k in range(20):
-        body: dict[str, object] = {"request_id": f"req-{k}", "user_id": "div" if k % 2 else f"u{k}",
-                                   "candidates": items(CANDIDATES[: 1 + k % 6])}  # fmt: skip
+        body: dict[str, object] = {
+            "request_id": f"req-{k}",
+            "user_id": "div" if k % 2 else f"u{k}",
+            "candidates": items(CANDIDATES[: 1 + k % 6]),
+        }
         if k % 4 == 0:
             body["history"] = items(HISTORY[: k % 15])
         bodies.append(body)
@@ -91,23 +100,34 @@ def _use_routing(server: Server, routing: Path, text: str) -> None:
 
 
 def test_divergence_stream_and_untouched_primary_answers(
-    ab_repo: Path, tmp_path: Path, redis_server: RedisServer,
+    ab_repo: Path,
+    tmp_path: Path,
+    redis_server: RedisServer,
     start_server: Callable[..., Server],
-) -> None:  # fmt: skip
+) -> None:
     routing, fault = tmp_path / "routing.yaml", tmp_path / "fault"
     routing.write_text(VARIANT.format(shadow=SHADOW))
     fault.write_text("")
-    server = start_server(ab_repo, CTR_ROUTING_FILE=str(routing), CTR_REDIS_URL=redis_server.url,
-                          CTR_SHADOW_STREAM="true", CTR_SHADOW_QUEUE_MAX_REQUESTS="2",
-                          SLATECTR_TEST_FAULT_FILE=str(fault))  # fmt: skip
-    events = [{"user_id": "div", "item_id": i, "category_id": c, "ts": 100 + k}
-              for k, (i, c) in enumerate(HISTORY)]  # fmt: skip
+    server = start_server(
+        ab_repo,
+        CTR_ROUTING_FILE=str(routing),
+        CTR_REDIS_URL=redis_server.url,
+        CTR_SHADOW_STREAM="true",
+        CTR_SHADOW_QUEUE_MAX_REQUESTS="2",
+        SLATECTR_TEST_FAULT_FILE=str(fault),
+    )
+    events = [
+        {"user_id": "div", "item_id": i, "category_id": c, "ts": 100 + k}
+        for k, (i, c) in enumerate(HISTORY)
+    ]
     with server.client() as client:
         assert client.post("/v1/events", json={"events": events}).status_code == 202
         fixed = {"request_id": "fixed", "user_id": "div", "candidates": items(CANDIDATES)}
         answer = client.post("/v1/score", json=fixed).json()
-    wait_for(lambda: sample(server.metrics(), "ctr_shadow_duration_seconds_count") == 1,
-             what="the shadow of the fixed request")  # fmt: skip
+    wait_for(
+        lambda: sample(server.metrics(), "ctr_shadow_duration_seconds_count") == 1,
+        what="the shadow of the fixed request",
+    )
 
     # Hand-computed divergence. References: the torch-free loader of each version, on the
     # stored history (v1 keeps its newest 10 items, v2 its newest 14: the shadow must get them).
@@ -128,8 +148,9 @@ def test_divergence_stream_and_untouched_primary_answers(
     abs_diffs = [abs(p - s) for p, s in zip(primary, shadow, strict=True)]
     metrics = server.metrics()
     assert sample(metrics, "ctr_shadow_abs_diff_count", **PAIR) == k
-    assert np.isclose(sample(metrics, "ctr_shadow_abs_diff_sum", **PAIR), sum(abs_diffs),
-                      rtol=0, atol=1e-9)  # fmt: skip
+    assert np.isclose(
+        sample(metrics, "ctr_shadow_abs_diff_sum", **PAIR), sum(abs_diffs), rtol=0, atol=1e-9
+    )
     for bound in (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0):
         expected = sum(d <= bound for d in abs_diffs)
         le = floatToGoString(bound)
@@ -165,7 +186,8 @@ def test_divergence_stream_and_untouched_primary_answers(
     held = server.metrics()
     assert _shadow_queue(server) >= 1  # shadow work still pending after the last answer
     assert sample(held, "ctr_shadow_duration_seconds_count") == sample(
-        before, "ctr_shadow_duration_seconds_count")  # fmt: skip
+        before, "ctr_shadow_duration_seconds_count"
+    )
     dropped = sample(held, "ctr_shadow_dropped_total", shadow="sarn", reason="queue_full")
     assert dropped - sample(before, "ctr_shadow_dropped_total", reason="queue_full") >= 17
     fault.write_text("")
@@ -187,13 +209,16 @@ def test_the_shadow_waits_while_primary_requests_are_queued(
     """Above saturation the shadow must not compete with queued primary work: a shadow job
     (ncm mirroring ncm) waits while sarn's queue holds a request, and runs once it is empty."""
     routing = tmp_path / "routing.yaml"
-    routing.write_text("experiments: [{name: m, variants: [{name: v, model: ncm, weight: 1, "
-                       "shadow: {model: ncm}}]}]")  # fmt: skip
+    routing.write_text(
+        "experiments: [{name: m, variants: [{name: v, model: ncm, weight: 1, "
+        "shadow: {model: ncm}}]}]"
+    )
     body = {"user_id": "u1", "candidates": items(CANDIDATES[:3])}
 
     def shadowed(app: FastAPI) -> float:
-        return sample(parse_metrics(app.state.metrics.render().decode()),
-                      "ctr_shadow_duration_seconds_count")  # fmt: skip
+        return sample(
+            parse_metrics(app.state.metrics.render().decode()), "ctr_shadow_duration_seconds_count"
+        )
 
     async def scenario() -> None:
         app = make_app(routing_file=routing)
@@ -246,8 +271,15 @@ def mt_repo(service_model_repo: Path, tmp_path_factory: pytest.TempPathFactory) 
     world = service_model_repo.parent / "world" / "behavior"
     config = train_config_for("gru", epochs=1, batch_size=64, max_len=10, device="cpu", seed=1)
     tiny = {"embed_dim": 4, "context_dim": 4, "mlp_hidden": (8,), "tasks": ("ctr", "cvr")}
-    train_run("gru", world / "train.parquet", world / "test.parquet", root / "gru-mt2", config,
-              tiny, progress=False)  # fmt: skip
+    train_run(
+        "gru",
+        world / "train.parquet",
+        world / "test.parquet",
+        root / "gru-mt2",
+        config,
+        tiny,
+        progress=False,
+    )
     export_run(root / "gru-mt2", root / "repo", ExportOptions(name="gru-mt", version=2))
     return root / "repo"
 
@@ -292,8 +324,12 @@ def test_multi_task_shadows_compare_every_output_both_sides_have(
         async with running(app) as client:
             answers = {}
             for variant, (_, surface) in pairs.items():
-                body = {"user_id": "mt-user", "candidates": items(CANDIDATES), "history": history,
-                        "context": {"surface": surface}}  # fmt: skip
+                body = {
+                    "user_id": "mt-user",
+                    "candidates": items(CANDIDATES),
+                    "history": history,
+                    "context": {"surface": surface},
+                }
                 answer = await client.post("/v1/score", json=body)
                 assert answer.status_code == 200 and answer.json()["variant"] == variant
                 answers[variant] = answer.json()
@@ -313,10 +349,13 @@ def test_multi_task_shadows_compare_every_output_both_sides_have(
         column = [float(x) for x in primary[:, OUTPUTS.index(name)]]
         assert answers["mtmt"][name] == answers["mtst"][name] == column, name
 
-    records = {r["variant"]: r for _, r in cast(
-        list[tuple[str, dict[str, str]]],
-        redis.Redis.from_url(redis_server.url, decode_responses=True).xrange("v1:shadow:pairs"),
-    )}  # fmt: skip
+    records = {
+        r["variant"]: r
+        for _, r in cast(
+            list[tuple[str, dict[str, str]]],
+            redis.Redis.from_url(redis_server.url, decode_responses=True).xrange("v1:shadow:pairs"),
+        )
+    }
     for variant, (shadow_name, _) in pairs.items():
         compared = OUTPUTS if variant == "mtmt" else ("scores",)
         record = records[variant]
@@ -329,10 +368,13 @@ def test_multi_task_shadows_compare_every_output_both_sides_have(
             diffs = [abs(a - b) for a, b in zip(p, q, strict=True)]
             assert sum(diffs) > 0  # the two sides differ, so the sums below tell outputs apart
             assert sample(metrics, "ctr_shadow_abs_diff_count", output=name, **labels) == k
-            assert np.isclose(sample(metrics, "ctr_shadow_abs_diff_sum", output=name, **labels),
-                              sum(diffs), rtol=0, atol=1e-9), (variant, name)  # fmt: skip
-            assert sample(metrics, "ctr_shadow_rank_correlation_count", output=name,
-                          **labels) == 1  # fmt: skip
+            assert np.isclose(
+                sample(metrics, "ctr_shadow_abs_diff_sum", output=name, **labels),
+                sum(diffs),
+                rtol=0,
+                atol=1e-9,
+            ), (variant, name)
+            assert sample(metrics, "ctr_shadow_rank_correlation_count", output=name, **labels) == 1
             rank_key = "rank_correlation" if name == "scores" else f"rank_correlation_{name}"
             assert np.isclose(float(record[rank_key]), _rho(p, q), rtol=0, atol=1e-12)
             assert json.loads(record[f"primary_{name}"]) == p
@@ -340,8 +382,13 @@ def test_multi_task_shadows_compare_every_output_both_sides_have(
         # Outputs one side lacks: no series at all, no stream fields.
         for name in set(OUTPUTS) - set(compared):
             for metric in ("ctr_shadow_abs_diff_count", "ctr_shadow_rank_correlation_count"):
-                assert not [key for key in metrics if key[0] == metric
-                            and (("output", name) in key[1]) and ("variant", variant) in key[1]]
+                assert not [
+                    key
+                    for key in metrics
+                    if key[0] == metric
+                    and (("output", name) in key[1])
+                    and ("variant", variant) in key[1]
+                ]
             assert f"primary_{name}" not in record and f"shadow_{name}" not in record
         assert sample(metrics, "ctr_shadow_duration_seconds_count", **labels) == 1
 

@@ -24,11 +24,24 @@ from models.simulate.world import build_world, draw_conversion_bias
 from slatectr.cli import app
 
 SMALL = SimulationConfig(
-    n_users=240, n_items=160, n_categories=12, seed=3, events_per_user=20,
-    max_history=12, sessions_per_user=2, slates_per_session=5, slate_size=6,
+    n_users=240,
+    n_items=160,
+    n_categories=12,
+    seed=3,
+    events_per_user=20,
+    max_history=12,
+    sessions_per_user=2,
+    slates_per_session=5,
+    slate_size=6,
 )
-FILES = ("behavior/train.parquet", "behavior/test.parquet", "slates/train.parquet",
-         "slates/test.parquet", "events.parquet", "oracle.json")
+FILES = (
+    "behavior/train.parquet",
+    "behavior/test.parquet",
+    "slates/train.parquet",
+    "slates/test.parquet",
+    "events.parquet",
+    "oracle.json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +55,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def slate_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Many sessions of short slates, for the statistical properties of the click model."""
     out = tmp_path_factory.mktemp("slates")
-    config = replace(SMALL, n_users=1500, events_per_user=2, sessions_per_user=4,
-                     slates_per_session=6, slate_size=5)
+    config = replace(
+        SMALL,
+        n_users=1500,
+        events_per_user=2,
+        sessions_per_user=4,
+        slates_per_session=6,
+        slate_size=5,
+    )
     simulate_world(config, out, progress=False)
     return out
 
@@ -60,8 +79,10 @@ def _frames(out: Path) -> dict[str, pd.DataFrame]:
 
 def _slates(out: Path) -> pd.DataFrame:
     """Both slate splits with their raw extra column click_probs, and a split flag."""
-    parts = [pd.read_parquet(out / "slates" / f"{s}.parquet").assign(test=s == "test")
-             for s in ("train", "test")]
+    parts = [
+        pd.read_parquet(out / "slates" / f"{s}.parquet").assign(test=s == "test")
+        for s in ("train", "test")
+    ]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -91,8 +112,15 @@ def test_files_load_with_the_schema_loaders(world: Path) -> None:
     frames = _frames(world)
     for split in ("behavior/train", "behavior/test"):
         df = frames[split]
-        assert list(df.columns) == ["user_id", "item_id", "category_id", "hist_item_ids",
-                                    "hist_category_ids", "label", "conversion"]
+        assert list(df.columns) == [
+            "user_id",
+            "item_id",
+            "category_id",
+            "hist_item_ids",
+            "hist_category_ids",
+            "label",
+            "conversion",
+        ]
         assert set(df["label"]) == {0, 1} and set(df["conversion"]) == {0, 1}
         lengths = df["hist_item_ids"].map(len)
         assert lengths.min() >= SMALL.min_history and lengths.max() == SMALL.max_history
@@ -111,12 +139,21 @@ def test_an_item_has_one_category_everywhere(world: Path) -> None:
     for split in ("behavior/train", "behavior/test"):
         df = frames[split]
         pairs.append(df[["item_id", "category_id"]])
-        pairs.append(pd.DataFrame({"item_id": df["hist_item_ids"].explode(),
-                                   "category_id": df["hist_category_ids"].explode()}))
+        pairs.append(
+            pd.DataFrame(
+                {
+                    "item_id": df["hist_item_ids"].explode(),
+                    "category_id": df["hist_category_ids"].explode(),
+                }
+            )
+        )
     for split in ("slates/train", "slates/test"):
         df = frames[split]
-        pairs.append(pd.DataFrame({"item_id": df["item_ids"].explode(),
-                                   "category_id": df["category_ids"].explode()}))
+        pairs.append(
+            pd.DataFrame(
+                {"item_id": df["item_ids"].explode(), "category_id": df["category_ids"].explode()}
+            )
+        )
     mapping = pd.concat(pairs).drop_duplicates()
     assert not mapping["item_id"].duplicated().any()
 
@@ -138,14 +175,16 @@ def test_events_are_the_clicks_in_time_order(world: Path) -> None:
     assert events["event_id"].is_unique
     assert (events.groupby("user_id")["ts"].diff().dropna() > 0).all()
     assert (events.groupby("user_id").size() == SMALL.events_per_user).all()
-    raw = pd.concat([pd.read_parquet(world / "behavior" / f"{s}.parquet")
-                     for s in ("train", "test")], ignore_index=True)
+    raw = pd.concat(
+        [pd.read_parquet(world / "behavior" / f"{s}.parquet") for s in ("train", "test")],
+        ignore_index=True,
+    )
     by_user = {u: g for u, g in events.groupby("user_id")}
     for row in raw.sample(400, random_state=0).itertuples():
         user_events = by_user[row.user_id]
         before = user_events[user_events["ts"] < row.ts]
         # The history is the last max_history clicks before the impression, oldest first.
-        assert list(row.hist_item_ids) == list(before["item_id"].iloc[-SMALL.max_history:])
+        assert list(row.hist_item_ids) == list(before["item_id"].iloc[-SMALL.max_history :])
         clicked_now = user_events[user_events["ts"] == row.ts]
         assert len(clicked_now) == row.label
         if row.label:
@@ -154,8 +193,10 @@ def test_events_are_the_clicks_in_time_order(world: Path) -> None:
 
 def test_every_click_after_the_first_is_a_positive_sample(world: Path) -> None:
     events = load_events(world / "events.parquet")
-    raw = pd.concat([pd.read_parquet(world / "behavior" / f"{s}.parquet")
-                     for s in ("train", "test")], ignore_index=True)
+    raw = pd.concat(
+        [pd.read_parquet(world / "behavior" / f"{s}.parquet") for s in ("train", "test")],
+        ignore_index=True,
+    )
     positives = raw[raw["label"] == 1][["user_id", "item_id", "ts"]]
     later = events[events.groupby("user_id").cumcount() >= SMALL.min_history]
     merged = later.merge(positives, on=["user_id", "item_id", "ts"], how="outer", indicator=True)
@@ -200,16 +241,19 @@ def test_a_near_duplicate_above_makes_an_item_less_attractive() -> None:
 # --- truth and oracle ---------------------------------------------------------------------
 
 
-def _naive_history_logit(hist_vecs: np.ndarray, hist_styles: np.ndarray, target: np.ndarray,
-                         config: SimulationConfig) -> float:
+def _naive_history_logit(
+    hist_vecs: np.ndarray, hist_styles: np.ndarray, target: np.ndarray, config: SimulationConfig
+) -> float:
     """The history terms of the module docstring, written out with loops (oldest first)."""
     n = len(hist_vecs)
     if n == 0:
         return 0.0
     s = [float(v @ target) for v in hist_vecs]
     age = [n - 1 - j for j in range(n)]
-    a = [math.exp(config.attention_sharpness * s[j] - age[j] / config.recency_scale)
-         for j in range(n)]
+    a = [
+        math.exp(config.attention_sharpness * s[j] - age[j] / config.recency_scale)
+        for j in range(n)
+    ]
     attention = sum(a[j] * s[j] for j in range(n)) / sum(a)
     tau = config.relation_threshold
 
@@ -241,10 +285,12 @@ def test_history_truth_matches_a_naive_implementation(n_clicks: int) -> None:
     np.fill_diagonal(relation, 0.0)
     hist = clicked[-size:]
     for target in (int(clicked[-1]) if n_clicks else 0, 3, 50):
-        got = true_logit(ring, relation[None], np.array([n_clicks]),
-                         world.item_vec[[target]], config)[0]
-        want = _naive_history_logit(world.item_vec[hist], world.item_style[hist],
-                                    world.item_vec[target], config)
+        got = true_logit(
+            ring, relation[None], np.array([n_clicks]), world.item_vec[[target]], config
+        )[0]
+        want = _naive_history_logit(
+            world.item_vec[hist], world.item_style[hist], world.item_vec[target], config
+        )
         assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
@@ -292,8 +338,10 @@ def test_true_probabilities_beat_item_popularity(world: Path) -> None:
 
 def _behavior(out: Path) -> pd.DataFrame:
     """Both behaviour splits with their raw extra columns, and a split flag."""
-    parts = [pd.read_parquet(out / "behavior" / f"{s}.parquet").assign(test=s == "test")
-             for s in ("train", "test")]
+    parts = [
+        pd.read_parquet(out / "behavior" / f"{s}.parquet").assign(test=s == "test")
+        for s in ("train", "test")
+    ]
     return pd.concat(parts, ignore_index=True)
 
 
@@ -312,8 +360,11 @@ def test_conversion_rate_among_clicks_matches_the_true_probabilities(world: Path
     # The count of conversions is a sum of independent Bernoulli(q_r): its standard error is
     # sqrt(Σ q(1 − q)); 4 of them is a false alarm once in ~16000 runs.
     se = math.sqrt(float(np.sum(q * (1 - q)))) / len(q)
-    assert abs(clicked["conversion"].mean() - q.mean()) < 4 * se, (clicked["conversion"].mean(),
-                                                                      q.mean(), se)
+    assert abs(clicked["conversion"].mean() - q.mean()) < 4 * se, (
+        clicked["conversion"].mean(),
+        q.mean(),
+        se,
+    )
     assert 0.05 < q.mean() < 0.3
 
 
@@ -325,7 +376,8 @@ def test_behavior_oracle_conversion_metrics_match_sklearn(world: Path) -> None:
     assert oracle["ctcvr_logloss"] == pytest.approx(log_loss(test["conversion"], ctcvr))
     clicked = test[test["label"] == 1]
     assert oracle["cvr_auc"] == pytest.approx(
-        roc_auc_score(clicked["conversion"], clicked["conversion_prob"]))
+        roc_auc_score(clicked["conversion"], clicked["conversion_prob"])
+    )
     assert oracle["cvr"] == pytest.approx(clicked["conversion"].mean())
     assert oracle["ctcvr"] == pytest.approx(test["conversion"].mean())
     assert oracle["n_clicks"] == len(clicked)
@@ -339,8 +391,16 @@ def test_conversion_knobs_change_nothing_but_the_conversions(world: Path, tmp_pa
     for name in ("slates/train.parquet", "slates/test.parquet", "events.parquet"):
         assert (tmp_path / name).read_bytes() == (world / name).read_bytes(), name
     ours, theirs = _behavior(world), _behavior(tmp_path)
-    click_columns = ["user_id", "item_id", "category_id", "hist_item_ids", "hist_category_ids",
-                     "label", "click_prob", "ts"]
+    click_columns = [
+        "user_id",
+        "item_id",
+        "category_id",
+        "hist_item_ids",
+        "hist_category_ids",
+        "label",
+        "click_prob",
+        "ts",
+    ]
     pd.testing.assert_frame_equal(ours[click_columns], theirs[click_columns])
     assert not np.allclose(ours["conversion_prob"], theirs["conversion_prob"])
     assert not ours["conversion"].equals(theirs["conversion"])
@@ -363,8 +423,9 @@ def test_item_conversion_bias_is_correlated_with_the_click_bias() -> None:
     assert np.corrcoef(bias.item, world.item_bias)[0, 1] == pytest.approx(0.5, abs=0.03)
     assert bias.item.std() == pytest.approx(0.6, rel=0.05)
     assert bias.user.std() == pytest.approx(config.cvr_user_bias_std, rel=0.3)  # 240 users
-    independent = draw_conversion_bias(world, replace(config, cvr_item_bias_corr=0.0),
-                                       np.random.default_rng(1))
+    independent = draw_conversion_bias(
+        world, replace(config, cvr_item_bias_corr=0.0), np.random.default_rng(1)
+    )
     assert abs(np.corrcoef(independent.item, world.item_bias)[0, 1]) < 0.03
 
 
@@ -396,7 +457,8 @@ def test_the_history_style_term_raises_the_conversion_oracle() -> None:
     def cvr_auc(style_weight: float) -> float:
         cfg = replace(config, cvr_style_weight=style_weight)
         world_rng, behavior_rng, _, conversion_rng = (
-            np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4))
+            np.random.default_rng(s) for s in np.random.SeedSequence(cfg.seed).spawn(4)
+        )
         log = simulate_behavior(build_world(cfg, world_rng), cfg, behavior_rng, conversion_rng)
         clicked = log.label == 1
         return float(roc_auc_score(log.conversion[clicked], log.conversion_prob[clicked]))
@@ -433,10 +495,27 @@ def test_invalid_configs_are_rejected(tmp_path: Path) -> None:
 
 def test_cli_writes_a_world_and_prints_the_oracle(tmp_path: Path) -> None:
     out = tmp_path / "w"
-    result = CliRunner().invoke(app, [
-        "simulate", "--out", str(out), "--users", "60", "--items", "50", "--seed", "1",
-        "--events-per-user", "8", "--set", "n_categories=6", "--set", "slate_size=4",
-        "--no-progress"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            "--out",
+            str(out),
+            "--users",
+            "60",
+            "--items",
+            "50",
+            "--seed",
+            "1",
+            "--events-per-user",
+            "8",
+            "--set",
+            "n_categories=6",
+            "--set",
+            "slate_size=4",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
     assert printed == json.loads((out / "oracle.json").read_text())

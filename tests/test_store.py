@@ -264,8 +264,10 @@ def test_embedded_redis_does_not_outlive_its_parent() -> None:
     import subprocess
     import sys
 
-    code = ("import time; from service.embedded_redis import RedisServer; "
-            "s = RedisServer().start(); print(s.pid, flush=True); time.sleep(60)")  # fmt: skip
+    code = (
+        "import time; from service.embedded_redis import RedisServer; "
+        "s = RedisServer().start(); print(s.pid, flush=True); time.sleep(60)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert parent.stdout is not None
     child = int(parent.stdout.readline())

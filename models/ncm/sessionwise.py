@@ -58,7 +58,10 @@ class SCOT(SlateModel):
         keys = torch.cat([tokens.new_zeros(b, 1, 2 * e), tokens], dim=1)  # [B, 1+SK, 2E]
         blocked = self._blocked(clicks.reshape(b, s * k), s, k)  # [B, SK, 1+SK]
         attended, _ = self.attention(
-            tokens, keys, keys, attn_mask=blocked.repeat_interleave(self.config.heads, 0),
+            tokens,
+            keys,
+            keys,
+            attn_mask=blocked.repeat_interleave(self.config.heads, 0),
             need_weights=False,
         )
         logits: Tensor = self.head(attended + tokens).reshape(b, s, k)

@@ -46,12 +46,12 @@ def simulate_world(config: SimulationConfig, out: Path, progress: bool = True) -
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world_rng, behavior_rng, slate_rng, conversion_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4))
+        np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4)
+    )
     world = build_world(config, world_rng)
     total = config.n_users * config.events_per_user
     with tqdm(total=total, desc="simulate", unit="event", disable=not progress) as bar:
-        log = simulate_behavior(world, config, behavior_rng, conversion_rng,
-                                on_clicks=bar.update)
+        log = simulate_behavior(world, config, behavior_rng, conversion_rng, on_clicks=bar.update)
     slates = simulate_slates(world, config, log.interests, slate_rng)
     _write_all(out, config, world, log, slates, progress)
     oracle = {
@@ -64,21 +64,61 @@ def simulate_world(config: SimulationConfig, out: Path, progress: bool = True) -
 
 
 def _write_all(
-    out: Path, config: SimulationConfig, world: World, log: BehaviorLog, slates: SlateLog,
+    out: Path,
+    config: SimulationConfig,
+    world: World,
+    log: BehaviorLog,
+    slates: SlateLog,
     progress: bool,
 ) -> None:
     names = Names(config)
     sample_test = world.is_test[log.user]
     session_test = np.repeat(world.is_test, config.sessions_per_user)
     jobs = [
-        ("behavior/train", lambda: write_behavior(log, world, names, np.flatnonzero(
-            ~sample_test), config, out / "behavior" / "train.parquet")),
-        ("behavior/test", lambda: write_behavior(log, world, names, np.flatnonzero(
-            sample_test), config, out / "behavior" / "test.parquet")),
-        ("slates/train", lambda: write_slates(slates, world, names, np.flatnonzero(
-            ~session_test), config, out / "slates" / "train.parquet")),
-        ("slates/test", lambda: write_slates(slates, world, names, np.flatnonzero(
-            session_test), config, out / "slates" / "test.parquet")),
+        (
+            "behavior/train",
+            lambda: write_behavior(
+                log,
+                world,
+                names,
+                np.flatnonzero(~sample_test),
+                config,
+                out / "behavior" / "train.parquet",
+            ),
+        ),
+        (
+            "behavior/test",
+            lambda: write_behavior(
+                log,
+                world,
+                names,
+                np.flatnonzero(sample_test),
+                config,
+                out / "behavior" / "test.parquet",
+            ),
+        ),
+        (
+            "slates/train",
+            lambda: write_slates(
+                slates,
+                world,
+                names,
+                np.flatnonzero(~session_test),
+                config,
+                out / "slates" / "train.parquet",
+            ),
+        ),
+        (
+            "slates/test",
+            lambda: write_slates(
+                slates,
+                world,
+                names,
+                np.flatnonzero(session_test),
+                config,
+                out / "slates" / "test.parquet",
+            ),
+        ),
         ("events", lambda: write_events(log, world, names, out / "events.parquet")),
     ]
     for _, job in tqdm(jobs, desc="write", unit="file", disable=not progress):

@@ -134,7 +134,8 @@ def simulate_behavior(
     every = np.arange(config.n_users)
     while True:
         live = (state.n_clicks < config.events_per_user) & (
-            state.n_imps < config.max_impressions_per_user)
+            state.n_imps < config.max_impressions_per_user
+        )
         if not live.any():
             break
         users = every if live.all() else np.flatnonzero(live)
@@ -150,7 +151,10 @@ def relation_strength(cos: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def true_logit(
-    ring: np.ndarray, relation: np.ndarray, n: np.ndarray, target: np.ndarray,
+    ring: np.ndarray,
+    relation: np.ndarray,
+    n: np.ndarray,
+    target: np.ndarray,
     config: SimulationConfig,
 ) -> np.ndarray:
     """The history part of ℓ: attention_weight · attention + pair_strength · pairs.
@@ -207,13 +211,20 @@ def _recency_weights(size: int, recency_scale: float) -> tuple[np.ndarray, np.nd
 
 
 def conversion_logit(
-    bias_u: np.ndarray, bias_i: np.ndarray, match: np.ndarray, commitment: np.ndarray,
+    bias_u: np.ndarray,
+    bias_i: np.ndarray,
+    match: np.ndarray,
+    commitment: np.ndarray,
     config: SimulationConfig,
 ) -> np.ndarray:
     """ℓ_cvr from c_u, c_i, cos(w_{u,z}, v_i) and `style_commitment`, [A] float64."""
-    return (config.cvr_base_logit + bias_u.astype(np.float64) + bias_i.astype(np.float64)
-            + config.cvr_interest_weight * match.astype(np.float64)
-            + config.cvr_style_weight * commitment)
+    return (
+        config.cvr_base_logit
+        + bias_u.astype(np.float64)
+        + bias_i.astype(np.float64)
+        + config.cvr_interest_weight * match.astype(np.float64)
+        + config.cvr_style_weight * commitment
+    )
 
 
 def _initial_state(world: World, config: SimulationConfig, rng: np.random.Generator) -> _State:
@@ -241,15 +252,21 @@ def _draw_interest(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _step(
-    st: _State, world: World, cvr_bias: ConversionBias, config: SimulationConfig,
-    rng: np.random.Generator, users: np.ndarray,
+    st: _State,
+    world: World,
+    cvr_bias: ConversionBias,
+    config: SimulationConfig,
+    rng: np.random.Generator,
+    users: np.ndarray,
 ) -> tuple[tuple[np.ndarray, ...], int]:
     """One impression for each of `users`; returns the sample record and the number of clicks."""
     a = len(users)
     # A slice when every user is live: the big per-user state is then read as views, not copied.
     rows: np.ndarray | slice = slice(None) if a == config.n_users else users
-    interests = normalise(st.interests[rows] + config.drift_rate * noise(
-        rng, (a, config.interests_per_user, config.dim)))
+    interests = normalise(
+        st.interests[rows]
+        + config.drift_rate * noise(rng, (a, config.interests_per_user, config.dim))
+    )
     st.interests[rows] = interests
     switch = rng.random(a) >= config.interest_stickiness
     active = np.where(switch, _draw_interest(world.weights[rows], rng), st.active[rows])
@@ -259,28 +276,44 @@ def _step(
     item = _expose(st, world, config, rng, users, active_vec)
     target = world.item_vec[item]  # [A, d]
     match = (active_vec * target).sum(1)  # cos(w_{u,z}, v_i), float32
-    logit = (config.base_logit + world.user_bias[rows] + world.item_bias[item]
-             + config.interest_weight * match
-             + true_logit(st.ring[rows], st.relation[rows], n, target, config))
+    logit = (
+        config.base_logit
+        + world.user_bias[rows]
+        + world.item_bias[item]
+        + config.interest_weight * match
+        + true_logit(st.ring[rows], st.relation[rows], n, target, config)
+    )
     prob = 1.0 / (1.0 + np.exp(-logit))
     commitment = style_commitment(st.ring_style[rows], n, world.item_style[item], config)
-    cvr_logit = conversion_logit(cvr_bias.user[rows], cvr_bias.item[item], match, commitment,
-                                 config)
+    cvr_logit = conversion_logit(
+        cvr_bias.user[rows], cvr_bias.item[item], match, commitment, config
+    )
     cvr_prob = 1.0 / (1.0 + np.exp(-cvr_logit))
     label = rng.random(a) < prob
     ts = st.ts[rows] + 1 + np.floor(rng.exponential(config.mean_gap_s, a)).astype(np.int64)
     st.ts[rows] = ts
     st.n_imps[rows] += 1
     keep = n >= config.min_history
-    record = (users[keep], item[keep], label[keep].astype(np.int64), prob[keep], n[keep], ts[keep],
-              cvr_prob[keep])
+    record = (
+        users[keep],
+        item[keep],
+        label[keep].astype(np.int64),
+        prob[keep],
+        n[keep],
+        ts[keep],
+        cvr_prob[keep],
+    )
     _append_clicks(st, world, config, users[label], item[label], ts[label])
     return record, int(label.sum())
 
 
 def _expose(
-    st: _State, world: World, config: SimulationConfig, rng: np.random.Generator,
-    users: np.ndarray, active_vec: np.ndarray,
+    st: _State,
+    world: World,
+    config: SimulationConfig,
+    rng: np.random.Generator,
+    users: np.ndarray,
+    active_vec: np.ndarray,
 ) -> np.ndarray:
     """The logging policy's item for each user (see step 2 of the module docstring)."""
     a = len(users)
@@ -301,7 +334,11 @@ def _expose(
 
 
 def _append_clicks(
-    st: _State, world: World, config: SimulationConfig, users: np.ndarray, item: np.ndarray,
+    st: _State,
+    world: World,
+    config: SimulationConfig,
+    users: np.ndarray,
+    item: np.ndarray,
     ts: np.ndarray,
 ) -> None:
     """Puts each click in its ring slot and refreshes that slot's row/column of relations."""
@@ -331,7 +368,16 @@ def _collect(
     user, item, label, prob, n_hist, ts, cvr_prob = (c[order] for c in cols)
     converted = (conversion_rng.random(len(label)) < cvr_prob) & (label == 1)
     return BehaviorLog(
-        user=user, item=item, label=label, prob=prob, conversion_prob=cvr_prob,
-        conversion=converted.astype(np.int64), n_hist=n_hist, ts=ts,
-        clicks=st.clicks, click_ts=st.click_ts, n_clicks=st.n_clicks, interests=st.interests,
+        user=user,
+        item=item,
+        label=label,
+        prob=prob,
+        conversion_prob=cvr_prob,
+        conversion=converted.astype(np.int64),
+        n_hist=n_hist,
+        ts=ts,
+        clicks=st.clicks,
+        click_ts=st.click_ts,
+        n_clicks=st.n_clicks,
+        interests=st.interests,
     )

@@ -97,9 +97,19 @@ class SimulationConfig:
 
     def validate(self) -> None:
         """Raises ValueError on a config the simulator cannot run."""
-        positive = ("n_users", "n_items", "n_categories", "dim", "n_styles", "interests_per_user",
-                    "events_per_user", "max_history", "slate_size", "sessions_per_user",
-                    "slates_per_session")
+        positive = (
+            "n_users",
+            "n_items",
+            "n_categories",
+            "dim",
+            "n_styles",
+            "interests_per_user",
+            "events_per_user",
+            "max_history",
+            "slate_size",
+            "sessions_per_user",
+            "slates_per_session",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -111,9 +121,14 @@ class SimulationConfig:
             raise ValueError("slates_per_session must be >= 2 (context plus evaluated slates)")
         if not 0.0 < self.test_fraction < 1.0 or self.n_users < 2:
             raise ValueError("need 0 < test_fraction < 1 and at least two users")
-        for a, b, c in ((self.exposure_interest, self.exposure_history, self.exposure_popular),
-                        (self.slate_exposure_interest, self.slate_exposure_session,
-                         self.slate_exposure_popular)):
+        for a, b, c in (
+            (self.exposure_interest, self.exposure_history, self.exposure_popular),
+            (
+                self.slate_exposure_interest,
+                self.slate_exposure_session,
+                self.slate_exposure_popular,
+            ),
+        ):
             if min(a, b, c) < 0 or a + b + c > 1:
                 raise ValueError("exposure probabilities must be >= 0 and sum to at most 1")
         if not 0.0 < self.satisfaction <= 1.0 or not 0.0 <= self.interest_stickiness <= 1.0:
@@ -123,7 +138,8 @@ class SimulationConfig:
     def _validate_conversion(self) -> None:
         if not -1.0 <= self.cvr_item_bias_corr <= 1.0:
             raise ValueError(
-                f"cvr_item_bias_corr must be in [-1, 1], got {self.cvr_item_bias_corr}")
+                f"cvr_item_bias_corr must be in [-1, 1], got {self.cvr_item_bias_corr}"
+            )
         if min(self.cvr_item_bias_std, self.cvr_user_bias_std) < 0:
             raise ValueError("cvr_item_bias_std and cvr_user_bias_std must be >= 0")
         if not self.cvr_recency_scale > 0:

@@ -36,19 +36,28 @@ def behavior_oracle(log: BehaviorLog, is_test: np.ndarray) -> dict[str, Any]:
     """AUC/LogLoss of the true probabilities on the test users' samples."""
     test = is_test[log.user]
     y, p = log.label[test], log.prob[test]
-    return {"auc": auc(y, p), "logloss": logloss(y, p), "n": int(test.sum()),
-            "ctr": _rate(y), **_conversion_oracle(log, test)}
+    return {
+        "auc": auc(y, p),
+        "logloss": logloss(y, p),
+        "n": int(test.sum()),
+        "ctr": _rate(y),
+        **_conversion_oracle(log, test),
+    }
 
 
 def _conversion_oracle(log: BehaviorLog, test: np.ndarray) -> dict[str, Any]:
     conversion, q = log.conversion[test], log.conversion_prob[test]
     clicked = log.label[test] == 1
     ctcvr_prob = log.prob[test] * q
-    return {"cvr_auc": auc(conversion[clicked], q[clicked]),
-            "ctcvr_auc": auc(conversion, ctcvr_prob),
-            "ctcvr_logloss": logloss(conversion, ctcvr_prob),
-            "cvr": _rate(conversion[clicked]), "ctcvr": _rate(conversion),
-            "n_clicks": int(clicked.sum()), "n_conversions": int(conversion.sum())}
+    return {
+        "cvr_auc": auc(conversion[clicked], q[clicked]),
+        "ctcvr_auc": auc(conversion, ctcvr_prob),
+        "ctcvr_logloss": logloss(conversion, ctcvr_prob),
+        "cvr": _rate(conversion[clicked]),
+        "ctcvr": _rate(conversion),
+        "n_clicks": int(clicked.sum()),
+        "n_conversions": int(conversion.sum()),
+    }
 
 
 def _rate(y: np.ndarray) -> float:
@@ -65,5 +74,11 @@ def slate_oracle(log: SlateLog, is_test: np.ndarray, config: SimulationConfig) -
     y = log.clicks[session_test, evaluated].ravel()
     p = log.probs[session_test, evaluated].ravel()
     f1, accuracy = f1_accuracy(y, p, threshold)
-    return {"auc": auc(y, p), "f1": f1, "accuracy": accuracy, "n": int(y.size),
-            "threshold": threshold, "ctr": float(y.mean()) if y.size else float("nan")}
+    return {
+        "auc": auc(y, p),
+        "f1": f1,
+        "accuracy": accuracy,
+        "n": int(y.size),
+        "threshold": threshold,
+        "ctr": float(y.mean()) if y.size else float("nan"),
+    }

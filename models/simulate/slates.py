@@ -70,14 +70,20 @@ def simulate_slates(
         items[:, t] = _compose(world, config, rng, user, interest_cats, items[:, :t], clicks[:, :t])
         attract = attractiveness(world, config, user, interests, items[:, t], clicked_sum)
         clicks[:, t], probs[:, t] = _click_slate(config, rng, attract)
-        clicked_sum += np.einsum("qk,qkd->qd", clicks[:, t].astype(np.float32),
-                                 world.item_vec[items[:, t]])
+        clicked_sum += np.einsum(
+            "qk,qkd->qd", clicks[:, t].astype(np.float32), world.item_vec[items[:, t]]
+        )
     return SlateLog(items=items, clicks=clicks, probs=probs)
 
 
 def _compose(
-    world: World, config: SimulationConfig, rng: np.random.Generator, user: np.ndarray,
-    interest_cats: np.ndarray, past_items: np.ndarray, past_clicks: np.ndarray,
+    world: World,
+    config: SimulationConfig,
+    rng: np.random.Generator,
+    user: np.ndarray,
+    interest_cats: np.ndarray,
+    past_items: np.ndarray,
+    past_clicks: np.ndarray,
 ) -> np.ndarray:
     """The K items of the next slate of every session, [Q, K]."""
     q, k = len(user), config.slate_size
@@ -126,8 +132,12 @@ def _random_clicked(
 
 
 def attractiveness(
-    world: World, config: SimulationConfig, user: np.ndarray, interests: np.ndarray,
-    slate: np.ndarray, clicked_sum: np.ndarray,
+    world: World,
+    config: SimulationConfig,
+    user: np.ndarray,
+    interests: np.ndarray,
+    slate: np.ndarray,
+    clicked_sum: np.ndarray,
 ) -> np.ndarray:
     """α of every slot, [Q, K] float64 (see the module docstring)."""
     vec = world.item_vec[slate]  # [Q, K, d]
@@ -138,9 +148,14 @@ def attractiveness(
     span = 1.0 - config.competition_threshold
     rival = np.clip((cos - config.competition_threshold) / span, 0.0, 1.0)
     rival *= np.tril(np.ones(cos.shape[1:], dtype=bool), k=-1)  # only items shown higher up
-    return (config.slate_base_logit + world.user_bias[user][:, None] + world.item_bias[slate]
-            + config.slate_interest_weight * affinity + config.session_weight * session
-            - config.competition_strength * rival.max(-1)).astype(np.float64)
+    return (
+        config.slate_base_logit
+        + world.user_bias[user][:, None]
+        + world.item_bias[slate]
+        + config.slate_interest_weight * affinity
+        + config.session_weight * session
+        - config.competition_strength * rival.max(-1)
+    ).astype(np.float64)
 
 
 def _click_slate(

@@ -105,10 +105,18 @@ def build_world(config: SimulationConfig, rng: np.random.Generator) -> World:
     cat_start = np.searchsorted(item_cat[cat_order], np.arange(c + 1))
     interests, weights, user_bias = _users(config, centers, rng)
     return World(
-        centers=centers, item_cat=item_cat, item_vec=item_vec, item_pop=item_pop,
-        item_bias=item_bias, item_style=item_style, cat_order=cat_order, cat_start=cat_start,
+        centers=centers,
+        item_cat=item_cat,
+        item_vec=item_vec,
+        item_pop=item_pop,
+        item_bias=item_bias,
+        item_style=item_style,
+        cat_order=cat_order,
+        cat_start=cat_start,
         interests=interests,
-        weights=weights, user_bias=user_bias, is_test=_test_users(config, rng),
+        weights=weights,
+        user_bias=user_bias,
+        is_test=_test_users(config, rng),
     )
 
 

@@ -48,7 +48,11 @@ def _lists(values: pa.Array, lengths: np.ndarray) -> pa.Array:
 
 
 def write_behavior(
-    log: BehaviorLog, world: World, names: Names, rows: np.ndarray, config: SimulationConfig,
+    log: BehaviorLog,
+    world: World,
+    names: Names,
+    rows: np.ndarray,
+    config: SimulationConfig,
     path: Path,
 ) -> None:
     """Writes the samples `rows` (indices into the log, user-major) to one Parquet file."""
@@ -71,18 +75,20 @@ def _behavior_table(
     starts = np.repeat(n - length, length)
     within = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
     hist = log.clicks[np.repeat(user, length), starts + within]  # [sum(length)]
-    return pa.table({
-        "user_id": names.user.take(user),
-        "item_id": names.item.take(item),
-        "category_id": names.category.take(world.item_cat[item]),
-        "hist_item_ids": _lists(names.item.take(hist), length),
-        "hist_category_ids": _lists(names.category.take(world.item_cat[hist]), length),
-        "label": pa.array(log.label[rows], type=pa.int64()),
-        "click_prob": pa.array(log.prob[rows], type=pa.float64()),
-        "ts": pa.array(log.ts[rows], type=pa.int64()),
-        "conversion": pa.array(log.conversion[rows], type=pa.int64()),
-        "conversion_prob": pa.array(log.conversion_prob[rows], type=pa.float64()),
-    })
+    return pa.table(
+        {
+            "user_id": names.user.take(user),
+            "item_id": names.item.take(item),
+            "category_id": names.category.take(world.item_cat[item]),
+            "hist_item_ids": _lists(names.item.take(hist), length),
+            "hist_category_ids": _lists(names.category.take(world.item_cat[hist]), length),
+            "label": pa.array(log.label[rows], type=pa.int64()),
+            "click_prob": pa.array(log.prob[rows], type=pa.float64()),
+            "ts": pa.array(log.ts[rows], type=pa.int64()),
+            "conversion": pa.array(log.conversion[rows], type=pa.int64()),
+            "conversion_prob": pa.array(log.conversion_prob[rows], type=pa.float64()),
+        }
+    )
 
 
 def write_events(log: BehaviorLog, world: World, names: Names, path: Path) -> None:
@@ -90,19 +96,25 @@ def write_events(log: BehaviorLog, world: World, names: Names, path: Path) -> No
     mask = np.arange(log.clicks.shape[1])[None, :] < log.n_clicks[:, None]  # [U, E]
     user = np.nonzero(mask)[0]
     item = log.clicks[mask]
-    table = pa.table({
-        "user_id": names.user.take(user),
-        "item_id": names.item.take(item),
-        "category_id": names.category.take(world.item_cat[item]),
-        "ts": pa.array(log.click_ts[mask], type=pa.int64()),
-        "event_id": _ids("e", len(item)),
-        "type": pa.array(["click"], type=pa.string()).take(np.zeros(len(item), dtype=np.int64)),
-    })
+    table = pa.table(
+        {
+            "user_id": names.user.take(user),
+            "item_id": names.item.take(item),
+            "category_id": names.category.take(world.item_cat[item]),
+            "ts": pa.array(log.click_ts[mask], type=pa.int64()),
+            "event_id": _ids("e", len(item)),
+            "type": pa.array(["click"], type=pa.string()).take(np.zeros(len(item), dtype=np.int64)),
+        }
+    )
     pq.write_table(table, path)
 
 
 def write_slates(
-    log: SlateLog, world: World, names: Names, sessions: np.ndarray, config: SimulationConfig,
+    log: SlateLog,
+    world: World,
+    names: Names,
+    sessions: np.ndarray,
+    config: SimulationConfig,
     path: Path,
 ) -> None:
     """Writes the sessions `sessions` (indices into the log), one row per slate."""
@@ -110,16 +122,20 @@ def write_slates(
     s, k = config.slates_per_session, config.slate_size
     items = log.items[sessions].reshape(-1)  # [n_sessions * S * K], display order
     lengths = np.full(len(sessions) * s, k)
-    session_names = [f"u{q // config.sessions_per_user}-s{q % config.sessions_per_user}"
-                     for q in sessions]
-    table = pa.table({
-        "user_id": names.user.take(np.repeat(sessions // config.sessions_per_user, s)),
-        "session_id": pa.array(session_names, type=pa.string()).take(
-            np.repeat(np.arange(len(sessions)), s)),
-        "slate_index": pa.array(np.tile(np.arange(s), len(sessions)), type=pa.int64()),
-        "item_ids": _lists(names.item.take(items), lengths),
-        "category_ids": _lists(names.category.take(world.item_cat[items]), lengths),
-        "clicks": _lists(pa.array(log.clicks[sessions].reshape(-1), type=pa.int64()), lengths),
-        "click_probs": _lists(pa.array(log.probs[sessions].reshape(-1)), lengths),
-    })
+    session_names = [
+        f"u{q // config.sessions_per_user}-s{q % config.sessions_per_user}" for q in sessions
+    ]
+    table = pa.table(
+        {
+            "user_id": names.user.take(np.repeat(sessions // config.sessions_per_user, s)),
+            "session_id": pa.array(session_names, type=pa.string()).take(
+                np.repeat(np.arange(len(sessions)), s)
+            ),
+            "slate_index": pa.array(np.tile(np.arange(s), len(sessions)), type=pa.int64()),
+            "item_ids": _lists(names.item.take(items), lengths),
+            "category_ids": _lists(names.category.take(world.item_cat[items]), lengths),
+            "clicks": _lists(pa.array(log.clicks[sessions].reshape(-1), type=pa.int64()), lengths),
+            "click_probs": _lists(pa.array(log.probs[sessions].reshape(-1)), lengths),
+        }
+    )
     pq.write_table(table, path)
