@@ -42,7 +42,7 @@ RUN pip install --require-hashes --no-deps -r /tmp/requirements.txt \
 # The project itself (what .dockerignore lets through), without its dependencies again.
 COPY . .
 RUN pip install --no-deps --no-build-isolation . \
-    && python -c "import service.api, sys; assert 'torch' not in sys.modules, 'serving imports torch'"
+    && python -c "import service.http.api, sys; assert 'torch' not in sys.modules, 'serving imports torch'"
 
 # ---------------------------------------------------------------------------------------------
 # serve: the scoring service. Non-root, read-only friendly (writes nothing outside /tmp).

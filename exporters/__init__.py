@@ -1,6 +1,5 @@
-"""PyTorch -> ONNX export, parity verification and the versioned model repository.
-
-Torch-free modules (the service imports them): `repository`, `loader`, `feeds`,
-`slate_feeds`, `cases`. Everything else imports torch and runs at export time only. Importing
-this package imports nothing.
+"""PyTorch -> ONNX export, parity verification, the fp16 variant and writing versioned model
+directories (`pipeline`); `bench` is `ctr bench export`. Everything here runs at export time;
+the serving side of the contract (reading and opening a model directory) is `runtime`.
+Importing this package imports nothing.
 """

@@ -28,13 +28,13 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from exporters.feeds import BEHAVIOR_INPUTS
-from exporters.loader import session_options
 from exporters.onnx_export import GraphSpec, export_behavior, export_graph
 from exporters.parity import run_eager, run_session
-from models.base import BehaviorModel
-from models.batch import BehaviorBatch
+from models.data.batch import BehaviorBatch
+from models.nets.base import BehaviorModel
 from models.registry import BEHAVIOR_MODELS, model_class
+from runtime.feeds import BEHAVIOR_INPUTS
+from runtime.loader import session_options
 
 PAIRWISE_INPUTS = ("user", "hist_items", "hist_cats", "context", "items", "cats")
 PAIRWISE_GRAPH = GraphSpec(

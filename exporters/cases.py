@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from exporters.feeds import ScoringRequest
-from models.features import FeatureSpec, Vocabulary
+from runtime.features import FeatureSpec, Vocabulary
+from runtime.feeds import ScoringRequest
 
 Cases = dict[str, list[ScoringRequest]]
 Pair = tuple[str, str]

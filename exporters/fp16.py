@@ -28,9 +28,9 @@ import onnxruntime as ort
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from exporters.cases import Cases
-from exporters.feeds import ScoringRequest
 from exporters.parity import Encoder, Flatten, run_session
-from models.metrics import auc
+from models.training.metrics import auc
+from runtime.feeds import ScoringRequest
 
 FP16_FILE = "model_fp16.onnx"
 FP16_TOLERANCE = 2e-3

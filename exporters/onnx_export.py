@@ -10,9 +10,9 @@ decides whether its file is kept.
 
 What a serving graph computes (every graph returns probabilities, never logits):
 * behaviour models: `model.forward_slates` + sigmoid on the slate-shared ragged layout
-  (`exporters.feeds`): the user side runs once per user inside the graph and its outputs are
+  (`runtime.feeds`): the user side runs once per user inside the graph and its outputs are
   gathered per candidate with `cand_user_index`. Output `scores` [N] is pCTR; a multi-task
-  model (`tasks=("ctr", "cvr")`, `models.multitask`) adds `conversion_scores` [N] (pCVR) and
+  model (`tasks=("ctr", "cvr")`, `models.nets.multitask`) adds `conversion_scores` [N] (pCVR) and
   `ctcvr_scores` [N] (pCTR·pCVR, formed in the graph so every client multiplies the same
   float32 numbers). A conversion-only model is an offline baseline and is not exported.
 * slate models (NCM family): see `exporters.slate_export`.
@@ -35,9 +35,9 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from exporters.feeds import BEHAVIOR_INPUTS, CONVERSION_SCORES, CTCVR_SCORES, SCORES
-from models.base import BehaviorModel
-from models.multitask import CTR, CVR
+from models.nets.base import BehaviorModel
+from models.nets.multitask import CTR, CVR
+from runtime.feeds import BEHAVIOR_INPUTS, CONVERSION_SCORES, CTCVR_SCORES, SCORES
 
 OPSET = 17
 DYNAMO_OPSET = 18  # the torch.export-based exporter's lowest supported opset

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from exporters.cases import Cases
-from exporters.feeds import ScoringRequest
 from exporters.onnx_export import task_probabilities
-from models.base import BehaviorModel
-from models.batch import BehaviorBatch
+from models.data.batch import BehaviorBatch
+from models.nets.base import BehaviorModel
+from runtime.feeds import ScoringRequest
 
 FP32_TOLERANCE = 1e-5
 Encoder = Callable[[Sequence[ScoringRequest]], dict[str, np.ndarray]]

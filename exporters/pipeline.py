@@ -25,11 +25,16 @@ from torch import nn
 
 from exporters import cases as case_lib
 from exporters import fp16
-from exporters.feeds import BEHAVIOR_INPUTS, ScoringRequest, encode_behavior
-from exporters.loader import DEFAULT_SESSION_OPTIONS, open_model, session_options
 from exporters.onnx_export import Exporter, describe_graph, export_behavior
 from exporters.parity import FP32_TOLERANCE, Encoder, Flatten, ParityReport, check_parity
-from exporters.repository import (
+from exporters.slate_export import export_slate
+from models.data.schema import load_behavior, load_slates
+from models.nets.base import BehaviorModel
+from models.registry import ALL_MODELS, is_slate_model
+from models.training.checkpoint import LoadedRun, load_run
+from runtime.feeds import BEHAVIOR_INPUTS, ScoringRequest, encode_behavior
+from runtime.loader import DEFAULT_SESSION_OPTIONS, open_model, session_options
+from runtime.repository import (
     MODEL_FILE,
     ModelIntegrityError,
     latest_version,
@@ -39,12 +44,7 @@ from exporters.repository import (
     sha256_file,
     write_manifest,
 )
-from exporters.slate_export import export_slate
-from exporters.slate_feeds import SLATE_INPUTS, SlateContract, encode_slates, flatten_slate_scores
-from models.base import BehaviorModel
-from models.checkpoint import LoadedRun, load_run
-from models.registry import ALL_MODELS, is_slate_model
-from models.schema import load_behavior, load_slates
+from runtime.slate_feeds import SLATE_INPUTS, SlateContract, encode_slates, flatten_slate_scores
 
 SLATE_HISTORY = 50  # history items a slate model's serving graph holds by default
 

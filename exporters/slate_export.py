@@ -1,5 +1,5 @@
 """PyTorch -> ONNX for the slate click models (NCM family); serving contract in
-`exporters.slate_feeds` and docs/export.md.
+`runtime.slate_feeds` and docs/export.md.
 
 The graph is the model's own `forward` on a [B, S, K] session with S and K static: NCM's
 readout is unrolled over K at trace time (a fixed GRUCell chain), Transformer+GRU over S, and
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from exporters.onnx_export import Exporter, GraphSpec, export_graph, serving_copy
-from exporters.slate_feeds import SLATE_INPUTS, SlateContract
+from runtime.slate_feeds import SLATE_INPUTS, SlateContract
 
 SLATE_GRAPH = GraphSpec(
     inputs=SLATE_INPUTS,

@@ -65,14 +65,14 @@ class SuiteConfig:
 
 
 def _model_dir(config: SuiteConfig) -> Path:
-    from exporters.repository import latest_version, model_dir
+    from runtime.repository import latest_version, model_dir
 
     return model_dir(config.repo, config.model, latest_version(config.repo, config.model))
 
 
 def raw_ort(config: SuiteConfig, population: Population) -> list[dict[str, float]]:
     """Median and best candidates/s of `session.run` per users-per-call (one thread, CPU)."""
-    from exporters.loader import ScoringRequest, open_model
+    from runtime.loader import ScoringRequest, open_model
 
     model = open_model(_model_dir(config), providers=["CPUExecutionProvider"])
     sampler = population.sampler(0)

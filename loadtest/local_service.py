@@ -17,8 +17,8 @@ from types import TracebackType
 
 import httpx
 
-from service.embedded_redis import free_port
 from service.processes import stop_process
+from service.store.embedded_redis import free_port
 
 
 class ServiceError(RuntimeError):

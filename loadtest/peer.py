@@ -24,7 +24,7 @@ from types import TracebackType
 import httpx
 
 from loadtest.local_service import ServiceError
-from service.embedded_redis import free_port
+from service.store.embedded_redis import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON_ENV = "CTR_BENCH_PEER_PYTHON"

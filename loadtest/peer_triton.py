@@ -13,7 +13,7 @@ ids): `user [1]`, `hist_items`/`hist_cats [L]`, `cand_items`/`cand_cats [K]`; Tr
 a batch to [B, ...] and the function below turns it into the same ragged feeds the service
 sends ONNX Runtime (`cand_user_index`), so both run the identical graph per user.
 
-Imports numpy, onnxruntime, pytriton and the torch-free exporters.loader only.
+Imports numpy, onnxruntime, pytriton and the torch-free runtime.loader only.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from exporters.loader import LoadedModel, open_model
-from models.features import OOV
+from runtime.features import OOV
+from runtime.loader import LoadedModel, open_model
 
 
 def infer_function(model: LoadedModel) -> Any:

@@ -32,7 +32,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.local_service import LocalService
-from models.features import FeatureSpec
+from runtime.features import FeatureSpec
 
 ROUTING = """experiments:
   - name: bench

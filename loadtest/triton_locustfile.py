@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 from locust import events, task
 
-from exporters.feeds import encode_pairs
 from loadtest.locustfile import SCORE, PacedUser, SteppedLoad, classify, options
 from loadtest.population import parse_range
-from models.features import PAD, FeatureSpec, Vocabulary
+from runtime.features import PAD, FeatureSpec, Vocabulary
+from runtime.feeds import encode_pairs
 
 __all__ = ["SteppedLoad", "TritonUser"]  # PacedUser is abstract: locust skips it
 _VOCABS: dict[str, dict[str, Vocabulary]] = {}

@@ -1,5 +1,6 @@
-"""Offline half of SlateCTR: data contracts, simulator, models, training and evaluation.
-
-Importing this package imports nothing heavy: `models.features` is torch-free so that the
-serving path can share the vocabulary code; every torch module is imported explicitly.
+"""Offline half of SlateCTR, in PyTorch: `data` (sample files, loaders), `simulate` (a world
+with known ground truth), `nets` (the behaviour models), `ncm` (slate click models),
+`training` (loop, `ctr train`, `ctr evaluate`), `bench` (quality benchmarks), plus the model
+name `registry` and `--set` `overrides`. The feature contract lives in `runtime.features`.
+Importing this package imports nothing.
 """

@@ -6,11 +6,11 @@ import importlib
 from typing import Any
 
 BEHAVIOR_MODELS: dict[str, str] = {
-    "sarn": "models.sarn:SARN",
-    "fat": "models.fat:FAT",
-    "din": "models.baselines:DIN",
-    "gru": "models.baselines:GRUCTR",
-    "wdl": "models.baselines:WideDeep",
+    "sarn": "models.nets.sarn:SARN",
+    "fat": "models.nets.fat:FAT",
+    "din": "models.nets.baselines:DIN",
+    "gru": "models.nets.baselines:GRUCTR",
+    "wdl": "models.nets.baselines:WideDeep",
 }
 
 SLATE_MODELS: dict[str, str] = {

@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from exporters.loader import (
+from runtime.loader import (
     CONVERSION_SCORES,
     CTCVR_SCORES,
     SCORES,
@@ -46,7 +46,6 @@ from service.contracts import (
     ShadowSpec,
     UnknownModel,
 )
-from service.embedded_redis import RedisServer
 from service.metrics import ServiceMetrics
 from service.naive import UnbatchedRunner, score_per_candidate
 from service.pool import ModelPool, Runner
@@ -55,7 +54,7 @@ from service.reload import Reloader
 from service.routing import ExperimentRouter, LoadedRouting, read_routing
 from service.settings import Settings
 from service.shadow import ShadowJob, ShadowScorer, ShadowSettings
-from service.store import (
+from service.store.behavior import (
     BehaviorStore,
     Event,
     HistoryItem,
@@ -63,6 +62,7 @@ from service.store import (
     StoreConfig,
     StoreUnavailable,
 )
+from service.store.embedded_redis import RedisServer
 
 __all__ = [
     "HistorySource",

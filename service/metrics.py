@@ -24,7 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from exporters.feeds import SCORES  # torch- and onnxruntime-free
+from runtime.feeds import SCORES  # torch- and onnxruntime-free
 from service.batcher import BatchObserver
 
 LATENCY_BUCKETS = (

@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from exporters.loader import LoadedModel, ScoringRequest
+from runtime.loader import LoadedModel, ScoringRequest
 from service.batcher import DeadlineExceeded, Draining
 
 Req = TypeVar("Req")

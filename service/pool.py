@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from exporters.loader import LoadedModel
+from runtime.loader import LoadedModel
 from service.contracts import ScoreInput, ShadowSpec
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.loader import LoadedModel, ModelIntegrityError, ScoringRequest, open_model
-from exporters.repository import latest_version, list_models, model_dir
+from runtime.loader import LoadedModel, ModelIntegrityError, ScoringRequest, open_model
+from runtime.repository import latest_version, list_models, model_dir
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"

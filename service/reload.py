@@ -14,7 +14,7 @@ version finish there; the old version is drained and released in the background.
 that fails to load or warm up never serves: the old one keeps serving, the admin call answers
 503 `model_load_failed`, `ctr_model_reload_failures_total{model,stage}` counts it and the
 poller does not retry that version. Only names and versions present in the configured
-repository are accepted (no paths, no URLs: `exporters.repository.model_dir` enforces it).
+repository are accepted (no paths, no URLs: `runtime.repository.model_dir` enforces it).
 
 Following: a model named without a version (in `CTR_MODELS`, or all when it is empty) follows
 the repository's highest version when polling; an admin reload to an explicit version holds the
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exporters.loader import LoadedModel
-from exporters.repository import latest_version, list_models
+from runtime.loader import LoadedModel
+from runtime.repository import latest_version, list_models
 from service.registry import ModelSpec, load_version, warm_up
 from service.routing import LoadedRouting, RoutingError, check_references, read_routing
 

@@ -62,7 +62,7 @@ from service.contracts import (
 MAX_EXPERIMENTS = 16
 MAX_VARIANTS = 16
 _NAME = r"^[a-z0-9][a-z0-9_-]{0,31}$"
-_MODEL = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # exporters.repository.NAME_PATTERN
+_MODEL = r"^[a-z0-9][a-z0-9_-]{0,63}$"  # runtime.repository.NAME_PATTERN
 _SCALE = float(1 << 64)
 
 Name = Annotated[str, StringConstraints(pattern=_NAME)]

@@ -18,8 +18,8 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from service.api import build_app
 from service.engine import ScoringEngine
+from service.http.api import build_app
 from service.logs import configure_logging
 from service.settings import Settings
 

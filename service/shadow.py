@@ -50,10 +50,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exporters.loader import SCORES, LoadedModel, ScoringRequest
+from runtime.loader import SCORES, LoadedModel, ScoringRequest
 from service.contracts import ShadowSpec
 from service.metrics import ServiceMetrics
-from service.store import BehaviorStore
+from service.store.behavior import BehaviorStore
 
 log = logging.getLogger(__name__)
 _WARNING_INTERVAL_S = 10.0

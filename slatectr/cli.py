@@ -126,10 +126,11 @@ def train(
     if model not in ALL_MODELS:
         known = ", ".join(sorted(ALL_MODELS))
         raise typer.BadParameter(f"choose one of: {known}", param_hint="--model")
-    from models.multitask import validate_tasks
+    from models.nets.multitask import validate_tasks
     from models.overrides import parse_assignments
     from models.registry import model_class, multitask_models
-    from models.train import resolve_device, train_config_for, train_run
+    from models.training.loop import resolve_device, train_config_for
+    from models.training.run import train_run
 
     if tasks is not None:
         tasks = _checked_tasks(model, tasks, set_ or [])
@@ -167,7 +168,7 @@ def train(
 
 def _checked_tasks(model: str, tasks: str, assignments: list[str]) -> str:
     """--tasks as the canonical "ctr,cvr" text (spaces allowed); BadParameter says why not."""
-    from models.multitask import validate_tasks
+    from models.nets.multitask import validate_tasks
     from models.registry import is_slate_model
 
     if is_slate_model(model):
@@ -190,8 +191,8 @@ def evaluate(
     """Score a trained run on a file; prints ONE JSON line {"model","auc","logloss","n"}
     (multi-task runs add "cvr_auc", "ctcvr_auc", "ctcvr_logloss"; a --tasks cvr run reports
     auc/logloss/n over the clicked rows; an undefined metric is null)."""
-    from models.evaluate import evaluate_run
-    from models.train import resolve_device
+    from models.training.evaluate import evaluate_run
+    from models.training.loop import resolve_device
 
     try:
         resolve_device(device)
@@ -205,8 +206,8 @@ def evaluate(
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Bad input files and run directories end with a one-line message and exit code 2."""
-    from models.checkpoint import CheckpointError
-    from models.schema import DataError
+    from models.data.schema import DataError
+    from models.training.checkpoint import CheckpointError
 
     try:
         yield
@@ -256,7 +257,7 @@ def serve(
     # Before the serving stack is imported: a warning raised while a library imports is then
     # a JSON log line too, like everything the service writes.
     configure_logging(settings.log_level)
-    from exporters.repository import list_models
+    from runtime.repository import list_models
     from service.routing import RoutingError, check_references, read_routing
     from service.server import serve as run_server
 
@@ -338,8 +339,8 @@ def bench_models(
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
 ) -> None:
     """Test AUC/LogLoss and training samples/s of every behaviour model beside the oracle."""
-    from models.benchmark import VARIANTS, format_table, run_model_bench
-    from models.train import TrainConfig, train_config_for
+    from models.bench.quality import VARIANTS, format_table, run_model_bench
+    from models.training.loop import TrainConfig, train_config_for
 
     keep = {m.strip() for m in only.split(",")} if only else None
     variants = [v for v in VARIANTS if keep is None or v.model in keep]
@@ -366,8 +367,8 @@ def bench_multitask(
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
 ) -> None:
     """CTCVR AUC of each multi-task model vs a CTR model × a CVR model, beside the oracle."""
-    from models.multitask_bench import check_models, format_table, run_multitask_bench
-    from models.train import TrainConfig, train_config_for
+    from models.bench.multitask import check_models, format_table, run_multitask_bench
+    from models.training.loop import TrainConfig, train_config_for
 
     def config_for(name: str) -> TrainConfig:
         return train_config_for(

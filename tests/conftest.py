@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from service.embedded_redis import RedisServer
+from service.store.embedded_redis import RedisServer
 
 # ---------------------------------------------------------------------------------------------
 # Service fixtures (owner: service). Real redis-server processes on free ports: the binary that
@@ -34,14 +34,16 @@ def redis_server() -> Iterator[RedisServer]:
 def service_model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model repository with a tiny SARN, a tiny NCM and a tiny multi-task GRU (`gru-mt`:
     pCTR, pCVR, pCTCVR, trained on the world's conversions), trained and exported once per
-    session through the real pipeline (simulate -> models.train -> exporters.export_run). Each
-    run directory stays beside the repository (REPO/../<name>) for tests that need it."""
+    session through the real pipeline (simulate -> models.training.run.train_run ->
+    exporters.pipeline.export_run). Each run directory stays beside the repository
+    (REPO/../<name>) for tests that need it."""
     import torch
 
     from exporters.pipeline import ExportOptions, export_run
     from models.simulate import simulate_world
     from models.simulate.config import SimulationConfig
-    from models.train import train_config_for, train_run
+    from models.training.loop import train_config_for
+    from models.training.run import train_run
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("service-models")
@@ -76,7 +78,7 @@ def service_model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data fixtures (owner: data contracts, models/schema.py). A hand-built behaviour frame that is
+# Data fixtures (owner: data contracts, models/data/schema.py). A hand-built behaviour frame that is
 # valid under DESIGN.md "Sample files": ids that look like numbers or NA, an empty history, a
 # context field with an empty value, and a conversion column.
 # ---------------------------------------------------------------------------------------------

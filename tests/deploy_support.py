@@ -186,7 +186,7 @@ def ctr_settings(env: dict[str, str]) -> Settings:
 
 def worst_case_shutdown_s(settings: Settings) -> float:
     """Drain delay, then uvicorn's graceful timeout (rounded up, service/server.py), then the
-    engine's own batcher drain, which has the same timeout (service/api.py lifespan)."""
+    engine's own batcher drain, which has the same timeout (service/http/api.py lifespan)."""
     graceful = float(-(-settings.graceful_timeout_s // 1))
     return settings.drain_delay_s + graceful + settings.graceful_timeout_s
 

@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.checkpoint import config_from_dict, save_run
-from models.dataset import fit_vocabularies
-from models.features import FeatureSpec, vocab_sizes
+from models.data.dataset import fit_vocabularies
 from models.ncm.data import fit_slate_vocabs, longest_slate
 from models.registry import BEHAVIOR_MODELS, is_slate_model, model_class
-from models.train import TrainConfig
+from models.training.checkpoint import config_from_dict, save_run
+from models.training.loop import TrainConfig
+from runtime.features import FeatureSpec, vocab_sizes
 
 # Small configs keep export + parity of all eleven models within seconds on 2 shared cores.
 TINY: dict[str, dict[str, Any]] = {

@@ -25,9 +25,9 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.repository import MANIFEST, publish, write_manifest
-from service.embedded_redis import free_port
+from runtime.repository import MANIFEST, publish, write_manifest
 from service.processes import stop_process
+from service.store.embedded_redis import free_port
 
 TESTS = Path(__file__).resolve().parent
 ADMIN = "routing-admin"
@@ -47,7 +47,8 @@ def ab_template(service_model_repo: Path, tmp_path_factory: pytest.TempPathFacto
     import torch
 
     from exporters.pipeline import ExportOptions, export_run
-    from models.train import train_config_for, train_run
+    from models.training.loop import train_config_for
+    from models.training.run import train_run
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("ab-template")

@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import torch
 
-from models.batch import BehaviorBatch
-from models.sarn import SARN
+from models.data.batch import BehaviorBatch
+from models.nets.sarn import SARN
 
 
 class Literal(NamedTuple):

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from exporters.loader import LoadedModel, ScoringRequest, open_model
-from exporters.repository import latest_version, model_dir
-from service.api import build_app
-from service.embedded_redis import RedisServer
+from runtime.loader import LoadedModel, ScoringRequest, open_model
+from runtime.repository import latest_version, model_dir
+from service.http.api import build_app
 from service.settings import Settings
+from service.store.embedded_redis import RedisServer
 
 AppFactory = Callable[..., FastAPI]
 HISTORY = [(f"i{k}", f"c{k % 8}") for k in range(14)] + [("never-seen", "c-unknown")]

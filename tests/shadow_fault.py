@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.loader import LoadedModel
+from runtime.loader import LoadedModel
 
 
 def _mode(control: Path) -> str:

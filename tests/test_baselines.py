@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.base import BehaviorModel
-from models.baselines import (
+from models.data.batch import BehaviorBatch
+from models.nets.base import BehaviorModel
+from models.nets.baselines import (
     DIN,
     GRUCTR,
     DINConfig,
@@ -18,7 +19,6 @@ from models.baselines import (
     WideDeep,
     WideDeepConfig,
 )
-from models.batch import BehaviorBatch
 
 torch.set_num_threads(1)
 

@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 import torch
 
-from models.batch import BehaviorBatch
-from models.dataset import (
+from models.data.batch import BehaviorBatch
+from models.data.dataset import (
     BehaviorArrays,
     NegativeSampler,
     encode_behavior,
     fit_vocabularies,
     iterate_batches,
 )
-from models.features import OOV, PAD
-from models.schema import load_behavior, write_table
+from models.data.schema import load_behavior, write_table
+from runtime.features import OOV, PAD
 
 torch.set_num_threads(1)
 

@@ -44,7 +44,7 @@ from deploy_support import (
 )
 from starlette.routing import Match
 
-from service.api import build_app
+from service.http.api import build_app
 from service.settings import Settings
 from slatectr.cli import app as cli_app
 

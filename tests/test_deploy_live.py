@@ -38,8 +38,8 @@ from deploy_support import (
     service_env,
 )
 
-from service.embedded_redis import RedisServer, free_port
 from service.processes import stop_process
+from service.store.embedded_redis import RedisServer, free_port
 
 pytestmark = pytest.mark.slow
 

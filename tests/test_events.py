@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.events import build_behavior_samples
-from models.schema import load_behavior, write_table
+from models.data.events import build_behavior_samples
+from models.data.schema import load_behavior, write_table
 
 
 def _log(rows: list[tuple[str, str, int]]) -> pd.DataFrame:

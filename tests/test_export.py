@@ -12,12 +12,12 @@ import pytest
 import torch
 from export_support import ALL, make_run, write_data
 
-from exporters.loader import ScoringRequest, open_model
 from exporters.parity import ParityError
 from exporters.pipeline import ExportOptions, export_run
-from exporters.repository import list_models, read_manifest
-from models.checkpoint import load_run
 from models.registry import is_slate_model
+from models.training.checkpoint import load_run
+from runtime.loader import ScoringRequest, open_model
+from runtime.repository import list_models, read_manifest
 
 SLATE_HISTORY = 12  # two history slates of K = 6: small graphs, every layout path used
 
@@ -169,7 +169,8 @@ def test_fp16_variant_is_validated_and_loadable(data: tuple[Path, Path], tmp_pat
 def test_the_cli_exports_a_trained_run(data: tuple[Path, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from models.train import train_config_for, train_run
+    from models.training.loop import train_config_for
+    from models.training.run import train_run
     from slatectr.cli import app
 
     run_dir = tmp_path / "run"

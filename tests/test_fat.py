@@ -1,4 +1,5 @@
-"""FAT (models/fat.py, models/hypernet.py): contract, invariances, gradients, materialisation."""
+"""FAT (models/nets/fat.py, models/nets/hypernet.py): contract, invariances, gradients,
+materialisation."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models.batch import BehaviorBatch
-from models.fat import FAT, FATConfig, FieldAttention, TargetAttentionPool
-from models.features import PAD
-from models.hypernet import BasisBank, BasisHypernetwork
+from models.data.batch import BehaviorBatch
+from models.nets.fat import FAT, FATConfig, FieldAttention, TargetAttentionPool
+from models.nets.hypernet import BasisBank, BasisHypernetwork
+from runtime.features import PAD
 
 torch.set_num_threads(1)
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from export_support import MAX_LEN, make_run, write_data
 
-from exporters.loader import ModelIntegrityError, ScoringRequest, open_model
 from exporters.pipeline import ExportOptions, export_run
-from models.batch import BehaviorBatch
-from models.checkpoint import load_run
-from models.dataset import encode_behavior
-from models.features import OOV, PAD
+from models.data.batch import BehaviorBatch
+from models.data.dataset import encode_behavior
+from models.training.checkpoint import load_run
+from runtime.features import OOV, PAD
+from runtime.loader import ModelIntegrityError, ScoringRequest, open_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,7 +236,7 @@ def test_the_loader_imports_and_scores_where_torch_cannot_be_imported(
                 if name == "torch" or name.startswith("torch."):
                     raise ImportError("torch is blocked in this process")
         sys.meta_path.insert(0, NoTorch())
-        from exporters.loader import ScoringRequest, open_model
+        from runtime.loader import ScoringRequest, open_model
         model = open_model({str(exported[0])!r}, providers=["CPUExecutionProvider"])
         requests = [ScoringRequest("u1", [("i1", "c1"), ("i2", "c2")],
                                    [("i3", "c3"), ("i4", "c4")], {{"device": "ios"}})]
@@ -268,7 +268,7 @@ def test_nothing_to_score_never_reaches_onnx_runtime(tmp_path: Path) -> None:
     directory = export_run(run, tmp_path / "repo", ExportOptions()).directory
     script = textwrap.dedent(
         f"""
-        from exporters.loader import ScoringRequest, open_model
+        from runtime.loader import ScoringRequest, open_model
         model = open_model({str(directory)!r}, providers=["CPUExecutionProvider"])
         empty = [ScoringRequest("u1", [("i1", "c1")], [], {{}})]
         assert model.run(model.encode(empty)).shape == (0, 1)

@@ -16,17 +16,18 @@ from export_support import TINY, make_run, write_data
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from exporters.loader import ScoringRequest, open_model
 from exporters.parity import pairwise_scores
 from exporters.pipeline import ExportOptions, export_run
-from exporters.repository import read_manifest
-from models.batch import BehaviorBatch
-from models.behavior_task import build_behavior_task
-from models.checkpoint import load_run
-from models.multitask import ctcvr_bce, log1m_product_sigmoid, task_losses, task_metrics
+from models.data.batch import BehaviorBatch
+from models.data.schema import DataError, write_table
+from models.nets.multitask import ctcvr_bce, log1m_product_sigmoid, task_losses, task_metrics
 from models.registry import model_class
-from models.schema import DataError, write_table
-from models.train import TrainConfig, train_run
+from models.training.behavior_task import build_behavior_task
+from models.training.checkpoint import load_run
+from models.training.loop import TrainConfig
+from models.training.run import train_run
+from runtime.loader import ScoringRequest, open_model
+from runtime.repository import read_manifest
 from slatectr.cli import app
 
 MULTI = ("ctr", "cvr")
@@ -303,7 +304,7 @@ def test_cli_trains_and_evaluates_a_multi_task_model(
 
 def run_probs(run_dir: Path, data: Path) -> np.ndarray:
     """[n, T] probabilities of a run on every row of a file, straight from the model."""
-    from models.behavior_task import eval_batches, load_arrays, predict
+    from models.training.behavior_task import eval_batches, load_arrays, predict
 
     run = load_run(run_dir, device="cpu")
     return predict(run.model, eval_batches(load_arrays(data, run.spec, run.vocabs), 256)).probs
@@ -481,7 +482,7 @@ def test_a_conversion_only_model_is_not_exported(tmp_path: Path) -> None:
 
 # --- the benchmark -----------------------------------------------------------------------------
 def test_summary_gives_mean_and_sample_sd_per_approach() -> None:
-    from models.multitask_bench import format_table, summarize
+    from models.bench.multitask import format_table, summarize
 
     runs = [
         {
@@ -502,7 +503,7 @@ def test_summary_gives_mean_and_sample_sd_per_approach() -> None:
 
 
 def test_the_multi_task_gain_is_paired_by_seed() -> None:
-    from models.multitask_bench import MULTI_TASK, SEPARATE, summarize
+    from models.bench.multitask import MULTI_TASK, SEPARATE, summarize
 
     def run(approach: str, seed: int, ctcvr: float) -> dict[str, Any]:
         return {
@@ -628,7 +629,7 @@ def test_bench_multitask_refuses_seeds_that_would_mislead(tmp_path: Path, seeds:
 def test_a_validation_split_is_reused_only_for_the_same_source(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import models.benchmark as benchmark
+    import models.bench.quality as benchmark
 
     written: list[Path] = []
 

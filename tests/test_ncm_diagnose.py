@@ -13,7 +13,7 @@ from models.ncm.data import encode_sessions, fit_slate_vocabs, iter_batches
 from models.ncm.diagnose import diagnose, within_slate_marginals
 from models.ncm.models import NCM, NCMConfig
 from models.ncm.task import SlateTask
-from models.train import TrainConfig, fit
+from models.training.loop import TrainConfig, fit
 
 torch.set_num_threads(1)
 

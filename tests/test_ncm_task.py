@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score
 
-from models.features import OOV, PAD
+from models.data.schema import load_slates, write_table
 from models.ncm.data import encode_sessions, fit_slate_vocabs, iter_batches, make_batch
 from models.ncm.metrics import THRESHOLD_GRID, f1_accuracy, f1_curve, fit_threshold
 from models.ncm.models import SlateLogReg
 from models.ncm.task import SlateTask, masked_bce, predict_targets
-from models.schema import load_slates, write_table
-from models.train import TrainConfig, train_run
+from models.training.loop import TrainConfig
+from models.training.run import train_run
+from runtime.features import OOV, PAD
 
 torch.set_num_threads(1)
 
@@ -196,7 +197,7 @@ def learnable_world(n_sessions: int, seed: int) -> pd.DataFrame:
 
 @pytest.mark.parametrize("name", ["ncm", "scot"])
 def test_train_then_evaluate_a_slate_run(tmp_path: Path, name: str) -> None:
-    from models.evaluate import evaluate_run  # `ctr evaluate`'s code path
+    from models.training.evaluate import evaluate_run  # `ctr evaluate`'s code path
 
     write_table(learnable_world(120, seed=1), tmp_path / "train.parquet")
     write_table(learnable_world(40, seed=2), tmp_path / "valid.csv")

@@ -31,8 +31,8 @@ from routing_support import (
     wait_for,
 )
 
-from exporters.loader import LoadedModel, ScoringRequest, open_model
-from exporters.repository import model_dir
+from runtime.loader import LoadedModel, ScoringRequest, open_model
+from runtime.repository import model_dir
 
 __all__ = ["ab_template", "start_server"]  # fixtures used below
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters.repository import (
+from runtime.repository import (
     ModelIntegrityError,
     latest_version,
     list_models,

@@ -31,8 +31,8 @@ from routing_support import (
 )
 from service_support import running
 
-from service.api import build_app
 from service.contracts import ScoreInput
+from service.http.api import build_app
 from service.routing import (
     ExperimentRouter,
     LoadedRouting,

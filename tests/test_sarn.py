@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from sarn_literal import literal_sarn
 
-from models.batch import BehaviorBatch
-from models.layers import AffineNorm
-from models.sarn import SARN, SARNConfig
-from models.sarn_ops import pairwise_max_pool, pairwise_relu_dot
+from models.data.batch import BehaviorBatch
+from models.nets.layers import AffineNorm
+from models.nets.sarn import SARN, SARNConfig
+from models.nets.sarn_ops import pairwise_max_pool, pairwise_relu_dot
 
 torch.set_num_threads(1)
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from models.schema import DataError, load_behavior, load_events, load_slates, write_table
+from models.data.schema import DataError, load_behavior, load_events, load_slates, write_table
 
 HEADER = "user_id,item_id,category_id,hist_item_ids,hist_category_ids,label"
 

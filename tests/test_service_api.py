@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import build_app
-from service.embedded_redis import RedisServer
+from service.http.api import build_app
 from service.settings import Settings
+from service.store.embedded_redis import RedisServer
 
 INGEST, ADMIN = "ingest-key-1", "admin-key"
 

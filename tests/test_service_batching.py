@@ -27,7 +27,7 @@ from service_support import (
     until,
 )
 
-from exporters.loader import LoadedModel
+from runtime.loader import LoadedModel
 
 __all__ = ["make_app", "reference"]  # fixtures used by the tests below
 

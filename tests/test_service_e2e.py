@@ -21,10 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from exporters.loader import ScoringRequest, open_model
-from exporters.repository import latest_version, model_dir
-from service.embedded_redis import free_port
+from runtime.loader import ScoringRequest, open_model
+from runtime.repository import latest_version, model_dir
 from service.processes import stop_process
+from service.store.embedded_redis import free_port
 
 pytestmark = pytest.mark.slow
 LAUNCH = (

@@ -33,8 +33,8 @@ from service_support import (
     until,
 )
 
-from exporters.loader import LoadedModel, ScoringRequest, open_model
-from exporters.repository import latest_version, model_dir
+from runtime.loader import LoadedModel, ScoringRequest, open_model
+from runtime.repository import latest_version, model_dir
 from service.registry import ModelRegistry, ModelSpec, WarmupError, warm_up
 
 __all__ = ["make_app", "reference"]  # fixtures used by the tests below

@@ -1,6 +1,6 @@
 """Scoring through the app with real exported models, a real redis-server and real ORT sessions.
 
-The reference for every score is the torch-free loader (`exporters.loader.open_model(...)
+The reference for every score is the torch-free loader (`runtime.loader.open_model(...)
 .score`), whose output the export step has checked against PyTorch. Requests run in-process
 (httpx over ASGI, the app's lifespan running); see `service_support`.
 """
@@ -27,9 +27,9 @@ from service_support import (
     score_body,
 )
 
-from exporters.loader import LoadedModel
-from exporters.repository import latest_version, model_dir
-from service.embedded_redis import RedisServer
+from runtime.loader import LoadedModel
+from runtime.repository import latest_version, model_dir
+from service.store.embedded_redis import RedisServer
 
 __all__ = ["make_app", "reference"]  # fixtures used by the tests below
 

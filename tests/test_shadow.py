@@ -34,10 +34,10 @@ from routing_support import (
 )
 from service_support import AppFactory, hold, make_app, run, running, until
 
-from exporters.loader import ScoringRequest, open_model
-from exporters.repository import latest_version, model_dir
-from service.embedded_redis import RedisServer
-from service.store import BehaviorStore, StoreConfig
+from runtime.loader import ScoringRequest, open_model
+from runtime.repository import latest_version, model_dir
+from service.store.behavior import BehaviorStore, StoreConfig
+from service.store.embedded_redis import RedisServer
 
 __all__ = ["ab_repo", "ab_template", "make_app", "start_server"]  # fixtures used below
 OUTPUTS = ("scores", "conversion_scores", "ctcvr_scores")
@@ -263,7 +263,8 @@ def mt_repo(service_model_repo: Path, tmp_path_factory: pytest.TempPathFactory) 
     import torch
 
     from exporters.pipeline import ExportOptions, export_run
-    from models.train import train_config_for, train_run
+    from models.training.loop import train_config_for
+    from models.training.run import train_run
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("mt-shadow")

@@ -15,8 +15,8 @@ import pytest
 from sklearn.metrics import f1_score, log_loss, roc_auc_score
 from typer.testing import CliRunner
 
+from models.data.schema import load_behavior, load_events, load_slates
 from models.overrides import with_overrides
-from models.schema import load_behavior, load_events, load_slates
 from models.simulate import SimulationConfig, simulate_world
 from models.simulate.behavior import simulate_behavior, style_commitment, true_logit
 from models.simulate.slates import attractiveness

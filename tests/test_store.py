@@ -12,8 +12,8 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from service.embedded_redis import RedisServer
-from service.store import BehaviorStore, Event, StoreConfig, StoreUnavailable
+from service.store.behavior import BehaviorStore, Event, StoreConfig, StoreUnavailable
+from service.store.embedded_redis import RedisServer
 
 
 def _store(server: RedisServer, **overrides: object) -> BehaviorStore:
@@ -265,7 +265,7 @@ def test_embedded_redis_does_not_outlive_its_parent() -> None:
     import sys
 
     code = (
-        "import time; from service.embedded_redis import RedisServer; "
+        "import time; from service.store.embedded_redis import RedisServer; "
         "s = RedisServer().start(); print(s.pid, flush=True); time.sleep(60)"
     )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -16,15 +16,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from models.baselines import DIN
-from models.batch import BehaviorBatch
-from models.checkpoint import CheckpointError, load_run, save_run
-from models.evaluate import evaluate_run
-from models.features import FeatureSpec, Vocabulary, vocab_sizes
-from models.metrics import auc, logloss
+from models.data.batch import BehaviorBatch
+from models.data.schema import write_table
+from models.nets.baselines import DIN
 from models.registry import BEHAVIOR_MODELS, model_class
-from models.schema import write_table
-from models.train import TrainConfig, fit, train_config_for, train_run
+from models.training.checkpoint import CheckpointError, load_run, save_run
+from models.training.evaluate import evaluate_run
+from models.training.loop import TrainConfig, fit, train_config_for
+from models.training.metrics import auc, logloss
+from models.training.run import train_run
+from runtime.features import FeatureSpec, Vocabulary, vocab_sizes
 
 torch.set_num_threads(1)
 

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from models.base import TrainOutput
-from models.layers import masked_mean
 from models.ncm.data import SlateBatch
 from models.ncm.readout import NCM, NCMConfig
+from models.nets.base import TrainOutput
+from models.nets.layers import masked_mean
 
 Critic = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 

@@ -20,10 +20,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from models.base import TrainOutput
-from models.features import OOV
 from models.ncm.data import SlateBatch
 from models.ncm.state import causal_user_state
+from models.nets.base import TrainOutput
+from runtime.features import OOV
 
 
 @dataclass

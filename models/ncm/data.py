@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from models.features import Vocabulary
+from runtime.features import Vocabulary
 
 SLATE_COLUMNS = ("user_id", "session_id", "slate_index", "item_ids", "category_ids", "clicks")
 

@@ -37,12 +37,12 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from models.checkpoint import load_run
-from models.metrics import auc
+from models.data.schema import load_slates
 from models.ncm.base import SlateModel
 from models.ncm.data import SlateBatch, context_lengths, encode_sessions, iter_batches
 from models.ncm.readout import NCM
-from models.schema import load_slates
+from models.training.checkpoint import load_run
+from models.training.metrics import auc
 
 Scorer = Callable[[SlateModel, SlateBatch], Tensor]  # -> click probabilities [B, S, K]
 

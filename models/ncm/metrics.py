@@ -3,7 +3,7 @@
 The threshold is the one that maximises F1 on *training* predictions, searched on the
 authors' grid 0.01, 0.02, ..., 0.99 (a prediction is a click when its probability is ≥ the
 threshold); it is then applied unchanged to the test predictions. AUC and LogLoss come from
-`models.metrics`.
+`models.training.metrics`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from models.metrics import auc, logloss
+from models.training.metrics import auc, logloss
 
 THRESHOLD_GRID = np.round(np.arange(1, 100) / 100.0, 2)  # 0.01 .. 0.99
 

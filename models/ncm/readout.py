@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.base import TrainOutput
 from models.ncm.base import SlateConfig, SlateModel
 from models.ncm.data import SlateBatch
+from models.nets.base import TrainOutput
 
 READOUT_MODES = ("soft", "threshold", "sample", "relaxed")
 _NOISE_EPS = 1e-6

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.layers import masked_mean
 from models.ncm.base import SlateConfig, SlateModel
+from models.nets.layers import masked_mean
 
 
 @dataclass

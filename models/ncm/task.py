@@ -1,4 +1,4 @@
-"""The slate training task (a `models.train.TrainingTask`) and the slate evaluation.
+"""The slate training task (a `models.training.loop.TrainingTask`) and the slate evaluation.
 
 * Loss: BCE-with-logits over every valid position of every slate (MODELS.md §3.9), plus the
   auxiliary losses a model's `forward_train` returns (AdvNCM).
@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.checkpoint import LoadedRun
-from models.features import FeatureSpec, Vocabulary, vocab_sizes
+from models.data.schema import load_slates
 from models.ncm.base import SlateModel
 from models.ncm.data import (
     SlateBatch,
@@ -37,13 +36,14 @@ from models.ncm.data import (
     longest_slate,
 )
 from models.ncm.metrics import fit_threshold, slate_metrics
-from models.schema import load_slates
-from models.train import TrainConfig
+from models.training.checkpoint import LoadedRun
+from models.training.loop import TrainConfig
+from runtime.features import FeatureSpec, Vocabulary, vocab_sizes
 
 
 @dataclass
 class SlateTask:
-    """Implements `models.train.TrainingTask` for `SlateModel`s; batches are sessions."""
+    """Implements `models.training.loop.TrainingTask` for `SlateModel`s; batches are sessions."""
 
     train: SlateSessions
     valid: SlateSessions

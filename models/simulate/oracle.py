@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from models.metrics import auc, logloss
 from models.ncm.metrics import f1_accuracy, fit_threshold
 from models.simulate.behavior import BehaviorLog
 from models.simulate.config import SimulationConfig
 from models.simulate.slates import SlateLog
+from models.training.metrics import auc, logloss
 
 
 def context_slates(config: SimulationConfig) -> int:

@@ -3,7 +3,7 @@ as Parquet. Ids are strings: users "u12", items "i345", categories "c7", session
 events "e42".
 
 Behaviour rows carry DESIGN.md's optional `conversion` column (0/1, 0 wherever label is 0).
-Extra columns beyond the schema (the loaders in `models.schema` drop them): behaviour rows
+Extra columns beyond the schema (the loaders in `models.data.schema` drop them): behaviour rows
 carry `click_prob` (the true click probability p), `ts` (the impression time) and
 `conversion_prob` (the true q = P(conversion | click); written on every row, on a non-clicked
 row it is what q would have been had the user clicked, so p · q is the true P(click and

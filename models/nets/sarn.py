@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import BehaviorModel, TrainOutput, UserState
-from models.batch import BehaviorBatch
-from models.features import PAD
-from models.layers import AffineNorm, Dice, masked_mean
-from models.sarn_ops import pairwise_channels_first, pairwise_max_pool, pairwise_relu_dot
+from models.data.batch import BehaviorBatch
+from models.nets.base import BehaviorModel, TrainOutput, UserState
+from models.nets.layers import AffineNorm, Dice, masked_mean
+from models.nets.sarn_ops import pairwise_channels_first, pairwise_max_pool, pairwise_relu_dot
+from runtime.features import PAD
 
 
 @dataclass

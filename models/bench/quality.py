@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from models.evaluate import evaluate_run
-from models.schema import load_behavior, write_table
-from models.train import TrainConfig, train_run
+from models.data.schema import load_behavior, write_table
+from models.training.evaluate import evaluate_run
+from models.training.loop import TrainConfig
+from models.training.run import train_run
 
 
 @dataclass(frozen=True)

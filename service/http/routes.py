@@ -9,10 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.auth import require_key
 from service.engine import ScoreInput, ScoringEngine
-from service.errors import LimitExceeded
-from service.schemas import (
+from service.http.auth import require_key
+from service.http.errors import LimitExceeded
+from service.http.schemas import (
     CLICK_TYPES,
     ID_PATTERN,
     ErrorResponse,
@@ -24,7 +24,7 @@ from service.schemas import (
     ScoreResponse,
 )
 from service.settings import Settings
-from service.store import Event
+from service.store.behavior import Event
 
 router = APIRouter()
 UserId = Annotated[str, Path(pattern=ID_PATTERN)]

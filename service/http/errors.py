@@ -4,7 +4,7 @@
 Client mistakes are 4xx and say what is wrong (validation details carry the location and the
 reason, never the submitted value, which may be user data). Overload and unavailable
 dependencies are 429/503 with Retry-After; deadlines 504. Anything unexpected is a generic 500:
-the traceback goes to the log, never into the response (see `service.middleware`).
+the traceback goes to the log, never into the response (see `service.http.middleware`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from service.batcher import DeadlineExceeded, Rejected
 from service.engine import ModelUnavailable, UnknownModel
 from service.logs import request_id_var
 from service.reload import ReloadFailed
-from service.store import StoreUnavailable
+from service.store.behavior import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ identity. Tokens, in this fixed order (`FAT.field_names`):
 
 Blocks (impl A, faithful; `residual="single"`): Z ← FFN(LN(Attn(LN(Z) + b))) + Z, with the
 field-aware bias b_f ∈ R^d per layer (zero init), field-specific Q/K/V (no output projection)
-and a field-specific SiLU FFN without biases, all composed per layer by the basis hypernetwork
-(`models/hypernet.py`). `residual="double"` is the pre-LN two-residual fallback MODELS.md allows;
-it was not needed: the faithful form trained stably at the default depth (loss falling every
-epoch, no NaN, in the pooling comparison below).
+and a field-specific SiLU FFN without biases, all composed per layer by the basis
+hypernetwork (`models/nets/hypernet.py`). `residual="double"` is the pre-LN two-residual
+fallback MODELS.md allows; it was not needed: the faithful form trained stably at the default
+depth (loss falling every epoch, no NaN, in the pooling comparison below).
 Readout: sum over fields → Linear(d, d) → ReLU → Linear(d, tower_hidden) → ReLU → Linear → logit.
 
 Decisions ([proposal] items of MODELS.md settled here):
@@ -29,7 +29,7 @@ Decisions ([proposal] items of MODELS.md settled here):
   all heads** (impl A), init N(0, 0.01) (std 0.01), so attention starts almost uniform.
 * b_f is added after each block's first LN (impl A's equation), so every layer has its own
   F×d bias; MODELS.md §2.2 item 2 also reads as one bias at tokenisation, which this subsumes.
-* Hypernetwork: separate banks per layer, φ_f shared across layers (see `models/hypernet.py`).
+* Hypernetwork: separate banks per layer, φ_f shared across layers (see `models/nets/hypernet.py`).
 * Width projection: the history is the only field whose width differs from d (item⊕category,
   2d); one Linear(2d, d) serves the pooled token, the recent-item tokens and the target query
   of target-attention pooling, so target and history meet in the same space.
@@ -43,7 +43,7 @@ Decisions ([proposal] items of MODELS.md settled here):
   follow impl A.
 * Task towers (MODELS.md §2.2 item 7, "task tower(s)"): with `tasks=("ctr", "cvr")` a CVR
   tower of the same shape reads the same projected pooled tokens (ESMM: everything below the
-  towers is shared; the loss is in `models.multitask`).
+  towers is shared; the loss is in `models.nets.multitask`).
 
 Inference: `FAT.materialized()` returns an eval-mode copy whose per-field weights are constant
 buffers. Exporters must call it (after loading the checkpoint into a plain `FAT`) and export
@@ -60,10 +60,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from models.base import BehaviorModel, UserState
-from models.features import PAD
-from models.hypernet import BasisHypernetwork, FieldWeights, MaterializedWeights
-from models.layers import masked_mean
+from models.nets.base import BehaviorModel, UserState
+from models.nets.hypernet import BasisHypernetwork, FieldWeights, MaterializedWeights
+from models.nets.layers import masked_mean
+from runtime.features import PAD
 
 MASK_FILL = -1e9  # large negative instead of -inf: an all-masked row stays finite
 
@@ -76,7 +76,7 @@ class FATConfig:
     d_ff: int = 128
     num_bases: int = 16  # M, bases per parameter type per layer
     meta_dim: int = 32  # k, width of the field meta-embeddings φ_f
-    top_k: int = 3  # K, bases composed per field (>= 2, see models/hypernet.py)
+    top_k: int = 3  # K, bases composed per field (>= 2, see models/nets/hypernet.py)
     history_pooling: Literal["mean", "target_attention"] = "target_attention"  # measured better
     recent_tokens: int = 0  # R: last R history items as their own tokens
     attention_hidden: int = 32  # hidden width of the target-attention unit

@@ -1,6 +1,6 @@
 """Behaviour samples -> integer arrays -> `BehaviorBatch`es (torch is used only for batches).
 
-The flow is `load_behavior` (models.schema) -> `fit_vocabularies` on the training split only ->
+The flow is `load_behavior` (models.data.schema) -> `fit_vocabularies` on the training split only ->
 `encode_behavior` for every split -> `iterate_batches`, optionally with a `NegativeSampler` for
 the auxiliary losses that need one negative item per history slot (DIEN/SARN).
 
@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.batch import BehaviorBatch
-from models.features import OOV, PAD, Vocabulary
+from models.data.batch import BehaviorBatch
+from runtime.features import OOV, PAD, Vocabulary
 
 CONTEXT_PREFIX = "context_"
 

@@ -9,7 +9,7 @@ For each architecture (SARN, FAT, GRU by default), on one simulated world with c
 
 Both are scored on every test impression: CTR AUC (clicks), CVR AUC (conversions among the
 clicked rows) and CTCVR AUC/LogLoss (pCTR·pCVR against click ∧ conversion over all rows: what
-ranking by expected value needs). The protocol is `models.benchmark`'s: train/validation split
+ranking by expected value needs). The protocol is `models.bench.quality`'s: train/validation split
 by user from the world's training file, early stopping on validation, test touched once. With
 several seeds (`--seeds`), every run is repeated with that training seed (initialisation and
 shuffling; the data stay the same) and the table gives the mean and standard deviation.
@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from models.behavior_task import Predictions, eval_batches, load_arrays, predict
-from models.benchmark import RowLog, split_validation
-from models.checkpoint import load_run
-from models.multitask import CTR, CVR, task_metrics
+from models.bench.quality import RowLog, split_validation
+from models.data.schema import DataError, load_behavior
+from models.nets.multitask import CTR, CVR, task_metrics
 from models.registry import multitask_models
-from models.schema import DataError, load_behavior
-from models.train import TrainConfig, train_run
+from models.training.behavior_task import Predictions, eval_batches, load_arrays, predict
+from models.training.checkpoint import load_run
+from models.training.loop import TrainConfig
+from models.training.run import train_run
 
 MODELS: tuple[str, ...] = ("sarn", "fat", "gru")
 MULTI_TASK = "multi-task (ESMM loss)"

@@ -14,10 +14,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Request
 
-from service.auth import require_key
 from service.engine import ScoringEngine
-from service.pool import Handle
-from service.schemas import (
+from service.http.auth import require_key
+from service.http.schemas import (
     MODEL_PATTERN,
     ErrorResponse,
     ModelReloadResponse,
@@ -28,6 +27,7 @@ from service.schemas import (
     ShadowState,
     VersionStatus,
 )
+from service.pool import Handle
 
 router = APIRouter()
 admin = APIRouter(prefix="/v1/admin", dependencies=[Depends(require_key("admin"))])

@@ -13,7 +13,7 @@ name ([N, O] float32), so a caller that wants pCTR alone takes column 0 and stay
 either kind of model. All outputs come from one `session.run`: the towers share the user side,
 and a second run would compute it again.
 
-Imports: numpy, onnxruntime, models.features and the torch-free exporters modules only.
+Imports: numpy, onnxruntime, runtime.features and the torch-free exporters modules only.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Any, Literal, cast
 import numpy as np
 import onnxruntime as ort
 
-from exporters.feeds import (
+from runtime.features import FeatureSpec
+from runtime.feeds import (
     CONVERSION_SCORES,
     CTCVR_SCORES,
     SCORES,
@@ -34,9 +35,8 @@ from exporters.feeds import (
     encode_behavior,
     slate_sizes,
 )
-from exporters.repository import MODEL_FILE, ModelIntegrityError, read_manifest, verify_files
-from exporters.slate_feeds import SlateContract, encode_slates, flatten_slate_scores
-from models.features import FeatureSpec
+from runtime.repository import MODEL_FILE, ModelIntegrityError, read_manifest, verify_files
+from runtime.slate_feeds import SlateContract, encode_slates, flatten_slate_scores
 
 __all__ = [
     "CONVERSION_SCORES",

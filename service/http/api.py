@@ -2,8 +2,8 @@
 
 The app's lifespan owns the engine (models, batchers, behaviour store, embedded Redis): they
 start before the first request is accepted and stop after the last in-flight one finished.
-Routes live in `service.routes` and `service.management` and only talk to the engine.
-`create_app()` builds from the environment, for `uvicorn --factory service.api:create_app`.
+Routes live in `service.http.routes` and `service.http.management` and only talk to the engine.
+`create_app()` builds from the environment, for `uvicorn --factory service.http.api:create_app`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service.engine import ScoringEngine
-from service.errors import install_error_handlers
-from service.management import router as management_router
+from service.http.errors import install_error_handlers
+from service.http.management import router as management_router
+from service.http.middleware import RequestContextMiddleware
+from service.http.routes import router
 from service.metrics import ServiceMetrics
-from service.middleware import RequestContextMiddleware
-from service.routes import router
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

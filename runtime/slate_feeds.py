@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from exporters.feeds import ScoringRequest, encode_pairs
-from models.features import PAD, FeatureSpec, Vocabulary
+from runtime.features import PAD, FeatureSpec, Vocabulary
+from runtime.feeds import ScoringRequest, encode_pairs
 
 SLATE_INPUTS = ("items", "cats", "mask", "hist_clicks", "noise")
 

@@ -1,9 +1,10 @@
 """The training loop: Adam, per-epoch validation, early stopping on validation AUC.
 
 `fit` is generic over a `TrainingTask`, which owns the data and the loss, so the behaviour
-models (`models.behavior_task.BehaviorTask`) and the slate click models (`models.ncm`) share one
-loop. The model owns neither its loss nor its optimizer (STYLE.md §0.2). `train_run` is what
-`ctr train` calls: data -> vocabularies -> model -> `fit` -> run directory.
+models (`models.training.behavior_task.BehaviorTask`) and the slate click models
+(`models.ncm`) share one loop. The model owns neither its loss nor its optimizer (STYLE.md
+§0.2). The tasks import this module; `models.training.run.train_run` (what `ctr train` calls)
+imports the tasks, so nothing here imports a task.
 
 Per-model defaults ([proposal], `MODEL_DEFAULTS`): SARN trains with Adam lr 0.01, the constant
 rate of the official code (MODELS.md §1.3; the paper's "decaying lr" is not in the code); the
@@ -209,58 +210,6 @@ def _log_epoch(record: dict[str, Any], run_dir: Path | None, progress: bool) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "train_log.jsonl").open("a") as log:
             log.write(json.dumps(record) + "\n")
-
-
-def train_run(
-    model_name: str,
-    train_path: Path,
-    valid_path: Path,
-    run_dir: Path,
-    config: TrainConfig,
-    model_overrides: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """`ctr train`: fits vocabularies on the training file only, builds the `--model`, trains
-    it with early stopping and writes the run directory (`models.checkpoint`).
-
-    `model_overrides` are fields of the model's config dataclass. -> the metrics written to
-    RUN/metrics.json.
-    """
-    # Imported here: the task modules import this one (TrainConfig), so not at the top.
-    from models.checkpoint import config_from_dict, save_run
-    from models.registry import is_slate_model, model_class
-
-    cls = model_class(model_name)
-    model_config = config_from_dict(cls.config_class, model_overrides or {})
-    task: TrainingTask
-    if is_slate_model(model_name):
-        from models.ncm.task import build_slate_task  # the one dispatch point for slate models
-
-        sizes, task, spec, vocabs = build_slate_task(train_path, valid_path, config)
-    else:
-        from models.behavior_task import build_behavior_task
-
-        negatives = bool(getattr(cls, "needs_negatives", False))
-        sizes, task, spec, vocabs = build_behavior_task(
-            train_path, valid_path, config, negatives, model_config.tasks
-        )
-    torch.manual_seed(config.seed)
-    model = cls(sizes, model_config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train_log.jsonl").unlink(missing_ok=True)
-    metrics = to_builtin({"model": model_name, **fit(model, task, config, run_dir, progress)})
-    save_run(
-        run_dir,
-        name=model_name,
-        model=model.cpu(),
-        model_config=model_config,
-        train_config=config,
-        sizes=sizes,
-        spec=spec,
-        vocabs=vocabs,
-        metrics=metrics,
-    )
-    return metrics
 
 
 def to_builtin(value: Any) -> Any:

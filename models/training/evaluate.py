@@ -16,11 +16,11 @@ from typing import Any
 
 from torch import nn
 
-from models.base import BehaviorModel
-from models.behavior_task import eval_batches, evaluate_behavior, load_arrays
-from models.checkpoint import load_run
+from models.nets.base import BehaviorModel
 from models.registry import is_slate_model
-from models.train import TrainConfig, resolve_device
+from models.training.behavior_task import eval_batches, evaluate_behavior, load_arrays
+from models.training.checkpoint import load_run
+from models.training.loop import TrainConfig, resolve_device
 
 
 def evaluate_run(run_dir: Path, data_path: Path, device: str = "auto") -> dict[str, Any]:

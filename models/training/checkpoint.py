@@ -20,8 +20,8 @@ from typing import Any
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from models.features import FeatureSpec, Vocabulary
 from models.registry import model_class
+from runtime.features import FeatureSpec, Vocabulary
 
 FORMAT = "slatectr-run/1"
 WEIGHTS = "model.safetensors"

@@ -24,7 +24,7 @@ from fastapi import HTTPException
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.http.errors import error_response
 from service.logs import request_id_var
 from service.metrics import ServiceMetrics
 

@@ -31,9 +31,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from models.base import BehaviorModel, UserState
-from models.features import PAD
-from models.layers import AffineNorm, Dice, masked_mean
+from models.nets.base import BehaviorModel, UserState
+from models.nets.layers import AffineNorm, Dice, masked_mean
+from runtime.features import PAD
 
 _CROSS_PRIME = 1_000_003  # multiplier of the (target, history) category hash
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.features import OOV, PAD, FeatureSpec, Vocabulary
+from runtime.features import OOV, PAD, FeatureSpec, Vocabulary
 
 ITEM_VOCAB = "item"
 CATEGORY_VOCAB = "category"

@@ -33,7 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from service.breaker import CircuitBreaker
+from service.store.breaker import CircuitBreaker
 
 _T = TypeVar("_T")
 _SEP = "|"

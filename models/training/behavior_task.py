@@ -1,6 +1,6 @@
 """The behaviour-CTR training task: encoded samples -> batches, BCE loss, AUC/LogLoss.
 
-The loss is the model's task losses (`models.multitask.task_losses`: BCE of the click, plus
+The loss is the model's task losses (`models.nets.multitask.task_losses`: BCE of the click, plus
 the CTCVR term for a multi-task model) plus every auxiliary loss its `forward_train` returns
 (already weighted by the model, e.g. SARN's positional and interest losses). Negative history
 items are sampled only for models whose class sets `needs_negatives`. A conversion-only model
@@ -18,9 +18,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from models.base import BehaviorModel
-from models.batch import BehaviorBatch
-from models.dataset import (
+from models.data.batch import BehaviorBatch
+from models.data.dataset import (
     CONTEXT_PREFIX,
     BehaviorArrays,
     NegativeSampler,
@@ -28,21 +27,22 @@ from models.dataset import (
     fit_vocabularies,
     iterate_batches,
 )
-from models.features import FeatureSpec, Vocabulary, vocab_sizes
-from models.multitask import (
+from models.data.schema import DataError, load_behavior
+from models.nets.base import BehaviorModel
+from models.nets.multitask import (
     CVR,
     needs_conversions,
     selection_labels,
     task_losses,
     task_metrics,
 )
-from models.schema import DataError, load_behavior
-from models.train import TrainConfig
+from models.training.loop import TrainConfig
+from runtime.features import FeatureSpec, Vocabulary, vocab_sizes
 
 
 @dataclass
 class BehaviorTask:
-    """Implements `models.train.TrainingTask` for `BehaviorModel`s."""
+    """Implements `models.training.loop.TrainingTask` for `BehaviorModel`s."""
 
     train: BehaviorArrays
     valid: BehaviorArrays
@@ -125,7 +125,7 @@ def predict(model: nn.Module, batches: Iterable[BehaviorBatch]) -> Predictions:
 
 def evaluate_behavior(model: nn.Module, batches: Iterable[BehaviorBatch]) -> dict[str, float]:
     """-> {"auc", "logloss", "n"} of the model's first task over all batches, plus the
-    conversion metrics of a model with a CVR tower (`models.multitask.task_metrics`)."""
+    conversion metrics of a model with a CVR tower (`models.nets.multitask.task_metrics`)."""
     assert isinstance(model, BehaviorModel)
     out = predict(model, batches)
     return task_metrics(out.probs, out.label, out.conversion, model.tasks)

@@ -12,7 +12,7 @@ side"):
   each candidate to its user; the base class gathers the user side's *outputs* per candidate.
 * `forward` is the pairwise training form (one candidate per user row).
 
-Logits have one column per task, [N, T] (`models.multitask`): a click model's are [N, 1]; a
+Logits have one column per task, [N, T] (`models.nets.multitask`): a click model's are [N, 1]; a
 multi-task model's towers (CTR, CVR) share everything up to the model's representation z, the
 model's own output head is the first task's tower and every further task adds a tower of the
 same shape on the same z (`_add_towers`, `_task_logits`).
@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from models.batch import BehaviorBatch
-from models.multitask import validate_tasks
+from models.data.batch import BehaviorBatch
+from models.nets.multitask import validate_tasks
 
 UserState = tuple[Tensor, ...]
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.metrics import auc, logloss
+from models.training.metrics import auc, logloss
 
 CTR, CVR = "ctr", "cvr"
 TASK_CHOICES: tuple[tuple[str, ...], ...] = ((CTR,), (CTR, CVR), (CVR,))

@@ -1,0 +1,1 @@
+"""`ctr bench models` (`quality`: models beside the oracle) and `ctr bench multitask`."""
