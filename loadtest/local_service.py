@@ -10,15 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
 import httpx
 
-from service.processes import stop_process
-from service.store.embedded_redis import free_port
+from service.processes import NotReady, free_port, stop_process, wait_until
 
 
 class ServiceError(RuntimeError):
@@ -31,21 +29,23 @@ def wait_ready(
     process: subprocess.Popen[bytes] | None = None,
     path: str = "/readyz",
 ) -> None:
-    """Polls `GET {url}{path}` until it answers 200."""
-    deadline = time.monotonic() + timeout_s
+    """Polls `GET {url}{path}` until it answers 200; `ServiceError` says what it last saw."""
     last = "no answer"
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise ServiceError(f"the service exited with code {process.returncode}")
+
+    def ready() -> bool:
+        nonlocal last
         try:
             answer = httpx.get(f"{url}{path}", timeout=2)
-            if answer.status_code == 200:
-                return
-            last = f"HTTP {answer.status_code}: {answer.text[:200]}"
         except httpx.TransportError as exc:
             last = repr(exc)
-        time.sleep(0.2)
-    raise ServiceError(f"{url} not ready after {timeout_s:.0f}s ({last})")
+            return False
+        last = f"HTTP {answer.status_code}: {answer.text[:200]}"
+        return answer.status_code == 200
+
+    try:
+        wait_until(ready, timeout_s, process, interval_s=0.2, what="the service")
+    except NotReady as exc:
+        raise ServiceError(f"{url}: {exc} ({last})") from None
 
 
 class LocalService:

@@ -21,10 +21,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-import httpx
-
 from loadtest.local_service import ServiceError
-from service.store.embedded_redis import free_port
+from service.processes import NotReady, free_port, http_ok, wait_until
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON_ENV = "CTR_BENCH_PEER_PYTHON"
@@ -126,19 +124,18 @@ class TritonPeer:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.ready_timeout_s
         ready = f"{self.url}/v2/models/{self.name}/ready"
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-2000:]
-                raise ServiceError(f"the Triton peer exited; log tail:\n{tail}")
-            try:
-                if httpx.get(ready, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise ServiceError(f"the Triton peer was not ready after {self.ready_timeout_s:.0f}s")
+        try:
+            wait_until(
+                lambda: http_ok(ready),
+                self.ready_timeout_s,
+                self.process,
+                interval_s=0.5,
+                what="the Triton peer",
+            )
+        except NotReady as exc:
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise ServiceError(f"{exc}; log tail:\n{tail}") from None
 
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -33,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.local_service import LocalService
 from runtime.features import FeatureSpec
+from service.processes import NotReady, wait_until
 
 ROUTING = """experiments:
   - name: bench
@@ -146,14 +148,15 @@ async def _open_loop(
 
 
 def _shadow_idle(url: str, timeout_s: float = 30.0) -> None:
-    """Waits until no shadow work is queued, so a run is not charged for the previous one's."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """Waits (at most `timeout_s`, then goes on) until no shadow work is queued, so a run is
+    not charged for the previous one's."""
+
+    def idle() -> bool:
         listing = httpx.get(f"{url}/v1/models", timeout=10).json()
-        depth = sum(v["shadow_queue_depth"] for m in listing["models"] for v in m["versions"])
-        if depth == 0:
-            return
-        time.sleep(0.1)
+        return sum(v["shadow_queue_depth"] for m in listing["models"] for v in m["versions"]) == 0
+
+    with contextlib.suppress(NotReady):
+        wait_until(idle, timeout_s, interval_s=0.1, what="the shadow queues")
 
 
 def _use(url: str, routing: Path, text: str) -> None:

@@ -13,8 +13,10 @@ tensor (a row of PAD is what the models see for an empty history in training too
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -38,14 +40,34 @@ CONVERSION_SCORES = "conversion_scores"  # pCVR, P(conversion | click, impressio
 CTCVR_SCORES = "ctcvr_scores"  # pCTCVR = pCTR x pCVR, P(click and conversion | impression)
 
 
+# Where a request's history came from: sent with it, read from the store, or (the store failed)
+# none at all. The service sets it; it goes into the response and a metric.
+HistorySource = Literal["inline", "redis", "fallback"]
+
+
 @dataclass(frozen=True)
 class ScoringRequest:
-    """One user's slate, in raw string ids (what the HTTP API carries)."""
+    """One user's slate, in raw string ids: the one request type from the HTTP route (which
+    builds it once) through routing, batching and shadowing to the feeds built here.
+
+    The service reads a user's stored history when the client sent none (`history` None) and
+    passes on a copy with the history filled in and `history_source` set; the encoders read a
+    missing history as an empty one.
+    """
 
     user_id: str
-    history: Sequence[tuple[str, str]]  # (item_id, category_id), oldest first
+    history: Sequence[tuple[str, str]] | None  # (item_id, category_id), oldest first
     candidates: Sequence[tuple[str, str]]  # (item_id, category_id), in slate/display order
     context: Mapping[str, str] = field(default_factory=dict)
+    request_id: str = ""
+    model: str | None = None  # a model the client pinned; None: routing decides
+    deadline: float = math.inf  # time.monotonic() seconds
+    history_source: HistorySource = "inline"
+
+    @property
+    def known_history(self) -> Sequence[tuple[str, str]]:
+        """The history to encode: empty when none was sent or read."""
+        return self.history if self.history is not None else ()
 
 
 def _vocab(vocabs: Mapping[str, Vocabulary], name: str) -> Vocabulary:
@@ -117,7 +139,9 @@ def encode_behavior(
     max_history: int,
 ) -> dict[str, np.ndarray]:
     """The slate-shared ragged feeds of the behaviour models (see the module docstring)."""
-    hist_items, hist_cats = encode_histories([r.history for r in requests], vocabs, max_history)
+    hist_items, hist_cats = encode_histories(
+        [r.known_history for r in requests], vocabs, max_history
+    )
     sizes = np.fromiter((len(r.candidates) for r in requests), dtype=np.int64, count=len(requests))
     cand_items, cand_cats = encode_pairs([c for r in requests for c in r.candidates], vocabs)
     return {

@@ -121,7 +121,7 @@ def encode_slates(
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for row, (index, start, count) in enumerate(rows):
         if index not in cache:
-            cache[index] = _history_block(requests[index].history, vocabs, c)
+            cache[index] = _history_block(requests[index].known_history, vocabs, c)
         items[row, :-1], cats[row, :-1] = cache[index]
         slate = requests[index].candidates[start : start + count]
         items[row, -1, :count], cats[row, -1, :count] = encode_pairs(slate, vocabs)

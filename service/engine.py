@@ -17,33 +17,32 @@ the request was queued on, so in-flight requests finish on the version they star
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 
-from runtime.loader import (
-    CONVERSION_SCORES,
-    CTCVR_SCORES,
-    SCORES,
-    LoadedModel,
-    ScoringRequest,
-)
+from runtime.loader import CONVERSION_SCORES, CTCVR_SCORES, SCORES, LoadedModel, ScoringRequest
 from service.batcher import Batcher, BatcherConfig
 from service.contracts import (
     PINNED_VARIANT,
+    Event,
+    HistoryItem,
     HistorySource,
+    IngestResult,
+    ModelReloaded,
+    ModelsResponse,
     ModelUnavailable,
     Route,
-    Router,
-    ScoreInput,
+    RoutingReloaded,
     ScoreResult,
     ShadowSpec,
+    StoreUnavailable,
     UnknownModel,
 )
 from service.metrics import ServiceMetrics
@@ -54,55 +53,41 @@ from service.reload import Reloader
 from service.routing import ExperimentRouter, LoadedRouting, read_routing
 from service.settings import Settings
 from service.shadow import ShadowJob, ShadowScorer, ShadowSettings
-from service.store.behavior import (
-    BehaviorStore,
-    Event,
-    HistoryItem,
-    IngestResult,
-    StoreConfig,
-    StoreUnavailable,
-)
+from service.status import models_status
+from service.store.behavior import BehaviorStore, StoreConfig
 from service.store.embedded_redis import RedisServer
-
-__all__ = [
-    "HistorySource",
-    "ModelUnavailable",
-    "Route",
-    "Router",
-    "ScoreInput",
-    "ScoreResult",
-    "ScoringEngine",
-    "UnknownModel",
-]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _FALLBACK_WARNING_INTERVAL_S = 10.0
 
 
-@dataclass(frozen=True)
-class _Prepared:
-    request: ScoringRequest
-    source: HistorySource
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Scored:
-    scores: np.ndarray  # [K, O], columns in the model's `output_names` order
-    source: HistorySource
     request: ScoringRequest  # what was scored, history included (the shadow gets the same)
+    scores: np.ndarray  # [K, O], columns in the model's `output_names` order
 
 
 class ScoringEngine:
     """Owns the models, their batchers, the router, the shadow scorer, the behaviour store (and
-    an embedded Redis if any)."""
+    an embedded Redis if any). Built complete by `open`; `stop` releases everything."""
 
-    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        store: BehaviorStore,
+        registry: ModelRegistry,
+        redis: RedisServer | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.registry = ModelRegistry()
-        self.pool = ModelPool(self.registry, self._runner, metrics)
-        self.router: Router = ExperimentRouter(read_routing(None), None)
+        self.store = store
+        self.registry = registry
+        self.pool = ModelPool(registry, self._runner, metrics)
+        for model in registry.models.values():
+            self.pool.add(model)
+        self.router = ExperimentRouter(read_routing(None), registry.default)
         # Set while no scoring request is inside `score`: shadow threads only run then.
         self.primary_idle = threading.Event()
         self.primary_idle.set()
@@ -110,45 +95,53 @@ class ScoringEngine:
         self.shadow = ShadowScorer(
             _shadow_settings(settings), metrics, lambda: self.store, self.primary_idle
         )
-        self.reloader = Reloader(self)
-        self.store: BehaviorStore | None = None
+        self.reloader = Reloader(
+            self.pool, settings, metrics, self._use_routing, self._refresh_history_floor
+        )
         self.history_floor = 0  # the longest history a shadow model reads (see `use_routing`)
-        self._redis: RedisServer | None = None
+        self._redis = redis
         self._draining = False
         self._last_fallback_warning = -_FALLBACK_WARNING_INTERVAL_S
 
-    async def start(self) -> None:
-        s = self.settings
-        routing = read_routing(s.routing_file)  # an invalid file stops the start-up here
+    @classmethod
+    async def open(cls, settings: Settings, metrics: ServiceMetrics) -> ScoringEngine:
+        """Starts everything: the store (an embedded redis-server when no URL is set), the
+        models, the routing file's versions and the reload poller. A routing file that does
+        not parse or names missing models stops it here, with nothing left running."""
+        s = settings
+        routing = read_routing(s.routing_file)
         # Started on the loop's thread (about 0.1 s, once): the embedded server is tied to the
         # life of the thread that starts it, and executor threads may come and go.
-        url = s.redis_url if s.redis_url is not None else self._start_embedded_redis()
-        self.store = BehaviorStore.from_url(url, _store_config(s), cluster=s.redis_cluster)
+        redis = None if s.redis_url is not None else _start_embedded_redis()
+        url = redis.url if redis is not None else str(s.redis_url)
+        store = BehaviorStore.from_url(url, _store_config(s), cluster=s.redis_cluster)
         specs = [ModelSpec.parse(text) for text in s.models]
-        self.registry = await asyncio.to_thread(
+        registry = await asyncio.to_thread(
             ModelRegistry.load, s.repo, specs, s.default_model, s.providers, s.intra_op_threads
         )
-        self.pool = ModelPool(self.registry, self._runner, self.metrics)
-        for model in self.registry.models.values():
-            self.pool.add(model)
-        await self.reloader.start(routing, specs)
-        self.metrics.dependency_up.labels("redis").set(1 if await self.store.ping() else 0)
+        engine = cls(settings, metrics, store, registry, redis)
+        try:
+            await engine.reloader.start(routing, specs)
+        except BaseException:
+            await engine.stop()
+            raise
+        metrics.dependency_up.labels("redis").set(1 if await store.ping() else 0)
+        return engine
 
-    def use_routing(self, routing: LoadedRouting) -> None:
+    def _use_routing(self, routing: LoadedRouting) -> None:
         """Swaps the router in (one assignment: the next request sees the new routing)."""
         router = ExperimentRouter(routing, self.registry.default)
         self.metrics.init_shadow_pairs(router.shadow_pairs())
         self.router = router
-        self.refresh_history_floor()
+        self._refresh_history_floor()
 
-    def refresh_history_floor(self) -> None:
+    def _refresh_history_floor(self) -> None:
         """Primary reads fetch as much history as the longest-reaching shadow model needs; the
         primary's own encoder keeps only its newest `max_history`, so its scores are the same."""
         floor = 0
-        if isinstance(self.router, ExperimentRouter):
-            for spec in self.router.shadow_specs():
-                handle = self.pool.resolve(spec.model, spec.version)
-                floor = max(floor, handle.model.max_history if handle is not None else 0)
+        for spec in self.router.shadow_specs():
+            handle = self.pool.resolve(spec.model, spec.version)
+            floor = max(floor, handle.model.max_history if handle is not None else 0)
         self.history_floor = floor
 
     @property
@@ -165,8 +158,7 @@ class ScoringEngine:
         self.begin_drain()
         await self.reloader.stop()
         await self.pool.stop(timeout_s)
-        if self.store is not None:
-            await self.store.close()
+        await self.store.close()
         if self._redis is not None:
             await asyncio.to_thread(self._redis.close)
 
@@ -181,12 +173,25 @@ class ScoringEngine:
             reasons.append("draining")
         return not reasons, reasons
 
+    def status(self) -> ModelsResponse:
+        """GET /v1/models: loaded versions, failures, routing and shadow state."""
+        followed = self.reloader.followed() if self.settings.reload_poll_s > 0 else []
+        return models_status(
+            self.pool, set(followed), self.router.describe(), self.shadow.settings, self.settings
+        )
+
+    async def reload_model(self, name: str, version: int | None) -> ModelReloaded:
+        return await self.reloader.reload_model(name, version)
+
+    async def reload_routing(self) -> RoutingReloaded:
+        return await self.reloader.reload_routing()
+
     def queue_depth(self, model: str) -> int:
         """Requests waiting for `model`'s next batch at its current version (0 if unknown)."""
         handle = self.pool.resolve(model)
         return handle.runner.depth if handle is not None else 0
 
-    async def score(self, request: ScoreInput) -> ScoreResult:
+    async def score(self, request: ScoringRequest) -> ScoreResult:
         route = self.router.route(request)
         handle = self.pool.resolve(route.model, route.version)
         if handle is None:
@@ -203,7 +208,8 @@ class ScoringEngine:
             self._scoring -= 1
             if not self._scoring:
                 self.primary_idle.set()
-        self.metrics.history_source.labels(scored.source).inc()
+        source = scored.request.history_source
+        self.metrics.history_source.labels(source).inc()
         model = handle.model
         after: Callable[[], None] | None = None
         if route.shadow is not None and self.shadow.sampled(route.shadow):
@@ -225,7 +231,7 @@ class ScoringEngine:
             model.version,
             route.variant,
             columns[SCORES],
-            scored.source,
+            source,
             route.experiment,
             after,
             conversion_scores=columns.get(CONVERSION_SCORES),
@@ -254,16 +260,16 @@ class ScoringEngine:
         self.metrics.events.labels("ignored").inc(ignored)
         if not events:
             return IngestResult(0, 0)
-        result = await self._store_call("ingest", self._require_store().ingest(events))
+        result = await self._store_call("ingest", self.store.ingest(events))
         self.metrics.events.labels("accepted").inc(result.accepted)
         self.metrics.events.labels("duplicate").inc(result.duplicates)
         return result
 
     async def history(self, user_id: str) -> list[HistoryItem]:
-        return await self._store_call("history", self._require_store().history(user_id))
+        return await self._store_call("history", self.store.history(user_id))
 
     async def erase(self, user_id: str) -> None:
-        await self._store_call("erase", self._require_store().erase(user_id))
+        await self._store_call("erase", self.store.erase(user_id))
 
     def _runner(self, model: LoadedModel) -> Runner:
         s = self.settings
@@ -271,18 +277,15 @@ class ScoringEngine:
             s.batch_max_candidates, s.queue_max_requests, s.shed_status, s.retry_after_s
         )
 
-        async def prepare(requests: list[ScoreInput]) -> list[_Prepared]:
+        async def prepare(requests: list[ScoringRequest]) -> list[ScoringRequest]:
             return await self._prepare(model, requests)
 
-        def infer(prepared: list[_Prepared]) -> list[_Scored | Exception]:
-            return self._infer(model, prepared)
+        def infer(requests: list[ScoringRequest]) -> list[_Scored | Exception]:
+            return self._infer(model, requests)
 
-        def infer_naive(prepared: list[_Prepared]) -> list[_Scored]:
+        def infer_naive(requests: list[ScoringRequest]) -> list[_Scored]:
             start = time.perf_counter()
-            scored = [
-                _Scored(score_per_candidate(model, p.request), p.source, p.request)
-                for p in prepared
-            ]
+            scored = [_Scored(r, score_per_candidate(model, r)) for r in requests]
             elapsed = time.perf_counter() - start
             self.metrics.inference_duration.labels(model.name, str(model.version)).observe(elapsed)
             return scored
@@ -291,51 +294,54 @@ class ScoringEngine:
             return UnbatchedRunner(model.name, infer_naive, prepare, s.retry_after_s)
         return Batcher(model.name, infer, prepare, config, self.metrics.observer(model.name))
 
-    async def _prepare(self, model: LoadedModel, requests: list[ScoreInput]) -> list[_Prepared]:
-        """Histories for a batch: inline ones as sent, the rest from one store round trip."""
+    async def _prepare(
+        self, model: LoadedModel, requests: list[ScoringRequest]
+    ) -> list[ScoringRequest]:
+        """Histories for a batch: inline ones as sent, the rest from one store round trip (or
+        empty, `fallback`, when the store does not answer in time)."""
         wanted = [r.user_id for r in requests if r.history is None]
+        if not wanted:
+            return requests
         stored: dict[str, list[HistoryItem]] = {}
         source: HistorySource = "redis"
-        if wanted:
-            try:
-                store = self._require_store()
-                read = store.recent(wanted, max(model.max_history, self.history_floor))
-                stored = await self._store_call("read", read)
-            except StoreUnavailable as exc:
-                self._warn_fallback(exc)
-                source = "fallback"
-        prepared = []
-        for r in requests:
-            src: HistorySource = "inline" if r.history is not None else source
-            history = (
-                list(r.history)
-                if r.history is not None
-                else [(h.item_id, h.category_id) for h in stored.get(r.user_id, [])]
+        try:
+            read = self.store.recent(wanted, max(model.max_history, self.history_floor))
+            stored = await self._store_call("read", read)
+        except StoreUnavailable as exc:
+            self._warn_fallback(exc)
+            source = "fallback"
+        return [
+            r
+            if r.history is not None
+            else dataclasses.replace(
+                r,
+                history=[(h.item_id, h.category_id) for h in stored.get(r.user_id, [])],
+                history_source=source,
             )
-            request = ScoringRequest(r.user_id, history, r.candidates, r.context)
-            prepared.append(_Prepared(request, src))
-        return prepared
+            for r in requests
+        ]
 
-    def _infer(self, model: LoadedModel, prepared: list[_Prepared]) -> list[_Scored | Exception]:
+    def _infer(
+        self, model: LoadedModel, requests: list[ScoringRequest]
+    ) -> list[_Scored | Exception]:
         """Runs in the model's worker thread. If the batch fails, each request is retried on
         its own, so one request that breaks the model cannot fail the others of its batch."""
         try:
-            return list(self._infer_batch(model, prepared))
+            return list(self._infer_batch(model, requests))
         except Exception:
-            if len(prepared) == 1:
+            if len(requests) == 1:
                 raise
-            log.exception("batch of %d failed; scoring its requests one by one", len(prepared))
+            log.exception("batch of %d failed; scoring its requests one by one", len(requests))
         results: list[_Scored | Exception] = []
-        for p in prepared:
+        for request in requests:
             try:
-                results += self._infer_batch(model, [p])
+                results += self._infer_batch(model, [request])
             except Exception as exc:
                 results.append(exc)
         return results
 
-    def _infer_batch(self, model: LoadedModel, prepared: list[_Prepared]) -> list[_Scored]:
+    def _infer_batch(self, model: LoadedModel, requests: list[ScoringRequest]) -> list[_Scored]:
         """encode, ORT run, split."""
-        requests = [p.request for p in prepared]
         t0 = time.perf_counter()
         feeds = model.encode(requests)
         t1 = time.perf_counter()
@@ -344,7 +350,7 @@ class ScoringEngine:
         self.metrics.encode_duration.labels(model.name).observe(t1 - t0)
         self.metrics.inference_duration.labels(model.name, str(model.version)).observe(t2 - t1)
         parts = model.split(requests, flat)
-        return [_Scored(part, p.source, p.request) for part, p in zip(parts, prepared, strict=True)]
+        return [_Scored(r, part) for r, part in zip(requests, parts, strict=True)]
 
     def _warn_fallback(self, exc: StoreUnavailable) -> None:
         """At most one warning per interval: an outage must not flood the log."""
@@ -368,15 +374,11 @@ class ScoringEngine:
         self.metrics.store_duration.labels(operation, outcome).observe(elapsed)
         self.metrics.dependency_up.labels("redis").set(1 if outcome == "ok" else 0)
 
-    def _require_store(self) -> BehaviorStore:
-        if self.store is None:
-            raise StoreUnavailable("store not started")
-        return self.store
 
-    def _start_embedded_redis(self) -> str:
-        self._redis = RedisServer().start()
-        log.info("no CTR_REDIS_URL: started an embedded redis-server at %s", self._redis.url)
-        return self._redis.url
+def _start_embedded_redis() -> RedisServer:
+    redis = RedisServer().start()
+    log.info("no CTR_REDIS_URL: started an embedded redis-server at %s", redis.url)
+    return redis
 
 
 def _columns(model: LoadedModel, scores: np.ndarray) -> dict[str, list[float]]:

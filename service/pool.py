@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from runtime.loader import LoadedModel
-from service.contracts import ScoreInput, ShadowSpec
+from service.contracts import ScoringRequest, ShadowSpec
 from service.metrics import ServiceMetrics
 from service.registry import ModelRegistry
 from service.shadow import ShadowTarget, ShadowWorker
@@ -43,7 +43,7 @@ class Runner(Protocol):
 
     async def stop(self, timeout_s: float = 5.0) -> None: ...
 
-    async def submit(self, request: ScoreInput, size: int, deadline: float) -> Any: ...
+    async def submit(self, request: ScoringRequest, size: int, deadline: float) -> Any: ...
 
 
 @dataclass

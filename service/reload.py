@@ -28,50 +28,21 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from runtime.loader import LoadedModel
 from runtime.repository import latest_version, list_models
+from service.contracts import ModelReloaded, ReloadFailed, RoutingReloaded
+from service.metrics import ServiceMetrics
+from service.pool import ModelPool
 from service.registry import ModelSpec, load_version, warm_up
 from service.routing import LoadedRouting, RoutingError, check_references, read_routing
-
-if TYPE_CHECKING:
-    from service.engine import ScoringEngine
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 Key = tuple[str, int]
-
-
-class ReloadFailed(Exception):
-    """An admin reload that was refused or failed; the previous state keeps serving."""
-
-    def __init__(
-        self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-
-
-@dataclass(frozen=True)
-class ModelReloaded:
-    model: str
-    version: int
-    previous_version: int | None
-    changed: bool
-    provider: str
-
-
-@dataclass(frozen=True)
-class RoutingReloaded:
-    sha256: str
-    changed: bool
-    experiments: int
 
 
 @dataclass(frozen=True)
@@ -81,10 +52,25 @@ class _Plan:
 
 
 class Reloader:
-    """Loads, checks and swaps model versions and routing files for one engine."""
+    """Loads, checks and swaps model versions and routing files in `pool`.
 
-    def __init__(self, engine: ScoringEngine) -> None:
-        self._engine = engine
+    `use_routing(routing)` installs a new routing (the engine's router); `after_swap()` runs
+    after every change of the versions served (the engine re-derives what depends on them).
+    """
+
+    def __init__(
+        self,
+        pool: ModelPool,
+        settings: Settings,
+        metrics: ServiceMetrics,
+        use_routing: Callable[[LoadedRouting], None],
+        after_swap: Callable[[], None],
+    ) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._metrics = metrics
+        self._use_routing = use_routing
+        self._after_swap_hook = after_swap
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._held: set[str] = set()
@@ -94,11 +80,11 @@ class Reloader:
 
     @property
     def poll_s(self) -> float:
-        return self._engine.settings.reload_poll_s
+        return self._settings.reload_poll_s
 
     def followed(self) -> list[str]:
         """Models that move to the repository's highest version when polling."""
-        registry = self._engine.registry
+        registry = self._pool.registry
         names = [*registry.models, *(n for n in registry.failures if ":" not in n)]
         return [n for n in dict.fromkeys(names) if n not in self._held]
 
@@ -110,7 +96,7 @@ class Reloader:
         plans = await self._load_missing(routing, strict=False)
         self._install(plans, routing)
         self._routing_seen = routing.sha256
-        for name in list(self._engine.registry.failures):
+        for name in list(self._pool.registry.failures):
             with contextlib.suppress(LookupError, ValueError):  # not retried by the poller
                 self._failed.add((name, latest_version(self._repo, name)))
         if self.poll_s > 0:
@@ -130,7 +116,7 @@ class Reloader:
             target = version if version is not None else versions[-1]
             if target not in versions:
                 raise ReloadFailed(404, "unknown_version", f"{name} has no version {target}")
-            pool = self._engine.pool
+            pool = self._pool
             current = pool.current_version(name)
             if target == current:
                 self._hold(name, version is not None)
@@ -139,7 +125,7 @@ class Reloader:
             model = handle.model if handle is not None else await self._load(name, target)
             previous = pool.make_current(model)
             self._hold(name, version is not None)
-            self._engine.metrics.model_reloads.labels(name).inc()
+            self._metrics.model_reloads.labels(name).inc()
             self._after_swap()
         extra = {"model": name, "version": target, "previous_version": previous}
         log.info("model %s: v%s -> v%d", name, previous, target, extra=extra)
@@ -147,10 +133,10 @@ class Reloader:
 
     async def reload_routing(self) -> RoutingReloaded:
         """Re-reads the routing file; on any problem the previous routing keeps serving."""
-        path = self._engine.settings.routing_file
+        path = self._settings.routing_file
         if path is None:
             raise ReloadFailed(409, "no_routing_file", "CTR_ROUTING_FILE is not set")
-        counter = self._engine.metrics.routing_reloads
+        counter = self._metrics.routing_reloads
         async with self._lock:
             try:
                 routing = await asyncio.to_thread(read_routing, path)
@@ -175,7 +161,7 @@ class Reloader:
 
     async def poll_once(self) -> None:
         """One pass of the file watch: a changed routing file, then newer model versions."""
-        path = self._engine.settings.routing_file
+        path = self._settings.routing_file
         if path is not None:
             digest = await asyncio.to_thread(_sha256_or_none, path)
             if digest is not None and digest != self._routing_seen:
@@ -187,7 +173,7 @@ class Reloader:
                 latest = await asyncio.to_thread(latest_version, self._repo, name)
             except LookupError:
                 continue
-            current = self._engine.pool.current_version(name)
+            current = self._pool.current_version(name)
             if (current is None or latest > current) and (name, latest) not in self._failed:
                 with contextlib.suppress(ReloadFailed):
                     await self.reload_model(name, None)
@@ -202,7 +188,7 @@ class Reloader:
 
     @property
     def _repo(self) -> Path:
-        return self._engine.settings.repo
+        return self._settings.repo
 
     def _hold(self, name: str, held: bool) -> None:
         if held:
@@ -212,7 +198,7 @@ class Reloader:
 
     async def _load(self, name: str, version: int) -> LoadedModel:
         """Opens and warms `name` v`version` off the event loop; `ReloadFailed` (503) if not."""
-        s = self._engine.settings
+        s = self._settings
         stage = "load"
         try:
             spec = ModelSpec(name, version)
@@ -223,9 +209,9 @@ class Reloader:
             await asyncio.to_thread(warm_up, model)
         except Exception as exc:
             self._failed.add((name, version))
-            self._engine.metrics.model_reload_failures.labels(name, stage).inc()
+            self._metrics.model_reload_failures.labels(name, stage).inc()
             log.error("model %s v%d failed at %s: %s", name, version, stage, exc)
-            current = self._engine.pool.current_version(name)
+            current = self._pool.current_version(name)
             keeps = f"; v{current} keeps serving" if current is not None else ""
             raise ReloadFailed(
                 503,
@@ -238,7 +224,7 @@ class Reloader:
     async def _load_missing(self, routing: LoadedRouting, strict: bool) -> list[_Plan]:
         """Loads every model version the routing file needs that is not loaded yet. Strict: the
         first failure aborts (nothing is installed); else failures are recorded as such."""
-        pool, registry = self._engine.pool, self._engine.registry
+        pool, registry = self._pool, self._pool.registry
         plans: list[_Plan] = []
         for name, version in sorted(routing.config.model_keys(), key=str):
             if version is None and pool.current_version(name) is not None:
@@ -264,17 +250,16 @@ class Reloader:
     def _install(self, plans: list[_Plan], routing: LoadedRouting) -> None:
         for plan in plans:
             if plan.current:
-                self._engine.pool.make_current(plan.model)
+                self._pool.make_current(plan.model)
             else:
-                self._engine.pool.add(plan.model)
+                self._pool.add(plan.model)
         self.routing = routing
-        self._engine.use_routing(routing)
+        self._use_routing(routing)
         self._after_swap()
 
     def _after_swap(self) -> None:
-        self._engine.refresh_history_floor()
-        timeout = self._engine.settings.graceful_timeout_s
-        self._engine.pool.retire(self.routing.config.model_keys(), timeout)
+        self._after_swap_hook()
+        self._pool.retire(self.routing.config.model_keys(), self._settings.graceful_timeout_s)
 
 
 def _sha256_or_none(path: Path) -> str | None:

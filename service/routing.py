@@ -55,7 +55,7 @@ from service.contracts import (
     PINNED_VARIANT,
     ModelUnavailable,
     Route,
-    ScoreInput,
+    ScoringRequest,
     ShadowSpec,
 )
 
@@ -229,7 +229,7 @@ class ExperimentRouter:
             if v.shadow is not None
         }
 
-    def route(self, request: ScoreInput) -> Route:
+    def route(self, request: ScoringRequest) -> Route:
         if request.model is not None:
             return Route(request.model, PINNED_VARIANT)
         for experiment in self.routing.config.experiments:

@@ -18,7 +18,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from service.engine import ScoringEngine
+from service.contracts import Engine
 from service.http.api import build_app
 from service.logs import configure_logging
 from service.settings import Settings
@@ -34,8 +34,9 @@ class DrainingServer(uvicorn.Server):
         self._drain_started = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        engine: ScoringEngine = self._app.state.engine
-        engine.begin_drain()
+        engine: Engine | None = getattr(self._app.state, "engine", None)
+        if engine is not None:  # None: the signal came before the engine finished starting
+            engine.begin_drain()
         if self._drain_started or self._drain_delay_s <= 0:
             super().handle_exit(sig, frame)  # a second signal skips the remaining delay
             return

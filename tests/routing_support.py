@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.repository import MANIFEST, publish, write_manifest
-from service.processes import stop_process
-from service.store.embedded_redis import free_port
+from service.processes import NotReady, free_port, http_ok, stop_process, wait_until
 
 TESTS = Path(__file__).resolve().parent
 ADMIN = "routing-admin"
@@ -189,17 +187,13 @@ def launch(repo: Path, log: Path, **env: str) -> Server:
 
 
 def wait_ready(server: Server, timeout_s: float = 90) -> Server:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.process.poll() is None, server.log.read_text()[-4000:]
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    server.stop()
-    raise AssertionError("server not ready:\n" + server.log.read_text()[-4000:])
+    try:
+        url = f"{server.url}/readyz"
+        wait_until(lambda: http_ok(url, 1), timeout_s, server.process, 0.1, "ctr serve")
+    except NotReady as exc:
+        server.stop()
+        raise AssertionError(f"{exc}:\n{server.log.read_text()[-4000:]}") from None
+    return server
 
 
 @pytest.fixture
@@ -218,10 +212,10 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Server]]:
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float = 15, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
+    try:
+        wait_until(condition, timeout_s, interval_s=0.02, what=what)
+    except NotReady:
+        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def items(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:

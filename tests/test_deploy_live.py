@@ -38,8 +38,8 @@ from deploy_support import (
     service_env,
 )
 
-from service.processes import stop_process
-from service.store.embedded_redis import RedisServer, free_port
+from service.processes import NotReady, free_port, http_ok, stop_process, wait_until
+from service.store.embedded_redis import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -52,17 +52,11 @@ class Live:
 
 
 def _wait_ready(live: Live, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if live.process.poll() is not None:
-            raise AssertionError(f"service exited:\n{live.log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{live.url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"service not ready in {timeout_s}s:\n{live.log.read_text()[-3000:]}")
+    try:
+        url = f"{live.url}/readyz"
+        wait_until(lambda: http_ok(url, 1), timeout_s, live.process, 0.2, "the service")
+    except NotReady as exc:
+        raise AssertionError(f"{exc}:\n{live.log.read_text()[-3000:]}") from None
 
 
 @pytest.fixture(scope="module")

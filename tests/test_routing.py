@@ -31,7 +31,7 @@ from routing_support import (
 )
 from service_support import running
 
-from service.contracts import ScoreInput
+from service.contracts import ScoringRequest
 from service.http.api import build_app
 from service.routing import (
     ExperimentRouter,
@@ -58,10 +58,10 @@ WEIGHTS = {"control": 0.7, "treatment": 0.2, "slate": 0.1}
 USERS = [f"user-{k}" for k in range(10_000)]
 ASSIGN = """
 import hashlib, json, sys
-from service.contracts import ScoreInput
+from service.contracts import ScoringRequest
 from service.routing import ExperimentRouter, LoadedRouting, parse_routing
 router = ExperimentRouter(LoadedRouting(parse_routing(sys.stdin.read(), ".yaml"), "", None), None)
-variants = [router.route(ScoreInput("r", f"user-{k}", [("i", "c")], {}, None, None, 0.0)).variant
+variants = [router.route(ScoringRequest(f"user-{k}", None, [("i", "c")])).variant
             for k in range(10_000)]
 print(json.dumps({"hash": hash("ranker-2024"), "variants": variants}))
 """
@@ -83,8 +83,8 @@ def _router(text: str, default: str | None = "sarn") -> ExperimentRouter:
     return ExperimentRouter(LoadedRouting(parse_routing(text, ".yaml"), "", None), default)
 
 
-def _request(user: str, model: str | None = None, **context: str) -> ScoreInput:
-    return ScoreInput("r", user, [("i1", "c1")], context, None, model, 0.0)
+def _request(user: str, model: str | None = None, **context: str) -> ScoringRequest:
+    return ScoringRequest(user, None, [("i1", "c1")], context, model=model)
 
 
 def test_assignment_is_identical_across_hash_seeds_and_splits_by_weight() -> None:

@@ -23,8 +23,7 @@ import pytest
 
 from runtime.loader import ScoringRequest, open_model
 from runtime.repository import latest_version, model_dir
-from service.processes import stop_process
-from service.store.embedded_redis import free_port
+from service.processes import NotReady, free_port, http_ok, stop_process, wait_until
 
 pytestmark = pytest.mark.slow
 LAUNCH = (
@@ -68,17 +67,12 @@ def _start(
             stderr=err_sink if err else sink,
         )
     server = Server(process, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise AssertionError("server did not become ready:\n" + log.read_text())
+    try:
+        wait_until(lambda: http_ok(f"{server.url}/readyz", 1), 60, process, 0.1, "ctr serve")
+    except NotReady as exc:
+        process.kill()
+        raise AssertionError(f"{exc}:\n{log.read_text()}") from None
+    return server
 
 
 def _stop(server: Server) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -12,7 +13,9 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from service.store.behavior import BehaviorStore, Event, StoreConfig, StoreUnavailable
+from service.contracts import Event, StoreUnavailable
+from service.processes import NotReady, wait_until
+from service.store.behavior import BehaviorStore, StoreConfig
 from service.store.embedded_redis import RedisServer
 
 
@@ -135,9 +138,7 @@ def test_store_works_on_a_redis_cluster(tmp_path: Path) -> None:
     with RedisServer(extra_args=args) as server:
         admin = redis.Redis.from_url(server.url)
         admin.execute_command("CLUSTER ADDSLOTS", *range(16384))
-        deadline = time.monotonic() + 10
-        while admin.cluster("info")["cluster_state"] != "ok" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: admin.cluster("info")["cluster_state"] == "ok", 10, what="the cluster")
         admin.close()
 
         async def scenario() -> None:
@@ -273,9 +274,8 @@ def test_embedded_redis_does_not_outlive_its_parent() -> None:
     child = int(parent.stdout.readline())
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 5
-    while _running(child) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    with contextlib.suppress(NotReady):
+        wait_until(lambda: not _running(child), 5)
     assert not _running(child)
 
 

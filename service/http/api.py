@@ -1,19 +1,21 @@
 """The FastAPI application factory: `build_app(settings)`.
 
-The app's lifespan owns the engine (models, batchers, behaviour store, embedded Redis): they
-start before the first request is accepted and stop after the last in-flight one finished.
-Routes live in `service.http.routes` and `service.http.management` and only talk to the engine.
+The app's lifespan owns the engine (models, batchers, behaviour store, embedded Redis): it is
+opened before the first request is accepted (then `app.state.engine`) and stopped after the
+last in-flight one finished. Routes live in `service.http.routes` and `service.http.management`
+and only call the `service.contracts.Engine` methods.
 `create_app()` builds from the environment, for `uvicorn --factory service.http.api:create_app`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service.contracts import Engine
 from service.engine import ScoringEngine
 from service.http.errors import install_error_handlers
 from service.http.management import router as management_router
@@ -23,17 +25,20 @@ from service.metrics import ServiceMetrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+# Builds a started engine (`ScoringEngine.open`); tests pass a fake one to test the HTTP layer.
+OpenEngine = Callable[[Settings, ServiceMetrics], Awaitable[Engine]]
 
 
-def build_app(settings: Settings | None = None) -> FastAPI:
+def build_app(settings: Settings | None = None, open_engine: OpenEngine | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
-    engine = ScoringEngine(settings, metrics)
+    opener = open_engine or ScoringEngine.open
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _warn_open_scopes(settings)
-        await engine.start()
+        engine = await opener(settings, metrics)
+        app.state.engine = engine
         ready, reasons = engine.readiness()
         log.info("service started", extra={"ready": ready, "reasons": reasons})
         try:
@@ -49,7 +54,6 @@ def build_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.engine = engine
     install_error_handlers(app)
     app.add_middleware(
         RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes

@@ -9,8 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.engine import ScoreInput, ScoringEngine
+from service.contracts import Event
 from service.http.auth import require_key
+from service.http.deps import EngineDep, SettingsDep
 from service.http.errors import LimitExceeded
 from service.http.schemas import (
     CLICK_TYPES,
@@ -24,27 +25,12 @@ from service.http.schemas import (
     ScoreResponse,
 )
 from service.settings import Settings
-from service.store.behavior import Event
 
 router = APIRouter()
 UserId = Annotated[str, Path(pattern=ID_PATTERN)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422, 429, 503, 504)
 }
-
-
-def _engine(request: Request) -> ScoringEngine:
-    engine: ScoringEngine = request.app.state.engine
-    return engine
-
-
-def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-EngineDep = Annotated[ScoringEngine, Depends(_engine)]
-SettingsDep = Annotated[Settings, Depends(_settings)]
 
 
 @router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
@@ -64,18 +50,9 @@ async def score(
     timeout_ms = min(
         x_request_timeout_ms or settings.request_timeout_ms, settings.max_request_timeout_ms
     )
-    inline = body.history
-    result = await engine.score(
-        ScoreInput(
-            request_id=body.request_id or request.state.request_id,
-            user_id=body.user_id,
-            candidates=[(c.item_id, c.category_id) for c in body.candidates],
-            context=body.context,
-            history=None if inline is None else [(h.item_id, h.category_id) for h in inline],
-            model=body.model,
-            deadline=time.monotonic() + timeout_ms / 1000,
-        )
-    )
+    request_id = body.request_id or request.state.request_id
+    deadline = time.monotonic() + timeout_ms / 1000
+    result = await engine.score(body.to_scoring_request(request_id, deadline))
     if result.after_response is not None:  # the shadow copy, queued after the answer is sent
         background.add_task(_call, result.after_response)
     request.state.model, request.state.variant = result.model, result.variant
@@ -83,7 +60,7 @@ async def score(
     request.state.history_source = result.history_source
     request.state.client_request_id = body.request_id
     return ScoreResponse(
-        request_id=body.request_id or request.state.request_id,
+        request_id=request_id,
         model=result.model,
         version=str(result.version),
         variant=result.variant,

@@ -10,12 +10,12 @@ that booleans are refused where numbers are expected (lax mode would read `true`
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 from pydantic.json_schema import SkipJsonSchema
 
-from service.engine import HistorySource
+from service.contracts import HistorySource, ScoringRequest
 from service.settings import HARD_MAX_CANDIDATES, HARD_MAX_EVENTS, HARD_MAX_HISTORY
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -55,6 +55,19 @@ class ScoreRequest(_Strict):
         None, max_length=HARD_MAX_HISTORY, description="Oldest first; replaces stored history."
     )
     model: ModelName | None = None
+
+    def to_scoring_request(self, request_id: str, deadline: float) -> ScoringRequest:
+        """The one conversion from the wire format to the request the engine scores."""
+        history = self.history
+        return ScoringRequest(
+            user_id=self.user_id,
+            history=None if history is None else [(h.item_id, h.category_id) for h in history],
+            candidates=[(c.item_id, c.category_id) for c in self.candidates],
+            context=self.context,
+            request_id=request_id,
+            model=self.model,
+            deadline=deadline,
+        )
 
 
 def _absent(value: Any) -> bool:
@@ -118,47 +131,6 @@ class HistoryEntry(BaseModel):
 class HistoryResponse(BaseModel):
     user_id: str
     items: list[HistoryEntry]
-
-
-class VersionStatus(BaseModel):
-    version: str
-    current: bool  # serves requests that pin no version
-    provider: str
-    queue_depth: int
-    shadow_queue_depth: int  # shadow requests waiting or running on this version
-    # What this version's /v1/score bodies carry: ["scores"], or with a multi-task model
-    # ["scores", "conversion_scores", "ctcvr_scores"] (versions of one name may differ).
-    outputs: list[str] = Field(default_factory=list)
-
-
-class ModelStatus(BaseModel):
-    name: str
-    version: str | None  # the current version
-    kind: str | None
-    max_history: int | None
-    provider: str | None
-    providers: list[str]
-    default: bool
-    status: Literal["ready", "failed"]
-    versions: list[VersionStatus] = Field(default_factory=list, description="Loaded versions.")
-    follows_latest: bool = False  # moves to the repository's highest version when polling
-
-
-class ShadowState(BaseModel):
-    queue_max_requests: int
-    timeout_ms: float
-    stream: str | None  # Redis stream key of the score pairs, when enabled
-
-
-class ModelsResponse(BaseModel):
-    default_model: str | None
-    models: list[ModelStatus]
-    routing: dict[str, Any] = Field(
-        default_factory=dict,
-        description="The routing file's name and sha256, and its experiments (salts omitted).",
-    )
-    shadow: ShadowState | None = None
-    reload_poll_s: float = 0.0
 
 
 class ReloadModelRequest(_Strict):

@@ -33,6 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from service.contracts import Event, HistoryItem, IngestResult, StoreUnavailable
 from service.store.breaker import CircuitBreaker
 
 _T = TypeVar("_T")
@@ -64,32 +65,6 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 return {accepted, dups}
 """
-
-
-class StoreUnavailable(Exception):
-    """Redis could not answer within the budget (timeout, connection error, open breaker)."""
-
-
-@dataclass(frozen=True)
-class Event:
-    user_id: str
-    item_id: str
-    category_id: str
-    ts: float
-    event_id: str | None = None
-
-
-@dataclass(frozen=True)
-class HistoryItem:
-    item_id: str
-    category_id: str
-    ts: float
-
-
-@dataclass(frozen=True)
-class IngestResult:
-    accepted: int
-    duplicates: int
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,8 @@ import contextlib
 import ctypes
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 
@@ -22,7 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from service.processes import stop_process
+from service.processes import NotReady, free_port, stop_process, wait_until
 
 
 def redis_server_binary() -> str:
@@ -45,12 +43,6 @@ def _die_with_parent() -> None:
     so an embedded Redis never outlives the service. No-op elsewhere."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
@@ -140,22 +132,23 @@ class RedisServer:
         ]
 
     def _wait_ready(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
         client = redis.Redis(
             port=self.port,
             socket_timeout=0.5,
             socket_connect_timeout=0.5,
             retry=Retry(NoBackoff(), 0),
         )
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.RedisError:
+                return False
+
         try:
-            while time.monotonic() < deadline:
-                if self.process is None or self.process.poll() is not None:
-                    return False
-                try:
-                    if client.ping():
-                        return True
-                except redis.RedisError:
-                    time.sleep(0.02)
+            wait_until(answers, timeout_s, self.process, interval_s=0.02, what="redis-server")
+            return True
+        except NotReady:
             return False
         finally:
             client.close()
