@@ -43,7 +43,7 @@ $(MODEL_REPO)/sarn: | venv
 	$(BIN)/ctr simulate --out $(RUN_DIR)/world --users 300 --items 200 --seed 0
 	$(BIN)/ctr train --model sarn --train $(RUN_DIR)/world/behavior/train.parquet \
 		--valid $(RUN_DIR)/world/behavior/test.parquet --out $(RUN_DIR)/sarn \
-		--epochs 2 --max-len 10 --batch-size 256
+		--epochs 2 --history-len 10 --batch-size 256
 	$(BIN)/ctr evaluate --run $(RUN_DIR)/sarn --data $(RUN_DIR)/world/behavior/test.parquet
 	$(BIN)/ctr export --run $(RUN_DIR)/sarn --repo $(MODEL_REPO) --name sarn
 

@@ -33,6 +33,7 @@ from exporters.parity import run_eager, run_session
 from models.data.batch import BehaviorBatch
 from models.nets.base import BehaviorModel
 from models.registry import BEHAVIOR_MODELS, model_class
+from runtime.features import DEFAULT_HISTORY_LEN
 from runtime.feeds import BEHAVIOR_INPUTS
 from runtime.loader import session_options
 
@@ -55,7 +56,7 @@ class BenchConfig:
     models: list[str] = field(default_factory=lambda: ["sarn", "fat"])
     users: list[int] = field(default_factory=lambda: [1, 8, 32])
     slate: int = 100  # K
-    history: int = 50  # L
+    history: int = DEFAULT_HISTORY_LEN  # L
     repeats: int = 5
     threads: int = 1
     items: int = 10_000  # vocabulary sizes of the random models

@@ -115,7 +115,7 @@ def _context(spec: FeatureSpec, vocabs: Mapping[str, Vocabulary], pick: int) -> 
 def edge_cases(
     spec: FeatureSpec,
     vocabs: Mapping[str, Vocabulary],
-    max_history: int,
+    history_len: int,
     max_slate: int,
     seed: int = 0,
 ) -> Cases:
@@ -142,15 +142,15 @@ def edge_cases(
     return {
         "empty_history": [req(0, 5), req(0, 1, user=1)],
         "history_of_one": [req(1, 5), req(1, 2, user=1)],
-        "max_length": [req(max_history, 5), req(max_history, 3, user=1)],
-        "longer_than_max": [req(3 * max_history + 1, 4)],
+        "max_length": [req(history_len, 5), req(history_len, 3, user=1)],
+        "longer_than_max": [req(3 * history_len + 1, 4)],
         "one_candidate": [req(5, 1)],
         "full_slate": [req(5, max_slate)],
-        "many_candidates": [req(max_history, many)],
+        "many_candidates": [req(history_len, many)],
         "mixed_slate_sizes": [
             req(n_hist, n_cand, user=i)
             for i, (n_hist, n_cand) in enumerate(
-                [(0, 1), (1, 12), (7, 3), (max_history, 40), (3, 7)]
+                [(0, 1), (1, 12), (7, 3), (history_len, 40), (3, 7)]
             )
         ],
         "unknown_ids": unknown,

@@ -32,6 +32,7 @@ from models.data.schema import load_behavior, load_slates
 from models.nets.base import BehaviorModel
 from models.registry import ALL_MODELS, is_slate_model
 from models.training.checkpoint import LoadedRun, load_run
+from runtime.features import DEFAULT_HISTORY_LEN
 from runtime.feeds import BEHAVIOR_INPUTS, ScoringRequest, encode_behavior
 from runtime.loader import DEFAULT_SESSION_OPTIONS, open_model, session_options
 from runtime.repository import (
@@ -46,7 +47,7 @@ from runtime.repository import (
 )
 from runtime.slate_feeds import SLATE_INPUTS, SlateContract, encode_slates, flatten_slate_scores
 
-SLATE_HISTORY = 50  # history items a slate model's serving graph holds by default
+SLATE_HISTORY = DEFAULT_HISTORY_LEN  # history items a slate model's serving graph holds
 
 
 @dataclass
@@ -88,7 +89,7 @@ class _Plan:
     """How one run is encoded, traced and checked (behaviour vs slate differ only here)."""
 
     kind: str
-    max_history: int
+    history_len: int
     encode: Encoder
     flatten: Flatten | None
     inputs: Sequence[str]
@@ -100,16 +101,16 @@ class _Plan:
 def _plan(run: LoadedRun, options: ExportOptions, frame: pd.DataFrame | None) -> _Plan:
     spec, vocabs = run.spec, run.vocabs
     if is_slate_model(run.name):
-        contract = SlateContract.for_history(spec.max_len, options.slate_history)
+        contract = SlateContract.for_history(spec.slate_size, options.slate_history)
 
         def encode_s(requests: Sequence[ScoringRequest]) -> dict[str, np.ndarray]:
-            return encode_slates(requests, spec, vocabs, contract.max_history, contract, seed=0)
+            return encode_slates(requests, spec, vocabs, contract.history_len, contract, seed=0)
 
         labelled = case_lib.slate_requests(frame) if frame is not None else None
-        edge = case_lib.edge_cases(spec, vocabs, contract.max_history, contract.max_slate_size)
+        edge = case_lib.edge_cases(spec, vocabs, contract.history_len, contract.slate_size)
         return _Plan(
             "slate",
-            contract.max_history,
+            contract.history_len,
             encode_s,
             flatten_slate_scores,
             SLATE_INPUTS,
@@ -119,11 +120,13 @@ def _plan(run: LoadedRun, options: ExportOptions, frame: pd.DataFrame | None) ->
         )
 
     def encode_b(requests: Sequence[ScoringRequest]) -> dict[str, np.ndarray]:
-        return encode_behavior(requests, spec, vocabs, spec.max_len)
+        return encode_behavior(requests, spec, vocabs, spec.history_len)
 
     labelled = case_lib.behavior_requests(frame, spec.context_fields) if frame is not None else None
-    edge = case_lib.edge_cases(spec, vocabs, spec.max_len, max_slate=100)
-    return _Plan("behavior", spec.max_len, encode_b, None, BEHAVIOR_INPUTS, None, labelled, edge)
+    edge = case_lib.edge_cases(spec, vocabs, spec.history_len, max_slate=100)
+    return _Plan(
+        "behavior", spec.history_len, encode_b, None, BEHAVIOR_INPUTS, None, labelled, edge
+    )
 
 
 def _load_frame(run: LoadedRun, path: Path | None, rows: int) -> pd.DataFrame | None:
@@ -282,7 +285,7 @@ class _Job:
             "source_run": str(self.run_dir.resolve()),
             "onnx": _onnx_info(onnx_path, opset, options.exporter),
             **describe_graph(onnx_path),  # "inputs", "outputs"
-            "max_history": plan.max_history,
+            "history_len": plan.history_len,
             "context_fields": list(run.spec.context_fields),
             "vocabularies": {
                 vocab: {"file": run.spec.vocab_files[vocab], "size": len(v)}

@@ -42,7 +42,7 @@ class SlateClickGraph(nn.Module):
 def example_slate_inputs(contract: SlateContract) -> tuple[Tensor, ...]:
     """Tracing inputs with B=3 (> 1, so B stays dynamic) and a mix of real and padded slots."""
     gen = torch.Generator().manual_seed(0)
-    shape = (3, contract.slates, contract.max_slate_size)
+    shape = (3, contract.slates, contract.slate_size)
     mask = torch.rand(shape, generator=gen) < 0.8
     mask[:, -1, 0] = True  # at least one candidate per row
     items = mask.long()  # OOV (1) where shown, PAD (0) elsewhere: indices every table has

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from runtime.features import DEFAULT_HISTORY_LEN
+
 Pair = tuple[str, str]
 
 
@@ -58,7 +60,11 @@ class Population:
 
     @classmethod
     def from_events(
-        cls, frame: pd.DataFrame, history: int = 50, zipf: float = 1.1, seed: int = 0
+        cls,
+        frame: pd.DataFrame,
+        history: int = DEFAULT_HISTORY_LEN,
+        zipf: float = 1.1,
+        seed: int = 0,
     ) -> Population:
         kept = last_events(frame, history)
         histories: dict[str, list[Pair]] = {

@@ -20,6 +20,10 @@ import numpy as np
 PAD = 0
 OOV = 1
 _RESERVED = 2
+# History items a behaviour model reads when nothing else is said: the setting of the SARN
+# paper's Taobao numbers (Table II/III; the authors' code defaults to 30). `ctr train`,
+# `ctr simulate` and the benchmarks all take their default from here.
+DEFAULT_HISTORY_LEN = 50
 
 
 class Vocabulary:
@@ -73,11 +77,15 @@ class Vocabulary:
 class FeatureSpec:
     """What the model's integer inputs mean; saved beside every checkpoint and ONNX file.
 
-    `vocab_files` maps a vocabulary name (`item`, `category`, `user`, `context_<name>`) to a
-    file name relative to the directory the spec is saved in.
+    `history_len`: the history items a behaviour model reads (its newest ones; written once
+    into the manifest as `history_len`). `slate_size`: the slate width K of a slate click
+    model. Each kind of model sets its own and leaves the other 0. `vocab_files` maps a
+    vocabulary name (`item`, `category`, `user`, `context_<name>`) to a file name relative to
+    the directory the spec is saved in.
     """
 
-    max_len: int
+    history_len: int = 0
+    slate_size: int = 0
     context_fields: list[str] = field(default_factory=list)
     vocab_files: dict[str, str] = field(default_factory=dict)
 
@@ -89,8 +97,16 @@ class FeatureSpec:
         (directory / "feature_spec.json").write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def load(cls, directory: Path) -> tuple[FeatureSpec, dict[str, Vocabulary]]:
-        spec = cls(**json.loads((directory / "feature_spec.json").read_text()))
+    def load(
+        cls, directory: Path, slate: bool = False
+    ) -> tuple[FeatureSpec, dict[str, Vocabulary]]:
+        """`slate`: the spec belongs to a slate model. A spec written before the two lengths had
+        their own names holds one `max_len`: the slate width of a slate model, the history
+        length of any other."""
+        data = json.loads((directory / "feature_spec.json").read_text())
+        if "max_len" in data:
+            data["slate_size" if slate else "history_len"] = data.pop("max_len")
+        spec = cls(**data)
         vocabs = {name: Vocabulary.load(directory / f) for name, f in spec.vocab_files.items()}
         return spec, vocabs
 

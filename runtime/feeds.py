@@ -6,7 +6,7 @@ exactly the arrays the service will send.
 Behaviour models (slate-shared ragged layout, one row per user, one entry per candidate):
     user [U], hist_items [U, L], hist_cats [U, L], context [U, C],
     cand_items [N], cand_cats [N], cand_user_index [N]   (int64; N = sum of slate sizes)
-Histories keep the last `max_history` items, oldest first, PAD-padded at the end; L is the
+Histories keep the last `history_len` items, oldest first, PAD-padded at the end; L is the
 longest kept history of the batch and at least 1, so an all-empty batch is still a valid
 tensor (a row of PAD is what the models see for an empty history in training too).
 """
@@ -89,10 +89,10 @@ def encode_pairs(
 def encode_histories(
     histories: Sequence[Sequence[tuple[str, str]]],
     vocabs: Mapping[str, Vocabulary],
-    max_history: int,
+    history_len: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ragged histories -> hist_items [U, L], hist_cats [U, L], PAD-padded at the end."""
-    kept = [list(h)[-max_history:] if max_history > 0 else [] for h in histories]
+    kept = [list(h)[-history_len:] if history_len > 0 else [] for h in histories]
     lengths = np.fromiter((len(h) for h in kept), dtype=np.int64, count=len(kept))
     width = max(1, int(lengths.max(initial=0)))
     # One vocabulary pass over all histories, then a single scatter into the padded arrays.
@@ -136,11 +136,11 @@ def encode_behavior(
     requests: Sequence[ScoringRequest],
     spec: FeatureSpec,
     vocabs: Mapping[str, Vocabulary],
-    max_history: int,
+    history_len: int,
 ) -> dict[str, np.ndarray]:
     """The slate-shared ragged feeds of the behaviour models (see the module docstring)."""
     hist_items, hist_cats = encode_histories(
-        [r.known_history for r in requests], vocabs, max_history
+        [r.known_history for r in requests], vocabs, history_len
     )
     sizes = np.fromiter((len(r.candidates) for r in requests), dtype=np.int64, count=len(requests))
     cand_items, cand_cats = encode_pairs([c for r in requests for c in r.candidates], vocabs)

@@ -172,21 +172,21 @@ class LoadedModel:
         self.name: str = manifest["name"]
         self.version: int = int(manifest["version"])
         self.kind: Literal["behavior", "slate"] = manifest["kind"]
-        self.max_history: int = int(manifest["max_history"])
+        self.history_len: int = int(manifest["history_len"])
         self.providers: list[str] = list(session.get_providers())
         self.outputs: list[str] = [o.name for o in session.get_outputs()]
         # The columns of `run`/`score`, `scores` first (checked against the graph here).
         self.output_names: tuple[str, ...] = manifest_output_names(manifest)
         _check_outputs(self.output_names, session, directory)
         self.input_names: list[str] = [i.name for i in session.get_inputs()]
-        self.spec, self.vocabs = FeatureSpec.load(directory)
+        self.spec, self.vocabs = FeatureSpec.load(directory, slate=self.kind == "slate")
         self.slate = SlateContract.from_manifest(manifest) if self.kind == "slate" else None
 
     def encode(self, requests: Sequence[ScoringRequest]) -> dict[str, np.ndarray]:
         """Raw requests -> the graph's feeds (vocabulary mapping, OOV, truncation, layout)."""
         if self.slate is not None:
-            return encode_slates(requests, self.spec, self.vocabs, self.max_history, self.slate)
-        return encode_behavior(requests, self.spec, self.vocabs, self.max_history)
+            return encode_slates(requests, self.spec, self.vocabs, self.history_len, self.slate)
+        return encode_behavior(requests, self.spec, self.vocabs, self.history_len)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """Probabilities [N, O] float32: one row per candidate of every request, in request

@@ -30,7 +30,9 @@ from typing import Any
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
-MANIFEST_FORMAT = 1
+# 2: `history_len` (was `max_history`) and `slate.slate_size` (was `max_slate_size`); format 1
+# manifests are read under the new names (`_rename_legacy_keys`).
+MANIFEST_FORMAT = 2
 _TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
 
@@ -134,13 +136,26 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise ModelIntegrityError(f"{path} is missing: not a model directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelIntegrityError(f"{path} is not valid JSON: {exc}") from None
-    required = ("name", "version", "kind", "files", "inputs", "outputs", "max_history")
+    if isinstance(manifest, dict):
+        _rename_legacy_keys(manifest)
+    required = ("name", "version", "kind", "files", "inputs", "outputs", "history_len")
     missing = [key for key in required if not isinstance(manifest, dict) or key not in manifest]
     if missing:
         raise ModelIntegrityError(f"{path} lacks required fields: {', '.join(missing)}")
     if not isinstance(manifest["files"], dict) or MODEL_FILE not in manifest["files"]:
         raise ModelIntegrityError(f"{path} does not list {MODEL_FILE} with its sha256")
     return dict(manifest)
+
+
+def _rename_legacy_keys(manifest: dict[str, Any]) -> None:
+    """Manifests exported before the history length had one name say `max_history` (and a slate
+    model's `slate.max_slate_size`); read them under today's names so old versions still serve.
+    """
+    if "max_history" in manifest and "history_len" not in manifest:
+        manifest["history_len"] = manifest.pop("max_history")
+    slate = manifest.get("slate")
+    if isinstance(slate, dict) and "max_slate_size" in slate and "slate_size" not in slate:
+        slate["slate_size"] = slate.pop("max_slate_size")
 
 
 def verify_files(directory: Path, manifest: dict[str, Any], names: list[str] | None = None) -> None:

@@ -4,14 +4,14 @@ A slate model scores sessions `[B, S, K]` (MODELS.md §4.3); a scoring request i
 stored history plus the slate to predict. The loader turns the request into a session so that
 the service stays model-agnostic:
 
-* The history (its last `max_history` items, oldest first) becomes earlier slates whose every
+* The history (its last `history_len` items, oldest first) becomes earlier slates whose every
   item is clicked (`hist_clicks = 1`): the stored behaviour is what the user clicked. It is
   cut into slates of K counted from the most recent item, so the last history slate holds the
   K most recent items and only the oldest slate may be partial; empty slates go first.
 * The request's candidates are the last slate, `S − 1`, in display order, with no clicks;
   positions past the candidates are padding (`mask = False`). Every model only lets slate t
   see clicks of slates < t, so the answer is P(click) at each shown position of slate S − 1.
-* K (`max_slate_size`, the longest training slate) and S (`slates` = history slates + 1) are
+* K (`slate_size`, the longest training slate) and S (`slates` = history slates + 1) are
   static in the exported graph; only B is dynamic. A request with more than K candidates is
   scored as consecutive slates of K, each on its own row behind the same history (positions
   restart at 0 on each row); the service may instead refuse such requests (the manifest says K).
@@ -42,7 +42,7 @@ SLATE_INPUTS = ("items", "cats", "mask", "hist_clicks", "noise")
 class SlateContract:
     """The static shape of a slate model's serving graph (recorded in the manifest)."""
 
-    max_slate_size: int  # K
+    slate_size: int  # K
     history_slates: int  # S − 1
 
     @property
@@ -50,22 +50,22 @@ class SlateContract:
         return self.history_slates + 1
 
     @property
-    def max_history(self) -> int:
-        return self.max_slate_size * self.history_slates
+    def history_len(self) -> int:
+        return self.slate_size * self.history_slates
 
     @classmethod
-    def for_history(cls, max_slate_size: int, max_history: int) -> SlateContract:
-        """The smallest contract whose history slates hold `max_history` items."""
-        return cls(max_slate_size, max(1, math.ceil(max_history / max_slate_size)))
+    def for_history(cls, slate_size: int, history_len: int) -> SlateContract:
+        """The smallest contract whose history slates hold `history_len` items."""
+        return cls(slate_size, max(1, math.ceil(history_len / slate_size)))
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> SlateContract:
         slate = manifest["slate"]
-        return cls(int(slate["max_slate_size"]), int(slate["history_slates"]))
+        return cls(int(slate["slate_size"]), int(slate["history_slates"]))
 
     def to_manifest(self) -> dict[str, Any]:
         return {
-            "max_slate_size": self.max_slate_size,
+            "slate_size": self.slate_size,
             "history_slates": self.history_slates,
             "slates": self.slates,
             "history_clicks": 1.0,
@@ -89,10 +89,10 @@ def _history_block(
     """History -> items, cats [S−1, K]: chunks of K counted from the most recent item, so the
     last history slate is the K most recent items and only the oldest chunk may be partial;
     each chunk is in time order from position 0, PAD after it."""
-    kept = list(history)[-c.max_history :] if c.max_history > 0 else []
-    shape = (c.history_slates, c.max_slate_size)
+    kept = list(history)[-c.history_len :] if c.history_len > 0 else []
+    shape = (c.history_slates, c.slate_size)
     items, cats = np.full(shape, PAD, dtype=np.int64), np.full(shape, PAD, dtype=np.int64)
-    n, k = len(kept), c.max_slate_size
+    n, k = len(kept), c.slate_size
     if n:
         age = n - 1 - np.arange(n)  # 0 = most recent
         chunk = age // k  # 0 = the last history slate
@@ -106,16 +106,16 @@ def encode_slates(
     requests: Sequence[ScoringRequest],
     spec: FeatureSpec,
     vocabs: Mapping[str, Vocabulary],
-    max_history: int,
+    history_len: int,
     contract: SlateContract,
     seed: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Requests -> the slate graph's feeds (see the module docstring). `spec`, `max_history`:
+    """Requests -> the slate graph's feeds (see the module docstring). `spec`, `history_len`:
     unused beyond the contract (kept for the loader's uniform call)."""
-    del spec, max_history
+    del spec, history_len
     c = contract
-    rows = _rows(requests, c.max_slate_size)
-    shape = (len(rows), c.slates, c.max_slate_size)
+    rows = _rows(requests, c.slate_size)
+    shape = (len(rows), c.slates, c.slate_size)
     items = np.zeros(shape, dtype=np.int64)  # [B, S, K]
     cats = np.zeros(shape, dtype=np.int64)  # [B, S, K]
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -128,7 +128,7 @@ def encode_slates(
     mask = np.zeros(shape, dtype=bool)
     mask[:, :-1] = items[:, :-1] != PAD
     counts = np.array([count for _, _, count in rows], dtype=np.int64)
-    mask[:, -1] = np.arange(c.max_slate_size)[None, :] < counts[:, None]
+    mask[:, -1] = np.arange(c.slate_size)[None, :] < counts[:, None]
     rng = np.random.default_rng(seed)
     return {
         "items": items,

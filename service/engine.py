@@ -137,11 +137,11 @@ class ScoringEngine:
 
     def _refresh_history_floor(self) -> None:
         """Primary reads fetch as much history as the longest-reaching shadow model needs; the
-        primary's own encoder keeps only its newest `max_history`, so its scores are the same."""
+        primary's own encoder keeps only its newest `history_len`, so its scores are the same."""
         floor = 0
         for spec in self.router.shadow_specs():
             handle = self.pool.resolve(spec.model, spec.version)
-            floor = max(floor, handle.model.max_history if handle is not None else 0)
+            floor = max(floor, handle.model.history_len if handle is not None else 0)
         self.history_floor = floor
 
     @property
@@ -273,6 +273,16 @@ class ScoringEngine:
 
     def _runner(self, model: LoadedModel) -> Runner:
         s = self.settings
+        if s.history_cap < model.history_len:
+            log.warning(
+                "model %s v%d reads %d history items but CTR_HISTORY_CAP keeps %d per user: "
+                "stored histories are cut to %d",
+                model.name,
+                model.version,
+                model.history_len,
+                s.history_cap,
+                s.history_cap,
+            )
         config = BatcherConfig(
             s.batch_max_candidates, s.queue_max_requests, s.shed_status, s.retry_after_s
         )
@@ -305,7 +315,7 @@ class ScoringEngine:
         stored: dict[str, list[HistoryItem]] = {}
         source: HistorySource = "redis"
         try:
-            read = self.store.recent(wanted, max(model.max_history, self.history_floor))
+            read = self.store.recent(wanted, max(model.history_len, self.history_floor))
             stored = await self._store_call("read", read)
         except StoreUnavailable as exc:
             self._warn_fallback(exc)

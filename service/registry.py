@@ -125,7 +125,7 @@ def warmup_requests(model: LoadedModel) -> list[ScoringRequest]:
         (item, categories[k % len(categories)] if categories else unknown[1])
         for k, item in enumerate(items)
     ] or [unknown]
-    history = (known * model.max_history)[: model.max_history]
+    history = (known * model.history_len)[: model.history_len]
     return [
         ScoringRequest("warmup-1", [], [known[0]]),
         ScoringRequest("warmup-2", history, known),

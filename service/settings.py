@@ -6,6 +6,7 @@ settings accept either JSON (`'["a","b"]'`) or a comma-separated string (`a,b`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -74,7 +75,8 @@ class Settings(BaseSettings):
 
     # --- request limits ---
     max_candidates: Annotated[int, Field(ge=1, le=HARD_MAX_CANDIDATES)] = 500
-    max_history: Annotated[int, Field(ge=0, le=HARD_MAX_HISTORY)] = 200  # inline history
+    # inline history items a request may send (what the model reads is its own history_len)
+    max_inline_history: Annotated[int, Field(ge=0, le=HARD_MAX_HISTORY)] = 200
     max_events: Annotated[int, Field(ge=1, le=HARD_MAX_EVENTS)] = 1000  # per POST
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1 << 20
 
@@ -105,6 +107,14 @@ class Settings(BaseSettings):
     @classmethod
     def _lists_from_csv(cls, value: Any) -> Any:
         return _split_csv(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        # Silently ignoring the old name would drop a limit an operator set on purpose.
+        if "CTR_MAX_HISTORY" in os.environ:
+            raise ValueError("CTR_MAX_HISTORY was renamed CTR_MAX_INLINE_HISTORY")
+        return values
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

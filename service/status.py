@@ -69,7 +69,7 @@ def _loaded(
         name=name,
         version=str(current) if current is not None else None,
         kind=shown.kind,
-        max_history=shown.max_history,
+        max_history=shown.history_len,
         provider=shown.providers[0],
         providers=shown.providers,
         default=default,

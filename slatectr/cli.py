@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from runtime.features import DEFAULT_HISTORY_LEN
+
 app = typer.Typer(
     help="SlateCTR: simulate, train, evaluate, export and serve neural CTR models.",
     no_args_is_help=True,
@@ -83,6 +85,9 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
+_HISTORY_LEN_OPTION = typer.Option(
+    "--history-len", "--max-len", help="History items the models read (the newest)."
+)
 _MODEL_HELP = "sarn, fat, din, gru, wdl, ncm, ncm-lr, ncm-gru, ncm-adv, scot or ncm-tgru."
 
 
@@ -94,7 +99,14 @@ def train(
     out: Annotated[Path, typer.Option(help="Run directory the checkpoint is written to.")],
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 10).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default 128).")] = None,
-    max_len: Annotated[int | None, typer.Option(help="History slots kept (default 50).")] = None,
+    history_len: Annotated[
+        int | None,
+        typer.Option(
+            "--history-len",
+            "--max-len",
+            help=f"History items the model reads, the newest (default {DEFAULT_HISTORY_LEN}).",
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).", min=0)] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
     lr: Annotated[
@@ -147,7 +159,7 @@ def train(
         model,
         epochs=epochs,
         batch_size=batch_size,
-        max_len=max_len,
+        history_len=history_len,
         seed=seed,
         device=device,
         lr=lr,
@@ -334,7 +346,7 @@ def bench_models(
         str | None, typer.Option(help="Comma-separated --model names to keep (default all).")
     ] = None,
     epochs: Annotated[int, typer.Option(help="Maximum epochs per model.")] = 10,
-    max_len: Annotated[int, typer.Option(help="History slots kept.")] = 50,
+    history_len: Annotated[int, _HISTORY_LEN_OPTION] = DEFAULT_HISTORY_LEN,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
 ) -> None:
@@ -347,7 +359,7 @@ def bench_models(
 
     def config_for(name: str) -> TrainConfig:
         return train_config_for(
-            name, epochs=epochs, max_len=max_len, batch_size=batch_size, device=device
+            name, epochs=epochs, history_len=history_len, batch_size=batch_size, device=device
         )
 
     table = format_table(run_model_bench(world, out, config_for, variants))
@@ -362,7 +374,7 @@ def bench_multitask(
     models: Annotated[str, typer.Option(help="Comma-separated architectures.")] = "sarn,fat,gru",
     seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated (mean ± sd).")] = "0",
     epochs: Annotated[int, typer.Option(help="Maximum epochs per run.")] = 10,
-    max_len: Annotated[int, typer.Option(help="History slots kept.")] = 50,
+    history_len: Annotated[int, _HISTORY_LEN_OPTION] = DEFAULT_HISTORY_LEN,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
 ) -> None:
@@ -372,7 +384,7 @@ def bench_multitask(
 
     def config_for(name: str) -> TrainConfig:
         return train_config_for(
-            name, epochs=epochs, max_len=max_len, batch_size=batch_size, device=device
+            name, epochs=epochs, history_len=history_len, batch_size=batch_size, device=device
         )
 
     chosen = [m.strip() for m in models.split(",") if m.strip()]

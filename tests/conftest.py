@@ -63,7 +63,7 @@ def service_model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, overrides in tiny.items():
         model = name.removesuffix("-mt")
         data = root / "world" / ("slates" if name == "ncm" else "behavior")
-        config = train_config_for(model, epochs=1, batch_size=64, max_len=10, device="cpu")
+        config = train_config_for(model, epochs=1, batch_size=64, history_len=10, device="cpu")
         train_run(
             model,
             data / "train.parquet",

@@ -47,7 +47,7 @@ TINY: dict[str, dict[str, Any]] = {
     },
 }
 SLATE_TINY: dict[str, Any] = {"dim": 8}
-MAX_LEN = 8
+HISTORY_LEN = 8
 DEVICES = ["ios", "android", "web"]
 
 
@@ -56,7 +56,7 @@ def behaviour_frame(n: int, seed: int, n_items: int = 40, n_users: int = 12) -> 
     rng = np.random.default_rng(seed)
     rows = []
     for pair in range(n // 2):
-        length = int(rng.integers(0, 2 * MAX_LEN))
+        length = int(rng.integers(0, 2 * HISTORY_LEN))
         items = rng.integers(0, n_items, length)
         user, device = f"u{rng.integers(n_users)}", DEVICES[pair % 3]
         for label in (1, 0):
@@ -122,11 +122,11 @@ def make_run(
     cls = model_class(name)
     if is_slate_model(name):
         vocabs = fit_slate_vocabs(frame)
-        spec = FeatureSpec(max_len=longest_slate(frame))
+        spec = FeatureSpec(slate_size=longest_slate(frame))
         overrides = SLATE_TINY
     else:
         vocabs = fit_vocabularies(frame, ["device"])
-        spec = FeatureSpec(max_len=MAX_LEN, context_fields=["device"])
+        spec = FeatureSpec(history_len=HISTORY_LEN, context_fields=["device"])
         overrides = {**TINY[name], "tasks": tasks}
     model_config = config_from_dict(cls.config_class, dict(overrides))
     sizes = vocab_sizes(vocabs)
@@ -138,7 +138,7 @@ def make_run(
         name=name,
         model=model.eval(),
         model_config=model_config,
-        train_config=TrainConfig(max_len=spec.max_len),
+        train_config=TrainConfig(history_len=spec.history_len),
         sizes=sizes,
         spec=spec,
         vocabs=vocabs,

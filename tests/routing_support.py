@@ -41,7 +41,7 @@ LAUNCH = (
 
 @pytest.fixture(scope="session")
 def ab_template(service_model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """sarn v1 (the session's), sarn v2 (seed 1, max_len 14), ncm v1."""
+    """sarn v1 (the session's), sarn v2 (seed 1, history_len 14), ncm v1."""
     import torch
 
     from exporters.pipeline import ExportOptions, export_run
@@ -52,7 +52,7 @@ def ab_template(service_model_repo: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("ab-template")
     shutil.copytree(service_model_repo, root / "repo")
     world = service_model_repo.parent / "world" / "behavior"
-    config = train_config_for("sarn", epochs=1, batch_size=64, max_len=14, device="cpu", seed=1)
+    config = train_config_for("sarn", epochs=1, batch_size=64, history_len=14, device="cpu", seed=1)
     tiny = {
         "embedding_dim": 4,
         "relation_width": 4,

@@ -56,7 +56,7 @@ def test_vocabularies_fit_on_train_only(tiny_behavior: pd.DataFrame) -> None:
     valid["hist_item_ids"] = [["i1", "zzz"], [], ["i4"], []]
     valid["hist_category_ids"] = [["c1", "c9"], [], ["c2"], []]
     valid["context_device"] = ["tv", "ios", "", "web"]
-    arrays = encode_behavior(valid, vocabs, max_len=3, context_fields=["device"])
+    arrays = encode_behavior(valid, vocabs, history_len=3, context_fields=["device"])
     assert arrays.items.tolist() == [
         OOV,
         vocabs["item"].index("i3"),
@@ -73,7 +73,7 @@ def test_pad_is_reserved_for_padding(tiny_behavior: pd.DataFrame) -> None:
     for vocab in vocabs.values():
         assert PAD not in vocab.encode(vocab.tokens)
         assert OOV not in vocab.encode(vocab.tokens)
-    arrays = encode_behavior(tiny_behavior, vocabs, max_len=6, context_fields=["device"])
+    arrays = encode_behavior(tiny_behavior, vocabs, history_len=6, context_fields=["device"])
     real = arrays.hist_items != PAD
     assert real.sum(axis=1).tolist() == [2, 0, 5, 1]  # the list lengths, so no id maps to PAD
 
@@ -83,7 +83,7 @@ def test_pad_is_reserved_for_padding(tiny_behavior: pd.DataFrame) -> None:
 
 def test_encode_layout_oldest_first_padded_at_end(tiny_behavior: pd.DataFrame) -> None:
     vocabs = fit_vocabularies(tiny_behavior, ["device"])
-    arrays = encode_behavior(tiny_behavior, vocabs, max_len=4, context_fields=["device"])
+    arrays = encode_behavior(tiny_behavior, vocabs, history_len=4, context_fields=["device"])
     item, cat = vocabs["item"].index, vocabs["category"].index
     assert arrays.hist_items.dtype == np.int64 and arrays.hist_items.shape == (4, 4)
     assert arrays.hist_items[0].tolist() == [item("i1"), item("i2"), PAD, PAD]
@@ -99,7 +99,7 @@ def test_encode_layout_oldest_first_padded_at_end(tiny_behavior: pd.DataFrame) -
 
 def test_truncation_keeps_the_last_max_len_items(tiny_behavior: pd.DataFrame) -> None:
     vocabs = fit_vocabularies(tiny_behavior, [])
-    arrays = encode_behavior(tiny_behavior, vocabs, max_len=3, context_fields=[])
+    arrays = encode_behavior(tiny_behavior, vocabs, history_len=3, context_fields=[])
     item, cat = vocabs["item"].index, vocabs["category"].index
     # Row 2's history is i4..i8 (categories c2 c2 c3 c1 c1): the 3 most recent stay, in order.
     assert arrays.hist_items[2].tolist() == [item("i6"), item("i7"), item("i8")]
@@ -140,9 +140,9 @@ def test_parquet_and_csv_give_identical_batches(
 # ------------------------------------------------------------------------- batching
 
 
-def _arrays(hists: list[list[str]], max_len: int = 6) -> BehaviorArrays:
+def _arrays(hists: list[list[str]], history_len: int = 6) -> BehaviorArrays:
     frame = _frame(hists)
-    return encode_behavior(frame, fit_vocabularies(frame, []), max_len, [])
+    return encode_behavior(frame, fit_vocabularies(frame, []), history_len, [])
 
 
 def test_trim_never_drops_a_real_history_item() -> None:

@@ -63,7 +63,7 @@ def test_positives_and_histories_follow_time_order() -> None:
         ["a1", "a2", "a3", "a4", "a5"],
     ]
     assert pos["hist_category_ids"].iloc[0] == ["c_a1", "c_a2", "c_a3", "c_a4"]
-    short = _positives(_all_train(events, min_hist=4, max_len=3))
+    short = _positives(_all_train(events, min_hist=4, history_len=3))
     assert short["hist_item_ids"].tolist() == [["a2", "a3", "a4"], ["a3", "a4", "a5"]]
     assert len(_positives(_all_train(events, min_hist=3))) == 3 + 1  # a4, a5, a6 and b4
 
@@ -104,7 +104,7 @@ def test_each_positive_is_followed_by_its_negative() -> None:
 
 def test_history_is_strictly_earlier_and_contiguous() -> None:
     events = _wide_log(20, 12, seed=2)
-    train, test = build_behavior_samples(events, min_hist=4, max_len=5, seed=0)
+    train, test = build_behavior_samples(events, min_hist=4, history_len=5, seed=0)
     user_times = events.groupby("user_id")["ts"].agg(sorted).to_dict()
     for frame in (train, test):
         for row in _positives(frame).itertuples():
@@ -174,7 +174,7 @@ def test_output_is_a_valid_behaviour_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"min_hist": 0}, {"max_len": 0}, {"split": "day"}, {"test_fraction": 1.5}]
+    "kwargs", [{"min_hist": 0}, {"history_len": 0}, {"split": "day"}, {"test_fraction": 1.5}]
 )
 def test_bad_arguments(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):

@@ -61,7 +61,7 @@ def test_every_model_exports_within_the_fp32_tolerance(
 
 def _reference_session(contract: dict[str, int], history: list[int], slate: list[int]) -> tuple:
     """A [1, S, K] session built by hand from the contract in docs/export.md."""
-    k, s = contract["max_slate_size"], contract["slates"]
+    k, s = contract["slate_size"], contract["slates"]
     items = torch.zeros(1, s, k, dtype=torch.long)
     chunks = [
         history[max(0, len(history) - (j + 1) * k) : len(history) - j * k]
@@ -122,7 +122,7 @@ def test_the_manifest_is_complete(data: tuple[Path, Path], tmp_path: Path) -> No
     assert manifest["vocabularies"]["item"]["size"] == len(run.vocabs["item"])
     assert {v["file"] for v in manifest["vocabularies"].values()} <= on_disk
     assert (manifest["name"], manifest["version"], manifest["model_type"]) == ("sarn", 1, "sarn")
-    assert manifest["kind"] == "behavior" and manifest["max_history"] == run.spec.max_len
+    assert manifest["kind"] == "behavior" and manifest["history_len"] == run.spec.history_len
     assert manifest["context_fields"] == ["device"]
     assert manifest["training_metrics"]["valid"] == {"auc": 0.5}
     assert manifest["session_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
@@ -179,7 +179,7 @@ def test_the_cli_exports_a_trained_run(data: tuple[Path, Path], tmp_path: Path) 
         data[0],
         data[0],
         run_dir,
-        train_config_for("din", epochs=1, max_len=8),
+        train_config_for("din", epochs=1, history_len=8),
         model_overrides={"embed_dim": 4, "attention_hidden": (8,), "mlp_hidden": (8,)},
         progress=False,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from export_support import MAX_LEN, make_run, write_data
+from export_support import HISTORY_LEN, make_run, write_data
 
 from exporters.pipeline import ExportOptions, export_run
 from models.data.batch import BehaviorBatch
@@ -59,7 +60,7 @@ def _rewrite_outputs(source: Path, target: Path, outputs: list[Any]) -> Path:
 
 
 def _requests() -> list[ScoringRequest]:
-    long_history = [(f"i{i}", f"c{i % 7}") for i in range(3 * MAX_LEN)]
+    long_history = [(f"i{i}", f"c{i % 7}") for i in range(3 * HISTORY_LEN)]
     return [
         ScoringRequest(
             "u1", [("i1", "c1"), ("i2", "c2")], [("i3", "c3"), ("i4", "c4")], {"device": "ios"}
@@ -92,7 +93,7 @@ def _training_encoder_scores(run_dir: Path, requests: list[ScoringRequest]) -> l
         for r in requests
         for item, cat in r.candidates
     ]
-    arrays = encode_behavior(pd.DataFrame(rows), run.vocabs, run.spec.max_len, ["device"])
+    arrays = encode_behavior(pd.DataFrame(rows), run.vocabs, run.spec.history_len, ["device"])
     batch = BehaviorBatch(
         *(
             torch.from_numpy(getattr(arrays, f))
@@ -113,7 +114,7 @@ def test_scores_match_the_training_pipeline(exported: tuple[Path, Path]) -> None
     assert [s.shape for s in scores] == [(2, 1), (1, 1), (3, 1), (0, 1)]
     for got, want in zip(scores, reference, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
-    assert model.kind == "behavior" and model.max_history == MAX_LEN
+    assert model.kind == "behavior" and model.history_len == HISTORY_LEN
     assert model.providers == ["CPUExecutionProvider"] and model.outputs == ["scores"]
     assert (model.name, model.version) == ("din", 1)
 
@@ -192,13 +193,13 @@ def test_encode_builds_the_ragged_layout(exported: tuple[Path, Path]) -> None:
     model = open_model(exported[0], providers=["CPUExecutionProvider"])
     feeds = model.encode(_requests())
     vocabs = model.vocabs
-    assert feeds["hist_items"].shape == (4, MAX_LEN)  # L = longest kept history
+    assert feeds["hist_items"].shape == (4, HISTORY_LEN)  # L = longest kept history
     assert feeds["cand_user_index"].tolist() == [0, 0, 1, 2, 2, 2]
     assert feeds["context"].shape == (4, 1)
-    # The long history keeps its LAST max_history items, oldest first.
-    kept = [vocabs["item"].index(f"i{i}") for i in range(2 * MAX_LEN, 3 * MAX_LEN)]
+    # The long history keeps its LAST history_len items, oldest first.
+    kept = [vocabs["item"].index(f"i{i}") for i in range(2 * HISTORY_LEN, 3 * HISTORY_LEN)]
     assert feeds["hist_items"][2].tolist() == kept
-    assert feeds["hist_items"][1].tolist() == [PAD] * MAX_LEN  # empty history: all padding
+    assert feeds["hist_items"][1].tolist() == [PAD] * HISTORY_LEN  # empty history: all padding
     assert (
         feeds["user"][2] == OOV and feeds["cand_items"][4] == OOV and feeds["cand_cats"][5] == OOV
     )
@@ -218,6 +219,34 @@ def test_truncated_or_altered_files_are_refused_before_onnx_runtime_reads_them(
         (copy / name).write_bytes(damage((copy / name).read_bytes()))
         with pytest.raises(ModelIntegrityError, match=message):
             open_model(copy, providers=["CPUExecutionProvider"])
+
+
+def test_a_version_exported_before_history_len_had_its_name_still_serves(
+    exported: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Manifest format 1 said `max_history` and the feature spec `max_len`: a repository
+    written then keeps serving, with the same scores."""
+    directory, _ = exported
+    old = tmp_path / "old"
+    shutil.copytree(directory, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["max_history"] = manifest.pop("history_len")
+    manifest["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    spec = json.loads((old / "feature_spec.json").read_text())
+    spec["max_len"] = spec.pop("history_len")
+    del spec["slate_size"]
+    (old / "feature_spec.json").write_text(json.dumps(spec))
+    manifest["files"]["feature_spec.json"] = {
+        "sha256": hashlib.sha256((old / "feature_spec.json").read_bytes()).hexdigest(),
+        "bytes": (old / "feature_spec.json").stat().st_size,
+    }
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    legacy, current = open_model(old), open_model(directory)
+    assert legacy.history_len == current.history_len == HISTORY_LEN
+    assert legacy.spec.history_len == HISTORY_LEN and legacy.spec.slate_size == 0
+    request = ScoringRequest("u1", [("i1", "c1")] * (HISTORY_LEN + 3), [("i2", "c2"), ("x", "y")])
+    np.testing.assert_array_equal(legacy.score([request])[0], current.score([request])[0])
 
 
 def test_a_missing_variant_is_a_clear_error(exported: tuple[Path, Path]) -> None:

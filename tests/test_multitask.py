@@ -179,7 +179,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def train(files: tuple[Path, Path], run_dir: Path, tasks: tuple[str, ...]) -> dict[str, Any]:
-    config = TrainConfig(epochs=3, batch_size=64, lr=1e-2, max_len=8, device="cpu")
+    config = TrainConfig(epochs=3, batch_size=64, lr=1e-2, history_len=8, device="cpu")
     overrides = {**TINY["gru"], "tasks": tasks}
     return train_run("gru", *files, run_dir, config, overrides, progress=False)
 
@@ -197,15 +197,15 @@ def test_the_conversion_baseline_trains_on_clicked_rows_only(
 ) -> None:
     frame = pd.read_parquet(files[0])
     clicked = int(frame["label"].sum())
-    _, task, _, _ = build_behavior_task(*files, TrainConfig(max_len=8), False, ("cvr",))
+    _, task, _, _ = build_behavior_task(*files, TrainConfig(history_len=8), False, ("cvr",))
     assert len(task.train) == clicked < 800
     assert (task.train.label == 1).all() and (task.valid.label == 1).all()
-    _, mt_task, _, _ = build_behavior_task(*files, TrainConfig(max_len=8), False, MULTI)
+    _, mt_task, _, _ = build_behavior_task(*files, TrainConfig(history_len=8), False, MULTI)
     assert len(mt_task.train) == 800  # the multi-task model sees every impression
     # Its vocabularies come from the clicked rows too: a user who never clicks is unknown.
     frame.loc[frame["label"] == 0, "user_id"] = "never-clicks"
     write_table(frame, tmp_path / "train.parquet")
-    config = TrainConfig(max_len=8)
+    config = TrainConfig(history_len=8)
     _, _, _, cvr_vocabs = build_behavior_task(
         tmp_path / "train.parquet", files[1], config, False, ("cvr",)
     )
@@ -223,7 +223,7 @@ def test_conversion_tasks_need_a_conversion_column(tmp_path: Path) -> None:
         build_behavior_task(
             tmp_path / "plain.parquet",
             tmp_path / "plain.parquet",
-            TrainConfig(max_len=8),
+            TrainConfig(history_len=8),
             False,
             MULTI,
         )
@@ -247,7 +247,7 @@ def test_a_validation_file_that_cannot_rank_epochs_is_refused(
     write_table(pd.read_parquet(files[1]).assign(**change), tmp_path / "one-class.parquet")
     with pytest.raises(DataError, match="both classes") as caught:
         build_behavior_task(
-            files[0], tmp_path / "one-class.parquet", TrainConfig(max_len=8), False, tasks
+            files[0], tmp_path / "one-class.parquet", TrainConfig(history_len=8), False, tasks
         )
     assert f"column '{column}'" in str(caught.value)
 

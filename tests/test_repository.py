@@ -20,7 +20,7 @@ from runtime.repository import (
     write_manifest,
 )
 
-BASE = {"name": "m", "kind": "behavior", "inputs": [], "outputs": [], "max_history": 5}
+BASE = {"name": "m", "kind": "behavior", "inputs": [], "outputs": [], "history_len": 5}
 
 
 def _writer(payload: bytes = b"onnx-bytes"):  # type: ignore[no-untyped-def]

@@ -37,25 +37,25 @@ def make_model(seed: int = 0, **overrides: Any) -> SARN:
     return SARN(SIZES, dataclasses.replace(TINY, **overrides))
 
 
-def make_batch(lengths: list[int], max_len: int, seed: int = 0) -> BehaviorBatch:
+def make_batch(lengths: list[int], history_len: int, seed: int = 0) -> BehaviorBatch:
     """Random rows whose history has the given real lengths, PAD (0) at the end."""
     g = torch.Generator().manual_seed(seed)
     b = len(lengths)
-    real = torch.arange(max_len)[None, :] < torch.tensor(lengths)[:, None]  # [B, L]
+    real = torch.arange(history_len)[None, :] < torch.tensor(lengths)[:, None]  # [B, L]
 
     def ids(high: int, *shape: int) -> torch.Tensor:
         return torch.randint(2, high, shape, generator=g)
 
     return BehaviorBatch(
         user=ids(10, b),
-        hist_items=ids(N_ITEMS, b, max_len) * real,
-        hist_cats=ids(N_CATS, b, max_len) * real,
+        hist_items=ids(N_ITEMS, b, history_len) * real,
+        hist_cats=ids(N_CATS, b, history_len) * real,
         items=ids(N_ITEMS, b),
         cats=ids(N_CATS, b),
         context=ids(4, b, 1),
         label=torch.randint(0, 2, (b,), generator=g).float(),
-        neg_hist_items=ids(N_ITEMS, b, max_len) * real,
-        neg_hist_cats=ids(N_CATS, b, max_len) * real,
+        neg_hist_items=ids(N_ITEMS, b, history_len) * real,
+        neg_hist_cats=ids(N_CATS, b, history_len) * real,
     )
 
 
@@ -103,7 +103,7 @@ def perm_for(seed: int, length: int) -> torch.Tensor:
     return torch.randperm(length)
 
 
-MIXED = [6, 3, 0, 6, 1, 5, 0, 2]  # full rows, padded rows, empty histories; max_len 6
+MIXED = [6, 3, 0, 6, 1, 5, 0, 2]  # full rows, padded rows, empty histories; history_len 6
 CONFIGS = {"tiny": TINY, "paper": SARNConfig()}  # paper dims: D = 36, H = 36, MLP_reg 10
 
 
@@ -111,7 +111,7 @@ CONFIGS = {"tiny": TINY, "paper": SARNConfig()}  # paper dims: D = 36, H = 36, M
 @pytest.mark.parametrize("duplicates", [False, True])
 def test_training_outputs_equal_the_literal_formulas(config: SARNConfig, duplicates: bool) -> None:
     model = randomized(SARN(SIZES, config), seed=0).train()
-    batch = make_batch(MIXED, max_len=6, seed=4)
+    batch = make_batch(MIXED, history_len=6, seed=4)
     batch = with_duplicates(batch) if duplicates else batch
     expected = literal_sarn(model, batch, perm_for(9, 6))
     torch.manual_seed(9)
@@ -129,7 +129,7 @@ def test_gradients_equal_those_of_the_literal_formulas(
     """The custom backward passes (sarn_ops) give autograd's gradients of the literal model,
     also where duplicate history items tie cells of the max-pooling."""
     model = randomized(SARN(SIZES, config), seed=1).train()
-    batch = make_batch(MIXED, max_len=6, seed=5)
+    batch = make_batch(MIXED, history_len=6, seed=5)
     batch = with_duplicates(batch) if duplicates else batch
 
     def grads(loss: torch.Tensor) -> list[torch.Tensor]:
@@ -149,11 +149,11 @@ def test_eval_scores_equal_the_literal_formulas(config: SARNConfig) -> None:
     """Pairwise forward, the slate layout (eager: gathered state) and the expanded serving
     formulation that the ONNX export uses, against the literal model, in eval mode."""
     model = randomized(SARN(SIZES, config), seed=2)
-    batch = with_duplicates(make_batch(MIXED, max_len=6, seed=6))
+    batch = with_duplicates(make_batch(MIXED, history_len=6, seed=6))
     model.train()
     model(batch)  # move Dice's running statistics off their initial values
     model.eval()
-    users = make_batch([6, 0, 2, 4], max_len=6, seed=8)
+    users = make_batch([6, 0, 2, 4], history_len=6, seed=8)
     index = torch.tensor([0, 0, 2, 1, 2, 2, 0, 3])  # ragged: 3, 1, 3 and 1 candidates
     g = torch.Generator().manual_seed(3)
     cand_items = torch.randint(2, N_ITEMS, (8,), generator=g)
@@ -183,12 +183,12 @@ def test_onnx_export_matches_torch_with_dynamic_shapes(tmp_path: Path) -> None:
             return torch.sigmoid(self.model.forward_slates(*inputs)[:, 0])
 
     model = randomized(make_model(), seed=4).train()
-    model(make_batch(MIXED, max_len=6))  # non-trivial Dice running statistics
+    model(make_batch(MIXED, history_len=6))  # non-trivial Dice running statistics
     graph = Graph(model).eval()  # the exporter restores the wrapper's mode, recursively
     names = ["user", "hist_items", "hist_cats", "context", "cand_items", "cand_cats", "index"]
 
-    def inputs(lengths: list[int], max_len: int, index: list[int], seed: int) -> tuple:
-        users = make_batch(lengths, max_len=max_len, seed=seed)
+    def inputs(lengths: list[int], history_len: int, index: list[int], seed: int) -> tuple:
+        users = make_batch(lengths, history_len=history_len, seed=seed)
         g = torch.Generator().manual_seed(seed)
         n = len(index)
         cand_items = torch.randint(2, N_ITEMS, (n,), generator=g)
@@ -221,14 +221,16 @@ def test_onnx_export_matches_torch_with_dynamic_shapes(tmp_path: Path) -> None:
         ([5], 5, [0] * 12, 2),  # one user, one full history, many candidates
         ([0], 1, [0], 3),  # an empty history, L = 1, one candidate
     ]
-    for lengths, max_len, index, seed in cases:
-        feed = inputs(lengths, max_len, index, seed)
+    for lengths, history_len, index, seed in cases:
+        feed = inputs(lengths, history_len, index, seed)
         arrays = {k: v.numpy() for k, v in zip(names, feed, strict=True) if k in declared}
         (onnx_scores,) = session.run(None, arrays)
-        users = make_batch(lengths, max_len=max_len, seed=seed)
+        users = make_batch(lengths, history_len=history_len, seed=seed)
         rows = dataclasses.replace(select_rows(users, feed[-1]), items=feed[4], cats=feed[5])
         with torch.no_grad():
-            expected = torch.sigmoid(literal_sarn(model, rows, torch.arange(max_len)).logits[:, 0])
+            expected = torch.sigmoid(
+                literal_sarn(model, rows, torch.arange(history_len)).logits[:, 0]
+            )
             eager = graph(*feed)
         assert onnx_scores.shape == (len(index),)
         assert np.abs(onnx_scores - expected.numpy()).max() <= 1e-5
@@ -259,7 +261,7 @@ def test_custom_backward_passes_pass_gradcheck(op: str) -> None:
 
 def test_output_shape_finite_and_probability_range() -> None:
     model = make_model()
-    batch = make_batch([5, 3, 0, 1, 5, 2], max_len=5)
+    batch = make_batch([5, 3, 0, 1, 5, 2], history_len=5)
     for training in (True, False):
         model.train(training)
         logits = model(batch)
@@ -299,7 +301,7 @@ def test_relation_matches_formula() -> None:
 def test_appending_padding_changes_no_score() -> None:
     """Includes full rows (no padding) and an empty row; eval mode."""
     model = make_model().eval()
-    batch = make_batch([5, 5, 5, 5, 2, 0, 1], max_len=5, seed=3)
+    batch = make_batch([5, 5, 5, 5, 2, 0, 1], history_len=5, seed=3)
     pad = (0, 3)
     longer = dataclasses.replace(
         batch,
@@ -317,7 +319,7 @@ def test_score_invariant_to_history_permutation(positional: bool) -> None:
     it is not part of the score, so the invariance holds either way."""
     model = make_model(positional_loss=positional).eval()
     lengths = [5, 4, 3, 1]
-    batch = make_batch(lengths, max_len=6, seed=5)
+    batch = make_batch(lengths, history_len=6, seed=5)
     items, cats = batch.hist_items.clone(), batch.hist_cats.clone()
     g = torch.Generator().manual_seed(1)
     for row, n in enumerate(lengths):
@@ -331,7 +333,7 @@ def test_score_invariant_to_history_permutation(positional: bool) -> None:
 
 def test_every_parameter_gets_a_gradient() -> None:
     model = make_model().train()
-    batch = make_batch([5, 3, 0, 4, 1, 5, 2, 5], max_len=5)
+    batch = make_batch([5, 3, 0, 4, 1, 5, 2, 5], history_len=5)
     out = model.forward_train(batch)
     assert set(out.aux_losses) == {"positional", "auxiliary"}
     loss, _ = total_loss(model, batch)
@@ -349,7 +351,7 @@ def test_positional_loss_matches_hand_computed_value() -> None:
     assert model.positional is not None
     for p in model.positional.parameters():
         torch.nn.init.zeros_(p)
-    batch = make_batch([4, 0], max_len=4)
+    batch = make_batch([4, 0], history_len=4)
     loss = model.forward_train(batch).aux_losses["positional"]
     assert loss.item() == pytest.approx(5.0 / 32.0)
 
@@ -358,7 +360,7 @@ def test_training_lowers_the_loss() -> None:
     """Label = target category appears in the history: learnable from the relations."""
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(1, 7, (64,), generator=g).tolist()
-    batch = make_batch(lengths, max_len=6, seed=11)
+    batch = make_batch(lengths, history_len=6, seed=11)
     label = (batch.hist_cats == batch.cats[:, None]).any(dim=1).float()
     batch = dataclasses.replace(batch, label=label)
     assert 0.2 < label.mean() < 0.8
@@ -377,7 +379,7 @@ def test_training_lowers_the_loss() -> None:
 
 def test_forward_slates_matches_pairwise_rows() -> None:
     model = make_model().eval()
-    users = make_batch([4, 0, 2], max_len=4, seed=7)
+    users = make_batch([4, 0, 2], history_len=4, seed=7)
     g = torch.Generator().manual_seed(3)
     index = torch.tensor([0, 0, 2, 1, 2, 2, 0])  # ragged: 3, 1 and 3 candidates
     cand_items = torch.randint(2, N_ITEMS, (7,), generator=g)
@@ -400,7 +402,7 @@ def test_forward_slates_matches_pairwise_rows() -> None:
 
 def test_eval_score_does_not_depend_on_other_rows() -> None:
     model = make_model()
-    batch = make_batch([5, 3, 0, 4, 1, 5], max_len=5)
+    batch = make_batch([5, 3, 0, 4, 1, 5], history_len=5)
     model.train()
     for _ in range(3):  # move Dice's running statistics away from their initial values
         model(batch)
@@ -415,7 +417,7 @@ def test_eval_score_does_not_depend_on_other_rows() -> None:
 
 def test_empty_histories_are_finite_in_train_and_eval() -> None:
     model = make_model().train()
-    batch = make_batch([0, 0, 0], max_len=4)
+    batch = make_batch([0, 0, 0], history_len=4)
     out = model.forward_train(batch)
     assert torch.isfinite(out.logits).all()
     assert all(torch.isfinite(v) for v in out.aux_losses.values())
@@ -426,7 +428,7 @@ def test_empty_histories_are_finite_in_train_and_eval() -> None:
 
 
 def test_auxiliary_losses_can_be_switched_off() -> None:
-    batch = make_batch([3, 2], max_len=3)
+    batch = make_batch([3, 2], history_len=3)
     off = make_model(positional_loss=False, auxiliary_loss=False).train()
     assert off.forward_train(batch).aux_losses == {}
     assert not any(n.startswith(("positional", "auxiliary")) for n, _ in off.named_parameters())
@@ -440,5 +442,5 @@ def test_no_context_fields() -> None:
     sizes = {k: v for k, v in SIZES.items() if not k.startswith("context_")}
     torch.manual_seed(0)
     model = SARN(sizes, TINY).eval()
-    batch = dataclasses.replace(make_batch([3, 0], max_len=3), context=torch.zeros(2, 0).long())
+    batch = dataclasses.replace(make_batch([3, 0], history_len=3), context=torch.zeros(2, 0).long())
     assert torch.isfinite(model(batch)).all()

@@ -31,7 +31,7 @@ def client(redis_server: RedisServer, tmp_path: Path) -> Iterator[TestClient]:
         ingest_api_keys=[INGEST, "ingest-key-2"],  # type: ignore[list-item]
         admin_api_keys=[ADMIN],  # type: ignore[list-item]
         max_candidates=50,
-        max_history=20,
+        max_inline_history=20,
         max_events=5,
         max_body_bytes=4096,
     )

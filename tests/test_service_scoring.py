@@ -7,13 +7,16 @@ The reference for every score is the torch-free loader (`runtime.loader.open_mod
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from service_support import (
     CANDIDATES,
     HISTORY,
@@ -29,6 +32,7 @@ from service_support import (
 
 from runtime.loader import LoadedModel
 from runtime.repository import latest_version, model_dir
+from service.settings import Settings
 from service.store.embedded_redis import RedisServer
 
 __all__ = ["make_app", "reference"]  # fixtures used by the tests below
@@ -47,7 +51,7 @@ def test_stored_and_inline_history_score_exactly_like_the_loader(
             inline = (await client.post("/v1/score", json=inline_body)).json()
             fresh = (await client.post("/v1/score", json=score_body(user="new-user"))).json()
         sarn = reference("sarn")
-        assert sarn.max_history < len(HISTORY)  # truncation to the newest items is exercised
+        assert sarn.history_len < len(HISTORY)  # truncation to the newest items is exercised
         assert stored["scores"] == expected_scores(sarn, HISTORY, CANDIDATES)
         assert inline["scores"] == stored["scores"]
         assert fresh["scores"] == expected_scores(sarn, [], CANDIDATES, "new-user")
@@ -175,3 +179,39 @@ def test_a_corrupt_model_is_refused_and_the_others_serve(
         assert alive.status_code == 200
 
     run(scenario())
+
+
+def test_a_history_cap_below_what_a_model_reads_is_warned_about_at_load(
+    make_app: AppFactory, reference: Callable[[str], LoadedModel], caplog: pytest.LogCaptureFixture
+) -> None:
+    sarn = reference("sarn")
+    cap = sarn.history_len - 1
+
+    async def scenario() -> None:
+        async with running(make_app(history_cap=cap)) as client:
+            assert (await client.get("/readyz")).status_code == 200
+
+    with caplog.at_level(logging.WARNING, logger="service.engine"):
+        run(scenario())
+    warned = [r.getMessage() for r in caplog.records if "CTR_HISTORY_CAP" in r.getMessage()]
+    assert any(f"sarn v{sarn.version} reads {sarn.history_len}" in w for w in warned), warned
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="service.engine"):
+        run(_serve_once(make_app(history_cap=200)))
+    assert not [r for r in caplog.records if "CTR_HISTORY_CAP" in r.getMessage()]
+
+
+async def _serve_once(app: Any) -> None:
+    async with running(app) as client:
+        await client.get("/readyz")
+
+
+def test_the_renamed_inline_history_limit_refuses_its_old_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CTR_MAX_HISTORY", "50")
+    with pytest.raises(ValueError, match="CTR_MAX_HISTORY was renamed CTR_MAX_INLINE_HISTORY"):
+        Settings()
+    monkeypatch.delenv("CTR_MAX_HISTORY")
+    monkeypatch.setenv("CTR_MAX_INLINE_HISTORY", "7")
+    assert Settings().max_inline_history == 7

@@ -132,7 +132,7 @@ def test_divergence_stream_and_untouched_primary_answers(
     # Hand-computed divergence. References: the torch-free loader of each version, on the
     # stored history (v1 keeps its newest 10 items, v2 its newest 14: the shadow must get them).
     v1, v2 = (open_model(model_dir(ab_repo, "sarn", v)) for v in (1, 2))
-    assert (v1.max_history, v2.max_history) == (10, 14)
+    assert (v1.history_len, v2.history_len) == (10, 14)
     request = ScoringRequest("div", HISTORY, CANDIDATES)
     primary = [float(s) for s in v1.score([request])[0][:, 0]]
     shadow = [float(s) for s in v2.score([request])[0][:, 0]]
@@ -270,7 +270,7 @@ def mt_repo(service_model_repo: Path, tmp_path_factory: pytest.TempPathFactory) 
     root = tmp_path_factory.mktemp("mt-shadow")
     shutil.copytree(service_model_repo, root / "repo")
     world = service_model_repo.parent / "world" / "behavior"
-    config = train_config_for("gru", epochs=1, batch_size=64, max_len=10, device="cpu", seed=1)
+    config = train_config_for("gru", epochs=1, batch_size=64, history_len=10, device="cpu", seed=1)
     tiny = {"embed_dim": 4, "context_dim": 4, "mlp_hidden": (8,), "tasks": ("ctr", "cvr")}
     train_run(
         "gru",

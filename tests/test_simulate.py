@@ -29,7 +29,7 @@ SMALL = SimulationConfig(
     n_categories=12,
     seed=3,
     events_per_user=20,
-    max_history=12,
+    history_len=12,
     sessions_per_user=2,
     slates_per_session=5,
     slate_size=6,
@@ -123,7 +123,7 @@ def test_files_load_with_the_schema_loaders(world: Path) -> None:
         ]
         assert set(df["label"]) == {0, 1} and set(df["conversion"]) == {0, 1}
         lengths = df["hist_item_ids"].map(len)
-        assert lengths.min() >= SMALL.min_history and lengths.max() == SMALL.max_history
+        assert lengths.min() >= SMALL.min_history and lengths.max() == SMALL.history_len
         assert df["user_id"].str.match(r"^u\d+$").all() and df["item_id"].str.match(r"^i\d+$").all()
         assert df["category_id"].str.match(r"^c\d+$").all()
     slates = frames["slates/train"]
@@ -183,8 +183,8 @@ def test_events_are_the_clicks_in_time_order(world: Path) -> None:
     for row in raw.sample(400, random_state=0).itertuples():
         user_events = by_user[row.user_id]
         before = user_events[user_events["ts"] < row.ts]
-        # The history is the last max_history clicks before the impression, oldest first.
-        assert list(row.hist_item_ids) == list(before["item_id"].iloc[-SMALL.max_history :])
+        # The history is the last history_len clicks before the impression, oldest first.
+        assert list(row.hist_item_ids) == list(before["item_id"].iloc[-SMALL.history_len :])
         clicked_now = user_events[user_events["ts"] == row.ts]
         assert len(clicked_now) == row.label
         if row.label:
@@ -272,7 +272,7 @@ def _naive_history_logit(
 @pytest.mark.parametrize("n_clicks", [0, 1, 5, 12, 31])  # 12 fills the ring, 31 wraps it
 def test_history_truth_matches_a_naive_implementation(n_clicks: int) -> None:
     config = replace(SMALL, n_styles=3)
-    size = config.max_history
+    size = config.history_len
     rng = np.random.default_rng(n_clicks)
     world = build_world(config, rng)
     clicked = rng.integers(0, config.n_items, n_clicks)

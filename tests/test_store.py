@@ -45,7 +45,7 @@ def test_history_is_oldest_first_and_recent_reads_the_newest(redis_server: Redis
         history = await store.history("u1")
         assert [h.item_id for h in history] == ["i0", "i1", "i2"]
         assert [h.ts for h in history] == [1000.0, 1001.0, 1002.0]
-        recent = await store.recent(["u1", "nobody"], max_len=2)
+        recent = await store.recent(["u1", "nobody"], limit=2)
         assert [h.item_id for h in recent["u1"]] == ["i1", "i2"]
         assert recent["nobody"] == []
         await store.close()
@@ -146,7 +146,7 @@ def test_store_works_on_a_redis_cluster(tmp_path: Path) -> None:
             store = BehaviorStore.from_url(server.url, config, cluster=True)
             result = await store.ingest(_events("a", 2) + _events("b", 2) + _events("a", 1))
             assert (result.accepted, result.duplicates) == (4, 1)
-            recent = await store.recent(["a", "b", "c"], max_len=5)
+            recent = await store.recent(["a", "b", "c"], limit=5)
             assert [h.item_id for h in recent["a"]] == ["i0", "i1"]
             assert [h.item_id for h in recent["b"]] == ["i0", "i1"]
             await store.erase("a")

@@ -143,7 +143,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def tiny_run(files: tuple[Path, Path], run_dir: Path, seed: int = 0) -> dict[str, Any]:
-    config = TrainConfig(epochs=2, batch_size=64, lr=1e-2, max_len=8, seed=seed, device="cpu")
+    config = TrainConfig(epochs=2, batch_size=64, lr=1e-2, history_len=8, seed=seed, device="cpu")
     return train_run("din", *files, run_dir, config, TINY_DIN, progress=False)
 
 
@@ -160,9 +160,9 @@ def test_a_run_learns_and_writes_a_complete_run_directory(trained: Path) -> None
     assert metrics["valid"]["auc"] > 0.6  # the rule is learnable; chance is 0.5
     assert metrics["valid"]["n"] == 300
     config = json.loads((trained / "config.json").read_text())
-    assert config["model_config"]["embed_dim"] == 4 and config["train_config"]["max_len"] == 8
+    assert config["model_config"]["embed_dim"] == 4 and config["train_config"]["history_len"] == 8
     spec, vocabs = FeatureSpec.load(trained)
-    assert spec.context_fields and spec.max_len == 8
+    assert spec.context_fields and spec.history_len == 8
     assert "i5" in vocabs["item"] and "c3" in vocabs["category"]
     log = (trained / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in log] == [1, 2]
@@ -198,7 +198,7 @@ def test_evaluate_on_the_validation_file_reproduces_the_logged_metrics(
 def test_every_behaviour_model_trains_saves_and_evaluates(
     name: str, files: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    config = TrainConfig(epochs=1, batch_size=128, max_len=8, device="cpu")
+    config = TrainConfig(epochs=1, batch_size=128, history_len=8, device="cpu")
     metrics = train_run(name, *files, tmp_path, config, progress=False)
     record = metrics["epochs"][0]
     assert np.isfinite(record["train_loss"]) and 0 < metrics["valid"]["auc"] < 1
@@ -227,7 +227,7 @@ def saved_din(run_dir: Path) -> tuple[DIN, BehaviorBatch]:
         model_config=config,
         train_config=TrainConfig(),
         sizes=vocab_sizes(vocabs),
-        spec=FeatureSpec(max_len=5, context_fields=["device"]),
+        spec=FeatureSpec(history_len=5, context_fields=["device"]),
         vocabs=vocabs,
         metrics={"valid": {"auc": 0.5}},
     )

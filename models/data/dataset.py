@@ -4,7 +4,7 @@ The flow is `load_behavior` (models.data.schema) -> `fit_vocabularies` on the tr
 `encode_behavior` for every split -> `iterate_batches`, optionally with a `NegativeSampler` for
 the auxiliary losses that need one negative item per history slot (DIEN/SARN).
 
-Histories are oldest first, truncated to their LAST `max_len` items and padded with PAD (0) at
+Histories are oldest first, truncated to their LAST `history_len` items and padded with PAD (0) at
 the end, so a row's real length is `(hist_items != PAD).sum()`. `context_fields` are the field
 names without the `context_` prefix: field `device` is column `context_device` and vocabulary
 `context_device`.
@@ -67,19 +67,19 @@ class BehaviorArrays:
 
 
 def encode_behavior(
-    df: pd.DataFrame, vocabs: dict[str, Vocabulary], max_len: int, context_fields: Sequence[str]
+    df: pd.DataFrame, vocabs: dict[str, Vocabulary], history_len: int, context_fields: Sequence[str]
 ) -> BehaviorArrays:
     """Maps a loaded behaviour frame to indices with trained vocabularies (unknown -> OOV)."""
-    if max_len < 1:
-        raise ValueError(f"max_len must be at least 1, got {max_len}")
+    if history_len < 1:
+        raise ValueError(f"history_len must be at least 1, got {history_len}")
     context = [
         _encode(vocabs[col], df[col])
         for col in (_context_column(df, name) for name in context_fields)
     ]
     return BehaviorArrays(
         user=_encode(vocabs["user"], df["user_id"]),
-        hist_items=_encode_histories(df["hist_item_ids"], vocabs["item"], max_len),
-        hist_cats=_encode_histories(df["hist_category_ids"], vocabs["category"], max_len),
+        hist_items=_encode_histories(df["hist_item_ids"], vocabs["item"], history_len),
+        hist_cats=_encode_histories(df["hist_category_ids"], vocabs["category"], history_len),
         items=_encode(vocabs["item"], df["item_id"]),
         cats=_encode(vocabs["category"], df["category_id"]),
         context=np.stack(context, axis=1) if context else np.zeros((len(df), 0), np.int64),
@@ -172,16 +172,16 @@ def _make_batch(rows: BehaviorArrays, sampler: NegativeSampler | None, trim: boo
     )
 
 
-def _encode_histories(lists: pd.Series, vocab: Vocabulary, max_len: int) -> np.ndarray:
-    """Lists of ids (oldest first) -> [n, max_len] int64 keeping the last max_len, PAD at end."""
+def _encode_histories(lists: pd.Series, vocab: Vocabulary, history_len: int) -> np.ndarray:
+    """Lists of ids (oldest first) -> [n, history_len] int64 keeping the last history_len, PAD at end."""
     lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
     codes = _encode(vocab, _flat(lists))
     rows = np.repeat(np.arange(len(lengths)), lengths)
     starts = np.cumsum(lengths) - lengths
     position = np.arange(codes.size) - starts[rows]  # index inside its own list
-    slot = position - np.maximum(lengths - max_len, 0)[rows]  # shift drops the oldest items
+    slot = position - np.maximum(lengths - history_len, 0)[rows]  # shift drops the oldest items
     keep = slot >= 0
-    out = np.full((len(lengths), max_len), PAD, dtype=np.int64)
+    out = np.full((len(lengths), history_len), PAD, dtype=np.int64)
     out[rows[keep], slot[keep]] = codes[keep]
     return out
 

@@ -2,7 +2,7 @@
 
 MODELS.md §1.4. Per user, events are sorted by time (stable, so ties keep log order). Each event
 with at least `min_hist` earlier events of that user is a positive sample whose history is the
-previous (at most) `max_len` items and their categories, oldest first. Each positive gets one
+previous (at most) `history_len` items and their categories, oldest first. Each positive gets one
 negative: the same user, history and split, with the target replaced by an item the user never
 interacted with anywhere in the log.
 
@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from runtime.features import DEFAULT_HISTORY_LEN
 
 _REQUIRED = ("user_id", "item_id", "category_id", "ts")
 _MAX_ROUNDS = 64  # rejection rounds before the exact per-user fallback
@@ -54,14 +55,14 @@ class _Log:
 def build_behavior_samples(
     events: pd.DataFrame,
     *,
-    max_len: int = 50,
+    history_len: int = DEFAULT_HISTORY_LEN,
     min_hist: int = 4,
     split: Literal["user", "time"] = "user",
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """-> (train, test) frames in the behaviour schema, positive then negative row per target."""
-    _check_arguments(events, max_len, min_hist, split, test_fraction)
+    _check_arguments(events, history_len, min_hist, split, test_fraction)
     log = _sort_log(events)
     first = log.first_of_user
     targets = np.flatnonzero(np.arange(len(log.user)) - first >= min_hist)  # [m] event indices
@@ -73,22 +74,22 @@ def build_behavior_samples(
         is_test = _test_users(log.user[targets], test_fraction, rng_split)
     else:
         is_test = log.ts[targets] > _time_cut(log.ts, test_fraction)
-    frame = _samples_frame(log, targets, negatives, np.maximum(first[targets], targets - max_len))
+    frame = _samples_frame(log, targets, negatives, np.maximum(first[targets], targets - history_len))
     is_test_rows = np.repeat(is_test, 2)
     train = frame[~is_test_rows].reset_index(drop=True)
     return train, frame[is_test_rows].reset_index(drop=True)
 
 
 def _check_arguments(
-    events: pd.DataFrame, max_len: int, min_hist: int, split: str, test_fraction: float
+    events: pd.DataFrame, history_len: int, min_hist: int, split: str, test_fraction: float
 ) -> None:
     missing = [c for c in _REQUIRED if c not in events.columns]
     if missing:
         raise ValueError(f"event log lacks column(s) {missing}")
     if len(events) == 0:
         raise ValueError("event log has no rows")
-    if max_len < 1 or min_hist < 1:
-        raise ValueError(f"max_len and min_hist must be >= 1, got {max_len} and {min_hist}")
+    if history_len < 1 or min_hist < 1:
+        raise ValueError(f"history_len and min_hist must be >= 1, got {history_len} and {min_hist}")
     if split not in ("user", "time"):
         raise ValueError(f"split must be 'user' or 'time', got {split!r}")
     if not 0.0 <= test_fraction <= 1.0:

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.run is not None and args.data is not None:
         run = load_run(args.run)
         assert isinstance(run.model, SlateModel), f"{run.name} is not a slate model"
-        sessions = encode_sessions(load_slates(args.data), run.vocabs, run.spec.max_len)
+        sessions = encode_sessions(load_slates(args.data), run.vocabs, run.spec.slate_size)
         batches = list(iter_batches(sessions, 512, evaluation=True))
         print(json.dumps({"model": run.name, **diagnose(run.model, batches, args.samples)}))
 

@@ -10,8 +10,8 @@
   stores it in the model's `click_threshold` buffer, so the selected epoch's checkpoint carries
   its own threshold and `ctr evaluate` needs no training data.
 * [proposal] K (the static slate width) is the longest training slate; longer slates are cut
-  to K. It is saved as the feature spec's `max_len` (the models read K from their inputs, so
-  their configs do not repeat it; an export pads slates to `max_len`).
+  to K. It is saved as the feature spec's `slate_size` (the models read K from their inputs, so
+  their configs do not repeat it; an export pads slates to `slate_size`).
 """
 
 from __future__ import annotations
@@ -97,13 +97,13 @@ def build_slate_task(
         eval_batch_size=config.eval_batch_size,
         seed=config.seed,
     )
-    return vocab_sizes(vocabs), task, FeatureSpec(max_len=max_slate), vocabs
+    return vocab_sizes(vocabs), task, FeatureSpec(slate_size=max_slate), vocabs
 
 
 def evaluate_slate_run(run: LoadedRun, data_path: Path) -> dict[str, float]:
     """`ctr evaluate` for a slate run: the last-20% protocol on `data_path`, slates cut to the
     run's K, F1 and accuracy at the run's own training-fitted threshold."""
-    sessions = encode_sessions(load_slates(data_path), run.vocabs, run.spec.max_len)
+    sessions = encode_sessions(load_slates(data_path), run.vocabs, run.spec.slate_size)
     batch_size = int(run.config["train_config"].get("eval_batch_size", TrainConfig.eval_batch_size))
     return evaluate_slates(run.model, iter_batches(sessions, batch_size, evaluation=True))
 

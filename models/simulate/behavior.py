@@ -9,7 +9,7 @@ than `max_impressions_per_user` impressions) goes through:
    unrelated interests (the situation the SARN paper argues for).
 2. **Exposure** (the logging policy, not the truth): with probability `exposure_interest` a
    random item of the category nearest to the active interest, with `exposure_history` a random
-   item of the category of one of the last `max_history` clicks, with `exposure_popular` an
+   item of the category of one of the last `history_len` clicks, with `exposure_popular` an
    item drawn by popularity, otherwise a uniformly random item.
 3. **Click**, label ~ Bernoulli(p) with the TRUE probability p = σ(ℓ),
 
@@ -18,7 +18,7 @@ than `max_impressions_per_user` impressions) goes through:
                     + attention_weight · Σ_j a_j s_j                     (attention)
                     + pair_strength    · asinh(Σ_{j<l} x_j x_l r_jl)     (pairs)
 
-   where h = the user's last `max_history` clicks (exactly the sample's history), j runs over
+   where h = the user's last `history_len` clicks (exactly the sample's history), j runs over
    them, v are unit content vectors and y styles (`models.simulate.world`), and
    * s_j = cos(v_{h_j}, v_i) is the target similarity and age_j the number of clicks since
      h_j (0 for the latest);
@@ -228,7 +228,7 @@ def conversion_logit(
 
 
 def _initial_state(world: World, config: SimulationConfig, rng: np.random.Generator) -> _State:
-    u, size, e = config.n_users, config.max_history, config.events_per_user
+    u, size, e = config.n_users, config.history_len, config.events_per_user
     return _State(
         interests=world.interests.copy(),
         active=_draw_interest(world.weights, rng),
@@ -318,7 +318,7 @@ def _expose(
     """The logging policy's item for each user (see step 2 of the module docstring)."""
     a = len(users)
     n = st.n_clicks[users]
-    window = np.minimum(n, config.max_history)
+    window = np.minimum(n, config.history_len)
     back = np.floor(rng.random(a) * np.maximum(window, 1)).astype(np.int64)
     past = st.clicks[users, np.maximum(n - 1 - back, 0)]  # [A], -1 when there is no click
     interest_cat = world.nearest_categories(active_vec)
@@ -342,7 +342,7 @@ def _append_clicks(
     ts: np.ndarray,
 ) -> None:
     """Puts each click in its ring slot and refreshes that slot's row/column of relations."""
-    size = config.max_history
+    size = config.history_len
     n = st.n_clicks[users]
     slot = n % size
     style = world.item_style[item]  # [C]

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.features import DEFAULT_HISTORY_LEN
+
 
 @dataclass
 class SimulationConfig:
@@ -50,7 +52,7 @@ class SimulationConfig:
     # --- behaviour stream ------------------------------------------------------------------
     events_per_user: int = 50  # clicks per user (rows of events.parquet per user)
     max_impressions_per_user: int = 400  # stops a user with a very low CTR
-    max_history: int = 50  # history length in the samples (the last clicks) and in the truth
+    history_len: int = DEFAULT_HISTORY_LEN  # history in the samples (last clicks) and the truth
     min_history: int = 1  # samples with fewer earlier clicks are not written
     exposure_interest: float = 0.45  # P(shown item is from the active interest's category)
     exposure_history: float = 0.15  # P(shown item shares the category of a past click)
@@ -105,7 +107,7 @@ class SimulationConfig:
             "n_styles",
             "interests_per_user",
             "events_per_user",
-            "max_history",
+            "history_len",
             "slate_size",
             "sessions_per_user",
             "slates_per_session",

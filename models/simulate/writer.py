@@ -71,7 +71,7 @@ def _behavior_table(
     log: BehaviorLog, world: World, names: Names, rows: np.ndarray, config: SimulationConfig
 ) -> pa.Table:
     user, item, n = log.user[rows], log.item[rows], log.n_hist[rows]
-    length = np.minimum(n, config.max_history)  # the last min(n, L) clicks, oldest first
+    length = np.minimum(n, config.history_len)  # the last min(n, L) clicks, oldest first
     starts = np.repeat(n - length, length)
     within = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
     hist = log.clicks[np.repeat(user, length), starts + within]  # [sum(length)]

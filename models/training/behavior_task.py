@@ -146,7 +146,7 @@ def load_arrays(
         if CONTEXT_PREFIX + name not in frame.columns:
             message = f"the model was trained with context field {name!r}; the file has no column"
             raise DataError(path, message, column=CONTEXT_PREFIX + name)
-    return encode_behavior(frame, vocabs, spec.max_len, spec.context_fields)
+    return encode_behavior(frame, vocabs, spec.history_len, spec.context_fields)
 
 
 def task_rows(frame: pd.DataFrame, tasks: Sequence[str], path: Path) -> pd.DataFrame:
@@ -190,8 +190,8 @@ def build_behavior_task(
     train_frame = task_rows(load_behavior(train_path), tasks, train_path)
     fields = context_fields_of(train_frame)
     vocabs = fit_vocabularies(train_frame, fields)
-    spec = FeatureSpec(max_len=config.max_len, context_fields=fields)
-    train = encode_behavior(train_frame, vocabs, config.max_len, fields)
+    spec = FeatureSpec(history_len=config.history_len, context_fields=fields)
+    train = encode_behavior(train_frame, vocabs, config.history_len, fields)
     valid = load_arrays(valid_path, spec, vocabs, tasks)
     check_selectable(valid, tasks, valid_path)
     task = BehaviorTask(

@@ -20,7 +20,7 @@ from typing import Any
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from models.registry import model_class
+from models.registry import is_slate_model, model_class
 from runtime.features import FeatureSpec, Vocabulary
 
 FORMAT = "slatectr-run/1"
@@ -82,7 +82,7 @@ def load_run(run_dir: Path, device: str = "cpu") -> LoadedRun:
     config = _read_json(run_dir / CONFIG)
     metrics = _read_json(run_dir / METRICS)
     try:
-        spec, vocabs = FeatureSpec.load(run_dir)
+        spec, vocabs = FeatureSpec.load(run_dir, slate=is_slate_model(str(config.get("model"))))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         message = f"{run_dir}: cannot read the feature spec or vocabularies: {exc}"
         raise CheckpointError(message) from exc

@@ -9,8 +9,8 @@ imports the tasks, so nothing here imports a task.
 Per-model defaults ([proposal], `MODEL_DEFAULTS`): SARN trains with Adam lr 0.01, the constant
 rate of the official code (MODELS.md §1.3; the paper's "decaying lr" is not in the code); the
 NCM family with lr 1e-3 and gradient-norm clipping at 1.0 (the authors' code, MODELS.md §3.9);
-every other model with lr 1e-3. An explicit `--lr` wins. `max_len` defaults to 50, the
-setting of the paper's Taobao numbers (Table II/III; the code's default is 30).
+every other model with lr 1e-3. An explicit `--lr` wins. `history_len` defaults to
+`runtime.features.DEFAULT_HISTORY_LEN` (50).
 
 Repeatable: on CPU the same seed gives the same metrics (torch is seeded before the model is
 built and again before training, shuffling and negative sampling use seeded numpy Generators,
@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from models.registry import SLATE_MODELS
+from runtime.features import DEFAULT_HISTORY_LEN
 
 
 class TrainingTask(Protocol):
@@ -63,7 +64,7 @@ class TrainConfig:
     patience: int = 2  # epochs without a better validation AUC before stopping
     seed: int = 0
     device: str = "auto"  # "auto" takes CUDA when available, else "cpu" or "cuda"
-    max_len: int = 50  # history slots kept (the most recent ones)
+    history_len: int = DEFAULT_HISTORY_LEN  # history items the model reads (the newest ones)
     grad_clip: float | None = None  # max gradient norm; None: no clipping
     eval_batch_size: int = 1024
 

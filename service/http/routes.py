@@ -149,5 +149,6 @@ async def _call(function: Callable[[], None]) -> None:
 def _check_score_limits(body: ScoreRequest, settings: Settings) -> None:
     if len(body.candidates) > settings.max_candidates:
         raise LimitExceeded(["body", "candidates"], f"at most {settings.max_candidates} candidates")
-    if body.history is not None and len(body.history) > settings.max_history:
-        raise LimitExceeded(["body", "history"], f"at most {settings.max_history} history items")
+    limit = settings.max_inline_history
+    if body.history is not None and len(body.history) > limit:
+        raise LimitExceeded(["body", "history"], f"at most {limit} history items")

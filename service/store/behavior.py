@@ -127,18 +127,18 @@ class BehaviorStore:
     def seen_key(self, user_id: str) -> str:
         return f"{self.config.key_prefix}:seen:{{u:{user_id}}}"
 
-    async def recent(self, user_ids: Sequence[str], max_len: int) -> dict[str, list[HistoryItem]]:
-        """Up to `max_len` most recent events per user, oldest first: one pipelined round trip.
+    async def recent(self, user_ids: Sequence[str], limit: int) -> dict[str, list[HistoryItem]]:
+        """Up to `limit` most recent events per user, oldest first: one pipelined round trip.
 
         Raises StoreUnavailable at once while the breaker is open, or after the read budget.
         """
         users = list(dict.fromkeys(user_ids))
-        if not users or max_len <= 0:
+        if not users or limit <= 0:
             return {u: [] for u in users}
         if not self.breaker.allow():
             raise StoreUnavailable("circuit breaker open")
         try:
-            raw = await self._bounded(self._lrange_all(users, max_len), self.config.read_timeout_s)
+            raw = await self._bounded(self._lrange_all(users, limit), self.config.read_timeout_s)
         except StoreUnavailable:
             self.breaker.record_failure()
             raise
@@ -197,10 +197,10 @@ class BehaviorStore:
         for client in (self._reader, self._writer):
             await client.aclose()
 
-    async def _lrange_all(self, users: list[str], max_len: int) -> list[Any]:
+    async def _lrange_all(self, users: list[str], limit: int) -> list[Any]:
         pipe = self._reader.pipeline(transaction=False)
         for user in users:
-            pipe.lrange(self.seq_key(user), 0, max_len - 1)
+            pipe.lrange(self.seq_key(user), 0, limit - 1)
         return list(await pipe.execute())
 
     @staticmethod
