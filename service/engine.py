@@ -92,13 +92,11 @@ class ScoringEngine:
         self.primary_idle = threading.Event()
         self.primary_idle.set()
         self._scoring = 0
-        self.shadow = ShadowScorer(
-            _shadow_settings(settings), metrics, lambda: self.store, self.primary_idle
-        )
+        self.shadow = ShadowScorer(_shadow_settings(settings), metrics, store, self.primary_idle)
         self.reloader = Reloader(
             self.pool, settings, metrics, self._use_routing, self._refresh_history_floor
         )
-        self.history_floor = 0  # the longest history a shadow model reads (see `use_routing`)
+        self.history_floor = 0  # the longest history a shadow model reads (`_use_routing`)
         self._redis = redis
         self._draining = False
         self._last_fallback_warning = -_FALLBACK_WARNING_INTERVAL_S
@@ -143,10 +141,6 @@ class ScoringEngine:
             handle = self.pool.resolve(spec.model, spec.version)
             floor = max(floor, handle.model.history_len if handle is not None else 0)
         self.history_floor = floor
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
 
     def begin_drain(self) -> None:
         """Readiness turns 503 and new scoring requests are refused; in-flight ones finish."""

@@ -230,7 +230,7 @@ class ShadowScorer:
         self,
         settings: ShadowSettings,
         metrics: ServiceMetrics,
-        store: Callable[[], BehaviorStore | None],
+        store: BehaviorStore,
         primary_idle: threading.Event | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -319,8 +319,8 @@ class ShadowScorer:
 
     def _append(self, model: LoadedModel, job: ShadowJob, outcome: ShadowOutcome) -> None:
         """Hands the XADD to the event loop's Redis client; a failure is counted there."""
-        store, key, loop = self._store(), self.settings.stream_key, self._loop
-        if store is None or key is None or loop is None:
+        store, key, loop = self._store, self.settings.stream_key, self._loop
+        if key is None or loop is None:
             return
         fields = {
             "request_id": job.request_id,
