@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -57,15 +58,14 @@ def _users_by_master(cluster: LocalCluster) -> dict[str, list[str]]:
         for start, end in row["slots"]
         for slot in range(int(start), int(end) + 1)
     }
-    users: dict[str, list[str]] = {}
-    for k in itertools.count():
-        user = f"u{k}"
-        mine = users.setdefault(owners[user_slot(user)], [])
+    users: dict[str, list[str]] = {master: [] for master in set(owners.values())}
+    ids = (f"u{k}" for k in itertools.count())
+    while any(len(mine) < USERS_PER_MASTER for mine in users.values()):
+        user = next(ids)
+        mine = users[owners[user_slot(user)]]
         if len(mine) < USERS_PER_MASTER:
             mine.append(user)
-        if len(users) == 3 and all(len(u) == USERS_PER_MASTER for u in users.values()):
-            return users
-    raise AssertionError("unreachable")
+    return users
 
 
 @dataclass
@@ -129,7 +129,8 @@ class Traffic:
                     "event_id": f"e{n}",
                 }
                 sent = time.monotonic()
-                status = client.post("/v1/events", json={"events": [event]}).status_code
+                answer = _post(client, "/v1/events", {"events": [event]})
+                status = 0 if answer is None else answer.status_code
                 self.ingested.append(Ingested(user, f"i{n}", sent, time.monotonic(), status))
 
     def _score(self) -> None:
@@ -140,9 +141,20 @@ class Traffic:
                     return
                 user = self.users[n % len(self.users)]
                 body = {"user_id": user, "candidates": candidates}
-                answer = client.post("/v1/score", json=body)
-                source = answer.json().get("history_source", "") if answer.is_success else ""
+                answer = _post(client, "/v1/score", body)
+                if answer is None:
+                    self.scored.append(Scored(user, time.monotonic(), 0, ""))
+                    continue
+                source = answer.json()["history_source"] if answer.is_success else ""
                 self.scored.append(Scored(user, time.monotonic(), answer.status_code, source))
+
+
+def _post(client: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response | None:
+    """None when no answer came (the service died or hung): recorded as status 0."""
+    try:
+        return client.post(path, json=body)
+    except httpx.HTTPError:
+        return None
 
 
 def _refusals(ingested: list[Ingested]) -> list[tuple[float, float]]:
