@@ -11,7 +11,7 @@ LOCK := requirements/dev.txt
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv lint test run clean lock upgrade
+.PHONY: venv tools lint test run clean lock upgrade k8s-rules
 
 # --clear: the venv holds exactly the lock, also when the lock changed under an old venv.
 $(STAMP): pyproject.toml $(LOCK)
@@ -24,13 +24,38 @@ $(STAMP): pyproject.toml $(LOCK)
 
 venv: $(STAMP)
 
+# promtool checks and unit-tests the Prometheus rules (tests/test_alerts.py). It comes from
+# Debian's `prometheus` package, unpacked here without installing it: `apt-get download` needs
+# no root, only apt's package lists; a fresh machine without them gets `apt-get update` first
+# when run as root. Nothing is fetched once .tools/promtool exists (delete it to refresh).
+TOOLS := .tools
+PROMTOOL := $(TOOLS)/promtool
+APT_GET ?= apt-get
+
+$(PROMTOOL):
+	rm -rf $(TOOLS)/deb && mkdir -p $(TOOLS)/deb
+	cd $(TOOLS)/deb && { $(APT_GET) download prometheus 2>/dev/null || \
+		{ [ "$$(id -u)" = 0 ] && $(APT_GET) update -qq && $(APT_GET) download prometheus; } || \
+		{ echo "no promtool: Debian's prometheus package could not be fetched (not root and" \
+			"no apt lists?); put a promtool binary at $(PROMTOOL)" >&2; exit 1; }; }
+	dpkg-deb --fsys-tarfile $(TOOLS)/deb/prometheus_*.deb | tar -xO ./usr/bin/promtool > $@.part
+	chmod +x $@.part && mv $@.part $@ && rm -rf $(TOOLS)/deb
+	$@ --version | head -1
+
+tools: $(PROMTOOL)
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/pytest -q
+test: lint tools
+	PROMTOOL=$(PROMTOOL) $(BIN)/pytest -q
+
+# deploy/k8s/prometheusrule.yaml carries deploy/prometheus/rules and deploy/prometheus/kubernetes
+# for the Prometheus Operator; regenerate it after editing them (tests/test_alerts.py checks).
+k8s-rules: venv
+	$(BIN)/python tests/deploy_support.py > deploy/k8s/prometheusrule.yaml
 
 RUN_DIR ?= runs/demo
 MODEL_REPO ?= model_repo
@@ -69,5 +94,5 @@ upgrade: UV_FLAGS = --upgrade
 upgrade: lock
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) runs .pytest_cache .mypy_cache .ruff_cache
 	@echo "kept $(MODEL_REPO)/ (exported models); remove it by hand to rebuild the demo model"

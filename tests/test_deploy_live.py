@@ -3,8 +3,9 @@
 The process runs the Dockerfile's own CMD (`ctr serve`) with the image's ENV and then
 docker-compose.yml's environment on top, only the bind address, port, model repository and
 Redis URL swapped for local ones (a real redis-server, a real exported model repository).
-Then: the image's HEALTHCHECK command passes against it, every Grafana query names metrics and
-labels of a real /metrics scrape, and SIGTERM drains within compose's stop_grace_period.
+Then: the image's HEALTHCHECK command passes against it, every Grafana query, alert rule and
+promtool unit-test series names metrics and labels of a real /metrics scrape, and SIGTERM drains
+within compose's stop_grace_period.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from deploy_support import (
     ROOT,
     SERVICE,
     check_dashboard_against,
+    check_rules_against,
+    check_series_against,
     compose,
     dashboard_queries,
     duration_s,
@@ -34,6 +37,8 @@ from deploy_support import (
     healthcheck,
     load_yaml,
     parse_dockerfile,
+    rule_files,
+    rules,
     sample_labels,
     service_env,
 )
@@ -166,6 +171,33 @@ def test_dashboard_queries_name_only_exported_metrics_and_labels(live: Live) -> 
         broken["panels"][1]["targets"] = [{"expr": broken_expr, "legendFormat": legend}]
         with pytest.raises(AssertionError):
             check_dashboard_against(broken, exported)
+
+
+def test_alert_rules_and_their_unit_tests_name_only_exported_metrics(live: Live) -> None:
+    """The rules (Kubernetes-only ones aside: kube-state-metrics) and the series that
+    tests/prometheus feeds them name what the service really exports, with its labels."""
+    with httpx.Client(base_url=live.url, timeout=10) as client:
+        _traffic(client)
+        exported = sample_labels(client.get("/metrics").text)
+    files = rule_files()
+    assert check_rules_against(files, exported) == len(rules(files)) >= 29
+    unit_tests = [ROOT / "tests/prometheus" / n for n in ("alerts_test.yml", "slo_test.yml")]
+    assert check_series_against(unit_tests, exported) > 40
+    # Not vacuous: a misspelt metric, a label the metric lacks, a template label the result
+    # drops are refused.
+    for expr, summary in (
+        ("rate(ctr_request_duration_second_count[5m]) > 0", ""),
+        ('rate(ctr_history_source_total{reason="fallback"}[5m]) > 0', ""),
+        (
+            "sum by (model) (rate(ctr_request_duration_seconds_count[5m])) > 0",
+            "{{ $labels.status }}",
+        ),
+    ):
+        broken = live.log.parent / "broken.rules.yml"
+        alert = {"alert": "Broken", "expr": expr, "annotations": {"summary": summary}}
+        broken.write_text(json.dumps({"groups": [{"name": "b", "rules": [alert]}]}))
+        with pytest.raises(AssertionError):
+            check_rules_against([broken], exported)
 
 
 def test_sigterm_drains_then_exits_within_stop_grace_period(live: Live) -> None:
