@@ -139,6 +139,12 @@ class VersionStatus(BaseModel):
     outputs: list[str] = Field(default_factory=list)
 
 
+class RefusedVersionStatus(BaseModel):
+    version: str
+    stage: str  # "load" or "warmup"
+    error: str  # the error's type; the log has the details
+
+
 class ModelStatus(BaseModel):
     name: str
     version: str | None  # the current version
@@ -150,6 +156,8 @@ class ModelStatus(BaseModel):
     status: Literal["ready", "failed"]
     versions: list[VersionStatus] = Field(default_factory=list, description="Loaded versions.")
     follows_latest: bool = False  # moves to the repository's highest version when polling
+    # Newer versions that did not load at start-up (newest first); an older one serves.
+    refused_versions: list[RefusedVersionStatus] = Field(default_factory=list)
 
 
 class ShadowState(BaseModel):

@@ -87,6 +87,9 @@ class ScoringEngine:
         self.pool = ModelPool(registry, self._runner, metrics)
         for model in registry.models.values():
             self.pool.add(model)
+        for name, refused in registry.refused.items():
+            for version in refused:
+                metrics.model_version_refused.labels(name, str(version.version)).set(1)
         self.router = ExperimentRouter(read_routing(None), registry.default)
         # Set while no scoring request is inside `score`: shadow threads only run then.
         self.primary_idle = threading.Event()
@@ -115,7 +118,13 @@ class ScoringEngine:
         store = BehaviorStore.from_url(url, _store_config(s), cluster=s.redis_cluster)
         specs = [ModelSpec.parse(text) for text in s.models]
         registry = await asyncio.to_thread(
-            ModelRegistry.load, s.repo, specs, s.default_model, s.providers, s.intra_op_threads
+            ModelRegistry.load,
+            s.repo,
+            specs,
+            s.default_model,
+            s.providers,
+            s.intra_op_threads,
+            s.strict_versions,
         )
         engine = cls(settings, metrics, store, registry, redis)
         try:

@@ -222,6 +222,12 @@ class ServiceMetrics:
             ["model", "stage"],
             registry=r,
         )
+        self.model_version_refused = Gauge(
+            "ctr_model_version_refused",
+            "1 for a version refused at start-up (an older one serves), until it serves.",
+            ["model", "version"],
+            registry=r,
+        )
         self.routing_reloads = Counter(
             "ctr_routing_reloads_total",
             "Routing file reloads, by outcome.",

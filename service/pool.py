@@ -100,7 +100,16 @@ class ModelPool:
         previous = self.current_version(model.name)
         self.registry.models[model.name] = handle.model
         self.registry.failures.pop(model.name, None)
+        self._forget_refusal(model)
         return previous
+
+    def _forget_refusal(self, model: LoadedModel) -> None:
+        """A version refused at start-up that now serves (repaired, reloaded) is no longer."""
+        refused = self.registry.refused.get(model.name, [])
+        if any(r.version == model.version for r in refused):
+            kept = [r for r in refused if r.version != model.version]
+            self.registry.refused[model.name] = kept
+            self._metrics.model_version_refused.remove(model.name, str(model.version))
 
     def shadow_target(
         self, spec: ShadowSpec, make: Callable[[LoadedModel], ShadowWorker]

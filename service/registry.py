@@ -1,8 +1,11 @@
 """Which models the service holds: opened from the repository, warmed up, provider read back.
 
 Several models are loaded at once (`CTR_MODELS`, default every model in the repository at its
-highest version). A model that cannot be loaded is recorded as failed, not fatal: the process
-stays live and reports not-ready (Triton's rule), and the failure's details go to the log only.
+highest version that loads: a newer version that does not is refused, recorded in
+`/v1/models` and `ctr_model_version_refused`, and the next one down serves; `CTR_STRICT_VERSIONS`
+tries the highest only). A model that cannot be loaded at all is recorded as failed, not fatal:
+the process stays live and reports not-ready (Triton's rule), and the failure's details go to
+the log only.
 Each model is warmed up with golden inputs (`warmup_requests`) and every output (pCTR, and a
 multi-task model's pCVR and pCTCVR) checked to be finite probabilities of the right shape
 before it counts as loaded; a hot reload (`service.reload`) goes through the same two steps.
@@ -42,12 +45,31 @@ class ModelSpec:
         return cls(name.strip(), int(version) if version else None)
 
 
+@dataclass(frozen=True)
+class RefusedVersion:
+    """A version that did not serve: where it failed and the error's type (details: the log)."""
+
+    version: int
+    stage: str  # "load" (files, manifest, ONNX Runtime) or "warmup" (the golden inputs)
+    error: str
+
+
+class VersionsRefused(Exception):
+    """Every version tried failed; `refused` says how, newest first."""
+
+    def __init__(self, name: str, refused: list[RefusedVersion]) -> None:
+        super().__init__(f"no version of {name} serves: {refused}")
+        self.refused = refused
+
+
 @dataclass
 class ModelRegistry:
-    """Loaded models by name, the failures, and the default model's name."""
+    """Loaded models by name, the failures, the versions refused at start-up (newest first) and
+    the default model's name."""
 
     models: dict[str, LoadedModel] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, list[RefusedVersion]] = field(default_factory=dict)
     default: str | None = None
 
     @classmethod
@@ -58,20 +80,36 @@ class ModelRegistry:
         default: str | None = None,
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
+        strict_versions: bool = False,
     ) -> ModelRegistry:
         """Opens every spec (all models in `repo` when empty). Blocking: run it off the loop.
 
+        A spec without a version serves its highest version that loads and warms up: a corrupt
+        newest version must not keep a freshly started replica unready while the replicas that
+        started earlier serve the version before it. Each refused version is recorded. With
+        `strict_versions` only the highest version is tried (a failure leaves the model out).
         Sessions are created one after another: concurrent creation is not thread-safe in ORT.
         """
         if not specs:
             specs = [ModelSpec(name) for name in list_models(repo)]
         registry = cls()
         for spec in specs:
+            versions = _candidates(repo, spec, strict_versions)
             try:
-                registry.models[spec.name] = open_spec(repo, spec, providers, intra_op_threads)
+                model, refused = _first_that_serves(
+                    repo, spec.name, versions, providers, intra_op_threads
+                )
+            except VersionsRefused as exc:
+                registry.failures[spec.name] = exc.refused[0].error
+                refused = exc.refused
             except Exception as exc:  # any failure leaves this model out, never the process
                 log.error("model %s failed to load: %s", spec.name, exc)
                 registry.failures[spec.name] = type(exc).__name__
+                continue
+            else:
+                registry.models[spec.name] = model
+            if refused:
+                registry.refused[spec.name] = refused
         registry.default = default or (specs[0].name if specs else None)
         if not specs:
             log.error("no models found in repository %s", repo)
@@ -85,12 +123,42 @@ class ModelRegistry:
         return [name for name, m in self.models.items() if m.providers[0] != CUDA]
 
 
-def open_spec(
-    repo: Path, spec: ModelSpec, providers: Sequence[str] | None, threads: int | None
-) -> LoadedModel:
-    """Opens (sha256 checked) and warms up `spec`. Blocking: run it off the event loop."""
-    model = load_version(repo, spec, providers, threads)
-    warm_up(model)
+def _candidates(repo: Path, spec: ModelSpec, strict: bool) -> list[int]:
+    """Versions to try, best first: the pinned one; else the highest, then (unless strict)
+    every lower one."""
+    if spec.version is not None:
+        return [spec.version]
+    versions = sorted(list_models(repo).get(spec.name, []), reverse=True)
+    if not versions:
+        raise LookupError(f"no complete version of {spec.name} in {repo}")
+    return versions[:1] if strict else versions
+
+
+def _first_that_serves(
+    repo: Path,
+    name: str,
+    versions: Sequence[int],
+    providers: Sequence[str] | None,
+    threads: int | None,
+) -> tuple[LoadedModel, list[RefusedVersion]]:
+    """The first of `versions` that loads and warms up, and the ones refused before it."""
+    refused: list[RefusedVersion] = []
+    for version in versions:
+        stage = "load"
+        try:
+            model = load_version(repo, ModelSpec(name, version), providers, threads)
+            stage = "warmup"
+            warm_up(model)
+        except Exception as exc:
+            log.error("model %s v%d refused at %s: %s", name, version, stage, exc)
+            refused.append(RefusedVersion(version, stage, type(exc).__name__))
+            continue
+        _log_loaded(model, refused)
+        return model, refused
+    raise VersionsRefused(name, refused)
+
+
+def _log_loaded(model: LoadedModel, refused: list[RefusedVersion]) -> None:
     log.info(
         "model %s v%d (%s) loaded; execution provider %s",
         model.name,
@@ -98,7 +166,9 @@ def open_spec(
         model.kind,
         model.providers[0],
     )
-    return model
+    if refused:
+        newer = ", ".join(f"v{r.version}" for r in refused)
+        log.warning("model %s serves v%d: newer %s refused", model.name, model.version, newer)
 
 
 def load_version(

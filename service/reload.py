@@ -96,9 +96,12 @@ class Reloader:
         plans = await self._load_missing(routing, strict=False)
         self._install(plans, routing)
         self._routing_seen = routing.sha256
-        for name in list(self._pool.registry.failures):
+        registry = self._pool.registry
+        for name in list(registry.failures):
             with contextlib.suppress(LookupError, ValueError):  # not retried by the poller
                 self._failed.add((name, latest_version(self._repo, name)))
+        for name, refused in registry.refused.items():  # nor are versions refused at start-up
+            self._failed.update((name, r.version) for r in refused)
         if self.poll_s > 0:
             self._task = asyncio.get_running_loop().create_task(self._watch(), name="reload-poll")
 

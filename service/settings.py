@@ -10,7 +10,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Hard ceilings that the request schemas enforce statically (and show in OpenAPI); the settings
@@ -48,6 +56,9 @@ class Settings(BaseSettings):
     # ONNX Runtime providers in order; empty = CUDA when available, else CPU
     providers: Annotated[list[str], NoDecode] = Field(default_factory=list)
     require_gpu: bool = False  # not ready unless every model runs on CUDA
+    # false: a model whose newest version does not load serves its highest version that does
+    # (the refused one shows in /v1/models); true: it fails and the replica stays not ready
+    strict_versions: bool = False
     intra_op_threads: Annotated[int | None, Field(ge=1)] = None  # default: the manifest's
 
     # --- routing, shadow, hot reload (docs/service.md "Experiments, shadow and hot reload") ---
@@ -108,6 +119,16 @@ class Settings(BaseSettings):
     def _lists_from_csv(cls, value: Any) -> Any:
         return _split_csv(value)
 
+    @field_validator("ingest_api_keys", "admin_api_keys", mode="before")
+    @classmethod
+    def _some_key_if_set(cls, value: Any, info: ValidationInfo) -> Any:
+        # An operator who set the variable meant to close the scope: blank entries alone
+        # (" , ") would leave it open without a word. Empty or unset is the documented "open".
+        if isinstance(value, str) and value != "" and not _split_csv(value):
+            name = f"CTR_{str(info.field_name).upper()}"
+            raise ValueError(f"{name} is set but holds no key; unset it for open access")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, values: Any) -> Any:
@@ -123,3 +144,13 @@ class Settings(BaseSettings):
         if self.request_timeout_ms > self.max_request_timeout_ms:
             raise ValueError("request_timeout_ms must be <= max_request_timeout_ms")
         return self
+
+
+def one_line(error: ValidationError) -> str:
+    """A settings error as one log line: each problem as `field: message`, joined by `; `."""
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "settings"
+        message = str(item["msg"]).removeprefix("Value error, ")
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.contracts import ModelsResponse, ModelStatus, ShadowState, VersionStatus
+from service.contracts import (
+    ModelsResponse,
+    ModelStatus,
+    RefusedVersionStatus,
+    ShadowState,
+    VersionStatus,
+)
 from service.pool import Handle, ModelPool
 from service.settings import Settings
 from service.shadow import ShadowSettings
@@ -41,6 +47,11 @@ def models_status(
                 status="failed",
             )
         )
+    for status in statuses:
+        status.refused_versions = [
+            RefusedVersionStatus(version=str(r.version), stage=r.stage, error=r.error)
+            for r in registry.refused.get(status.name, [])
+        ]
     return ModelsResponse(
         default_model=registry.default,
         models=statuses,

@@ -249,7 +249,7 @@ def serve(
     from pydantic import ValidationError
 
     from service.logs import configure_logging
-    from service.settings import Settings
+    from service.settings import Settings, one_line
 
     given: dict[str, Any] = {
         "repo": repo,
@@ -264,7 +264,7 @@ def serve(
     try:
         settings = Settings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
-        typer.echo(f"error: invalid settings: {exc}", err=True)
+        typer.echo(f"error: invalid settings: {one_line(exc)}", err=True)
         raise typer.Exit(2) from None
     # Before the serving stack is imported: a warning raised while a library imports is then
     # a JSON log line too, like everything the service writes.

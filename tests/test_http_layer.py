@@ -254,8 +254,10 @@ def test_history_erase_models_readiness_and_reloads_are_engine_calls() -> None:
             ready = await client.get("/readyz")
             assert ready.status_code == 503
             assert ready.json()["reasons"] == ["model sarn failed to load"]
-            reloaded = await client.post("/v1/admin/models/sarn/reload", json={"version": 4})
-            assert reloaded.json()["previous_version"] == "3"
+            reloaded = await client.post("/v1/admin/models/sarn/reload", json={"version": 4.0})
+            assert reloaded.json()["previous_version"] == "3"  # 4.0 is the integer 4
+            fraction = await client.post("/v1/admin/models/sarn/reload", json={"version": 4.5})
+            assert fraction.status_code == 422
             routed = await client.post("/v1/admin/routing/reload")
             assert routed.json() == {"sha256": "ab" * 32, "changed": True, "experiments": 2}
             engine.error = ReloadFailed(503, "model_load_failed", "sarn v5 failed at warmup")

@@ -258,3 +258,67 @@ def test_openapi_shows_the_limits(client: TestClient) -> None:
     assert score["additionalProperties"] is False
     assert score["properties"]["candidates"]["minItems"] == 1
     assert "X-API-Key" in json.dumps(schema["components"]["securitySchemes"])
+
+
+def test_the_openapi_limits_are_the_configured_ones_and_the_enforced_ones(
+    client: TestClient,
+) -> None:
+    """The client fixture configures 50 candidates, 20 inline history items, 5 events: the
+    document says so, N passes validation and N + 1 is refused."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    score, events = schemas["ScoreRequest"]["properties"], schemas["EventsRequest"]["properties"]
+    history = next(b for b in score["history"]["anyOf"] if b.get("type") == "array")
+    assert (score["candidates"]["maxItems"], history["maxItems"]) == (50, 20)
+    assert events["events"]["maxItems"] == 5
+    candidates = [{"item_id": f"i{k}", "category_id": "c"} for k in range(51)]
+    inline = [{"item_id": "h", "category_id": "c"}] * 21
+    at_limit = {"user_id": "u1", "candidates": candidates[:50], "history": inline[:20]}
+    assert client.post("/v1/score", json=at_limit).status_code == 503  # valid; no model
+    for over in ({"candidates": candidates}, {"history": inline}):
+        _assert_error(client.post("/v1/score", json=at_limit | over), 422, "invalid_request")
+    assert _post_events(client, [_event(k) for k in range(5)]).status_code == 202
+    _assert_error(_post_events(client, [_event(k) for k in range(6)]), 422, "invalid_request")
+
+
+def test_the_openapi_document_uses_json_schema_keywords(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    ts = document["components"]["schemas"]["EventIn"]["properties"]["ts"]
+    assert (ts["minimum"], ts["maximum"]) == (0, 1e11) and not {"ge", "le"} & ts.keys()
+    (header,) = document["paths"]["/v1/score"]["post"]["parameters"]
+    assert header["name"] == "x-request-timeout-ms" and header["schema"]["type"] == "number"
+    assert "anyOf" not in header["schema"]  # optional, but never null
+    posts = [
+        (path, operation["responses"])
+        for path, item in document["paths"].items()
+        for method, operation in item.items()
+        if method == "post"
+    ]
+    assert all("413" in responses for _, responses in posts), posts
+    assert all("400" in responses for path, responses in posts if "routing" not in path)
+
+
+def test_a_body_that_is_not_text_is_a_400(client: TestClient) -> None:
+    answer = client.post(
+        "/v1/score",
+        content=b'{"user_id": "\xff\xfe"}',
+        headers={"content-type": "application/json"},
+    )
+    _assert_error(answer, 400, "bad_request")
+
+
+def test_a_wrong_method_names_every_allowed_one(client: TestClient) -> None:
+    for method in ("OPTIONS", "PUT", "POST", "HEAD"):
+        answer = client.request(method, "/v1/users/u1/history", headers={"X-API-Key": ADMIN})
+        assert answer.status_code == 405
+        assert set(answer.headers["allow"].split(", ")) == {"DELETE", "GET"}
+
+
+@pytest.mark.parametrize("value", [" , ", ",", "   "])
+def test_an_api_key_variable_set_to_blanks_refuses_to_start(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CTR_ADMIN_API_KEYS", value)
+    with pytest.raises(ValueError, match="CTR_ADMIN_API_KEYS is set but holds no key"):
+        Settings()
+    monkeypatch.setenv("CTR_ADMIN_API_KEYS", "")  # empty: the documented open scope
+    assert Settings().admin_api_keys == []

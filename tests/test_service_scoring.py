@@ -7,6 +7,7 @@ The reference for every score is the torch-free loader (`runtime.loader.open_mod
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -215,3 +216,45 @@ def test_the_renamed_inline_history_limit_refuses_its_old_name(
     monkeypatch.delenv("CTR_MAX_HISTORY")
     monkeypatch.setenv("CTR_MAX_INLINE_HISTORY", "7")
     assert Settings().max_inline_history == 7
+
+
+def test_a_corrupt_newest_version_leaves_the_previous_one_serving(
+    make_app: AppFactory,
+    service_model_repo: Path,
+    reference: Callable[[str], LoadedModel],
+    tmp_path: Path,
+) -> None:
+    """A scale-up during a bad publish: the new replica serves the highest version that
+    verifies and says which one it refused; strict mode keeps the old rule (not ready)."""
+    repo = tmp_path / "repo"
+    shutil.copytree(service_model_repo, repo)
+    good = latest_version(repo, "sarn")
+    bad = model_dir(repo, "sarn", good + 1)
+    shutil.copytree(model_dir(repo, "sarn", good), bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "version": good + 1}))
+    onnx_file = bad / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-100])
+
+    async def scenario() -> None:
+        async with running(make_app(repo=repo)) as client:
+            ready = await client.get("/readyz")
+            sarn = {m["name"]: m for m in (await client.get("/v1/models")).json()["models"]}
+            scored = await client.post("/v1/score", json=score_body())
+            metrics = (await client.get("/metrics")).text
+        assert ready.status_code == 200, ready.json()
+        assert sarn["sarn"]["version"] == str(good) and sarn["sarn"]["status"] == "ready"
+        assert sarn["sarn"]["refused_versions"] == [
+            {"version": str(good + 1), "stage": "load", "error": "ModelIntegrityError"}
+        ]
+        assert scored.json()["version"] == str(good)
+        assert scored.json()["scores"] == expected_scores(reference("sarn"), [], CANDIDATES)
+        assert f'ctr_model_version_refused{{model="sarn",version="{good + 1}"}} 1.0' in metrics
+
+    async def strict() -> None:
+        async with running(make_app(repo=repo, strict_versions=True)) as client:
+            ready = await client.get("/readyz")
+        assert ready.status_code == 503 and "model sarn failed to load" in ready.json()["reasons"]
+
+    run(scenario())
+    run(strict())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -60,7 +61,32 @@ def build_app(settings: Settings | None = None, open_engine: OpenEngine | None =
     )
     app.include_router(router)
     app.include_router(management_router)
+    app.openapi = _with_configured_limits(app.openapi, settings)  # type: ignore[method-assign]
     return app
+
+
+def _with_configured_limits(
+    openapi: Callable[[], dict[str, Any]], settings: Settings
+) -> Callable[[], dict[str, Any]]:
+    """The OpenAPI document with the list limits these settings enforce (the request models
+    carry only the hard ceilings that settings may lower), so a client generated from it
+    refuses what the service refuses."""
+    limits = {
+        ("ScoreRequest", "candidates"): settings.max_candidates,
+        ("ScoreRequest", "history"): settings.max_inline_history,
+        ("EventsRequest", "events"): settings.max_events,
+    }
+
+    def document() -> dict[str, Any]:
+        schema = openapi()
+        for (model, field), limit in limits.items():
+            prop = schema["components"]["schemas"][model]["properties"][field]
+            for branch in prop.get("anyOf", [prop]):  # an optional list: its array branch
+                if branch.get("type") == "array":
+                    branch["maxItems"] = limit
+        return schema
+
+    return document
 
 
 def create_app() -> FastAPI:

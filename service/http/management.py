@@ -10,7 +10,7 @@ models by repository name and integer version only; see `service.reload`.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, Path
 
@@ -19,17 +19,14 @@ from service.http.auth import require_key
 from service.http.deps import EngineDep
 from service.http.schemas import (
     MODEL_PATTERN,
-    ErrorResponse,
     ModelReloadResponse,
     ReloadModelRequest,
     RoutingReloadResponse,
+    error_responses,
 )
 
 router = APIRouter()
 admin = APIRouter(prefix="/v1/admin", dependencies=[Depends(require_key("admin"))])
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 409, 422, 503)
-}
 
 
 @router.get("/v1/models", response_model=ModelsResponse)
@@ -38,7 +35,11 @@ async def models(engine: EngineDep) -> ModelsResponse:
     return engine.status()
 
 
-@admin.post("/models/{name}/reload", response_model=ModelReloadResponse, responses=_ERRORS)
+@admin.post(
+    "/models/{name}/reload",
+    response_model=ModelReloadResponse,
+    responses=error_responses(400, 401, 403, 404, 413, 422, 503),
+)
 async def reload_model(
     name: Annotated[str, Path(pattern=MODEL_PATTERN)],
     engine: EngineDep,
@@ -58,7 +59,11 @@ async def reload_model(
     )
 
 
-@admin.post("/routing/reload", response_model=RoutingReloadResponse, responses=_ERRORS)
+@admin.post(
+    "/routing/reload",
+    response_model=RoutingReloadResponse,
+    responses=error_responses(401, 403, 409, 413, 422, 503),
+)
 async def reload_routing(engine: EngineDep) -> RoutingReloadResponse:
     """Re-reads the routing file, loads the versions it names, then swaps the routing."""
     done = await engine.reload_routing()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import WithJsonSchema
 
 from service.contracts import Event
 from service.http.auth import require_key
@@ -16,24 +17,27 @@ from service.http.errors import LimitExceeded
 from service.http.schemas import (
     CLICK_TYPES,
     ID_PATTERN,
-    ErrorResponse,
     EventsRequest,
     EventsResponse,
     HistoryEntry,
     HistoryResponse,
     ScoreRequest,
     ScoreResponse,
+    error_responses,
 )
 from service.settings import Settings
 
 router = APIRouter()
 UserId = Annotated[str, Path(pattern=ID_PATTERN)]
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422, 429, 503, 504)
-}
+# Optional, but never null (a header has no null): the schema of what the Header accepts.
+TIMEOUT_SCHEMA = WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": 600_000})
 
 
-@router.post("/v1/score", response_model=ScoreResponse, responses=_ERRORS)
+@router.post(
+    "/v1/score",
+    response_model=ScoreResponse,
+    responses=error_responses(400, 404, 413, 422, 429, 503, 504),
+)
 async def score(
     body: ScoreRequest,
     request: Request,
@@ -41,7 +45,7 @@ async def score(
     settings: SettingsDep,
     background: BackgroundTasks,
     x_request_timeout_ms: Annotated[
-        float | None, Header(gt=0, le=600_000, allow_inf_nan=False)
+        float | None, Header(gt=0, le=600_000, allow_inf_nan=False), TIMEOUT_SCHEMA
     ] = None,
 ) -> ScoreResponse:
     """Scores `candidates` for `user_id`; `scores[i]` belongs to `candidates[i]` (as do
@@ -75,7 +79,7 @@ async def score(
     "/v1/events",
     status_code=202,
     response_model=EventsResponse,
-    responses=_ERRORS,
+    responses=error_responses(400, 401, 403, 413, 422, 503),
     dependencies=[Depends(require_key("ingest"))],
 )
 async def ingest(body: EventsRequest, engine: EngineDep, settings: SettingsDep) -> EventsResponse:
@@ -98,7 +102,7 @@ async def ingest(body: EventsRequest, engine: EngineDep, settings: SettingsDep) 
 @router.get(
     "/v1/users/{user_id}/history",
     response_model=HistoryResponse,
-    responses=_ERRORS,
+    responses=error_responses(401, 403, 422, 503),
     dependencies=[Depends(require_key("admin"))],
 )
 async def get_history(user_id: UserId, engine: EngineDep) -> HistoryResponse:
@@ -111,7 +115,7 @@ async def get_history(user_id: UserId, engine: EngineDep) -> HistoryResponse:
 @router.delete(
     "/v1/users/{user_id}/history",
     status_code=204,
-    responses=_ERRORS,
+    responses=error_responses(401, 403, 422, 503),
     dependencies=[Depends(require_key("admin"))],
 )
 async def erase_history(user_id: UserId, engine: EngineDep) -> Response:

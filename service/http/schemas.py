@@ -5,7 +5,9 @@ list bounds here are hard ceilings (they show in the OpenAPI schema); the config
 `Settings` can only be lower and are checked by the routes.
 
 Strictness: lax pydantic mode (an integral float is a valid number, as JSON Schema says) except
-that booleans are refused where numbers are expected (lax mode would read `true` as 1).
+that booleans and strings are refused where numbers are expected (lax mode would read `true`
+as 1 and `"3"` as 3). The list limits in the OpenAPI document are the configured ones
+(`service.http.api` writes them in from the settings the routes enforce).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ MAX_CONTEXT_FIELDS = 32
 MAX_TS = 1e11  # unix seconds; far beyond any real clock, catches milliseconds sent by mistake
 
 
-def _no_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("a number is required, not a boolean")
+def _json_number(value: Any) -> Any:
+    """Numbers as JSON Schema reads them: 1.0 is an integer, but neither `true` nor `"3"` is a
+    number (pydantic's lax mode would take both)."""
+    if isinstance(value, bool | str):
+        raise ValueError(f"a number is required, not a {type(value).__name__}")
     return value
 
 
@@ -34,7 +38,8 @@ Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 ContextValue = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{0,64}$")]
 LongId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
 ModelName = Annotated[str, StringConstraints(pattern=MODEL_PATTERN)]
-Timestamp = Annotated[float, BeforeValidator(_no_bool), Field(ge=0, le=MAX_TS)]
+# Field before the validator: its bounds then render as JSON Schema `minimum`/`maximum`.
+Timestamp = Annotated[float, Field(ge=0, le=MAX_TS), BeforeValidator(_json_number)]
 
 
 class _Strict(BaseModel):
@@ -134,7 +139,9 @@ class HistoryResponse(BaseModel):
 
 
 class ReloadModelRequest(_Strict):
-    version: Annotated[int, Field(ge=1, strict=True)] | None = Field(
+    # Lax like every number here: 1.0 is the integer 1 (JSON Schema says so), 1.5 and true are
+    # refused.
+    version: Annotated[int, Field(ge=1), BeforeValidator(_json_number)] | None = Field(
         None, description="A version in the repository; default: the highest."
     )
 
@@ -162,3 +169,11 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     error: ErrorDetail
     request_id: str | None = None
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of an operation's errors, all in the one error envelope. List
+    exactly the statuses the operation can answer: clients generate code from them (and the
+    API fuzz test asks each to be reachable). Every POST can answer 400 (a body that cannot be
+    decoded) and 413 (a body over the size limit)."""
+    return {status: {"model": ErrorResponse} for status in statuses}
