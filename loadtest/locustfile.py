@@ -90,18 +90,29 @@ def population(environment: Environment) -> Population:
     return _POPULATION[key]
 
 
-def classify(resp: ResponseContextManager, expected: int, check: Callable[[Any], bool]) -> None:
-    """Success, shed (renamed, not a failure) or failure, for a catch_response block."""
+def classify(resp: ResponseContextManager, expected: int, check: Callable[[Any], bool]) -> float:
+    """Success, shed (renamed, not a failure) or failure, for a catch_response block. -> the
+    seconds a shed answer asks the client to wait (its Retry-After), else 0."""
     status = resp.status_code
     if status in SHED_STATUSES:
         resp.request_meta["name"] += SHED_SUFFIX
         resp.success()
+        return _retry_after_s(resp)
     elif status != expected:
         resp.failure(f"HTTP {status}")
     elif not check(resp.json()):
         resp.failure("unexpected response body")
     else:
         resp.success()
+    return 0.0
+
+
+def _retry_after_s(resp: ResponseContextManager) -> float:
+    value = resp.headers.get("Retry-After") if resp.headers is not None else None
+    try:
+        return max(0.0, float(str(value))) if value is not None else 0.0
+    except ValueError:
+        return 0.0
 
 
 MAX_BACKLOG_S = 1.0  # a paced user behind schedule catches up at most this much
@@ -114,6 +125,8 @@ class PacedUser(FastHttpUser):
     or exponential, i.e. Poisson arrivals); a task that overruns its gap does not shift the
     schedule, so the offered rate holds as long as the users can keep up (up to
     MAX_BACKLOG_S of catching up). Rate 0: closed loop, the next task starts at once.
+    A shed answer's Retry-After is honoured, as a well-behaved client does: a user retrying
+    at once would only measure the storm it makes (every refusal still costs the server).
     """
 
     abstract = True
@@ -127,8 +140,17 @@ class PacedUser(FastHttpUser):
         self.rate = float(opts.ctr_user_rate)
         self.poisson = opts.ctr_arrival == "poisson"
         self._next_start = time.monotonic()
+        self._backoff_s = 0.0
+
+    def back_off(self, seconds: float) -> None:
+        """The next task waits at least this long (a shed answer's Retry-After)."""
+        self._backoff_s = seconds
 
     def wait_time(self) -> float:
+        backoff, self._backoff_s = self._backoff_s, 0.0
+        return max(backoff, self._scheduled_wait())
+
+    def _scheduled_wait(self) -> float:
         if self.rate <= 0:
             return 0.0
         gap = self.sampler.rng.exponential(1 / self.rate) if self.poisson else 1 / self.rate
@@ -183,7 +205,7 @@ class ScoringUser(PacedUser):
         with self.client.post(
             SCORE, json=body, headers=self.score_headers, name=SCORE, catch_response=True
         ) as resp:
-            classify(resp, 200, lambda answer: len(answer.get("scores", ())) == k)
+            self.back_off(classify(resp, 200, lambda answer: len(answer.get("scores", ())) == k))
 
     def ingest(self) -> None:
         user = self.sampler.user()
@@ -205,7 +227,7 @@ class ScoringUser(PacedUser):
             name=EVENTS,
             catch_response=True,
         ) as resp:
-            classify(resp, 202, lambda answer: answer.get("accepted", -1) >= 0)
+            self.back_off(classify(resp, 202, lambda answer: answer.get("accepted", -1) >= 0))
 
 
 class SteppedLoad(LoadTestShape):

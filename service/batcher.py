@@ -1,29 +1,37 @@
-"""Greedy dynamic batching with a candidate budget, a bounded queue and per-request deadlines.
+"""Greedy dynamic batching with a candidate budget, N inference workers, a bounded queue and
+deadline-aware admission.
 
-One `Batcher` feeds one model. Its dispatcher task waits until something is queued, then takes
-everything queued up to `max_batch_candidates` (no fixed wait: a lone request at low load goes
-at once, concurrent ones at high load share a run). For that batch it awaits `prepare` on the
-event loop (the engine reads histories there: one Redis round trip per batch), drops requests
-whose deadline has passed, and runs `infer` in a dedicated worker thread (ONNX Runtime releases
-the GIL; the event loop never blocks). Each future gets its result or the batch's exception.
+One `Batcher` feeds one model version. Its dispatcher task waits until something is queued and
+a worker is free, then takes everything queued up to `max_batch_candidates` (no fixed wait: a
+lone request at low load goes at once, concurrent ones at high load share a run). For that
+batch it awaits `prepare` on the event loop (the engine reads histories there: one Redis round
+trip per batch), drops requests whose deadline has passed, and runs `infer` on one of
+`workers` threads (ONNX Runtime releases the GIL and its `run` is thread-safe, so N batches of
+one session run at once; the event loop never blocks). Each future gets its result or the
+batch's exception.
 
 Overload is refused at admission, never queued without bound: a full queue raises `QueueFull`
-(429/503 + Retry-After), a draining batcher `Draining` (503). A request whose deadline passes
-before its inference starts gets `DeadlineExceeded` (504) and is never run.
+(429/503 + Retry-After), a draining batcher `Draining` (503), and a request that cannot finish
+by its deadline `Overloaded` (429) at once, before any work is spent on it. A request whose
+deadline passes anyway before its inference starts gets `DeadlineExceeded` (504) and is never
+run; so does one that, at dispatch, could no longer finish in time even if it ran alone.
 
-Deadline-aware admission: the batcher learns the model's cost (seconds per candidate, from
-decayed sums over finished batches). A request whose estimated finish (the running batch,
-everything queued ahead of it, then itself) lies past its deadline is refused at once with
-`Overloaded` (429/503), and a batch stops growing when its estimated run would pass the earliest
-deadline it holds. Without this, a load test past saturation turned most requests into 504s
-after the work was queued (and often done) for nothing: a fast refusal lets the client retry
-elsewhere.
+The estimate (`estimated_finish`) is the work ahead shared over the workers plus the
+request's own run: with `a` the fixed cost of a batch and `b` the cost per candidate
+(`CostModel`, calibrated by the engine at start-up on the real model and refined from every
+batch), the work ahead is what the running batches have left, `b` for every queued
+candidate and `a` for every batch those candidates will form (`m`, the mean batch size,
+says how many). A small slack proportional to the wait and a fixed margin (the answer's own
+path) absorb estimator noise. Before this model, one "seconds per candidate" absorbed the
+fixed costs and the thread hops: it admitted 1,200-candidate batches that ran past their
+deadlines and, once inflated, refused everything (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +47,7 @@ class Rejected(Exception):
     """Refused before any work was done; `status` and `retry_after_s` go into the response."""
 
     reason = "rejected"
+    message = "refused"
 
     def __init__(self, status: int, retry_after_s: int) -> None:
         super().__init__(self.reason)
@@ -48,16 +57,22 @@ class Rejected(Exception):
 
 class QueueFull(Rejected):
     reason = "queue_full"
+    message = "the model's queue is full; retry later"
 
 
 class Draining(Rejected):
     reason = "draining"
+    message = "shutting down; retry on another replica"
 
 
 class Overloaded(Rejected):
-    """The estimated wait already exceeds the request's deadline."""
+    """The estimated finish lies past the request's deadline."""
 
     reason = "overloaded"
+    message = (
+        "the request cannot be scored within its deadline at the current load; retry later "
+        "or with a longer X-Request-Timeout-Ms"
+    )
 
 
 class DeadlineExceeded(Exception):
@@ -70,7 +85,42 @@ class BatcherConfig:
     max_queue_requests: int = 256
     shed_status: int = 429
     retry_after_s: int = 1
-    cost_decay: float = 0.2  # per batch, of the decayed sums behind seconds/candidate
+    workers: int = 1  # batches of this model run at once (threads over one ORT session)
+    slack: float = 0.02  # reserve proportional to the estimated wait
+    margin_s: float = 0.003  # the answer's own path after inference, one scheduling delay
+
+
+class CostModel:
+    """Seconds a batch of `c` candidates takes on a worker: `a + b·c`.
+
+    `a` is fixed at calibration; `b` follows the measured batches (an exponential average, by
+    candidates) but stays within [b0, 4·b0] of the calibrated `b0`: contention on a busy host
+    may slow batches down, but a burst of slow batches (or of refusals keeping the GIL busy)
+    must not inflate the estimate until every request is refused. Uncalibrated (b0 = 0), `b`
+    is learnt freely and an idle batcher admits everything, so that a run can correct a
+    too-high estimate.
+    """
+
+    def __init__(self, a: float = 0.0, b: float = 0.0, decay: float = 0.2) -> None:
+        self.a, self.b, self._floor, self._decay = a, b, b, decay
+        self.mean_batch = 0.0  # candidates per batch (exponential average)
+
+    @property
+    def calibrated(self) -> bool:
+        return self._floor > 0
+
+    def batch(self, candidates: int) -> float:
+        return self.a + self.b * candidates
+
+    def learn(self, seconds: float, candidates: int) -> None:
+        if candidates <= 0:
+            return
+        observed = max(0.0, seconds - self.a) / candidates
+        weight = self._decay if self.mean_batch else 1.0
+        self.b += weight * (observed - self.b)
+        self.mean_batch += weight * (candidates - self.mean_batch)
+        if self.calibrated:
+            self.b = min(max(self.b, self._floor), 4 * self._floor)
 
 
 class BatchObserver:
@@ -105,24 +155,26 @@ class Batcher(Generic[Req, Prep, Res]):
         prepare: Callable[[list[Req]], Awaitable[list[Prep]]],
         config: BatcherConfig | None = None,
         observer: BatchObserver | None = None,
+        cost: CostModel | None = None,
     ) -> None:
         self.name = name
         self.config = config or BatcherConfig()
+        self.cost = cost or CostModel()
         self._infer = infer
         self._prepare = prepare
         self._observer = observer or BatchObserver()
         self._queue: collections.deque[_Pending[Req, Res]] = collections.deque()
+        self._queued_candidates = 0
         self._has_work = asyncio.Event()
+        self._free = asyncio.Semaphore(self.config.workers)
+        self._running: dict[int, float] = {}  # batch id -> its estimated end (monotonic)
+        self._batches = 0
         self._draining = False
-        self._busy = False
-        # Decayed sums of inference seconds and candidates over finished batches: their ratio
-        # is dominated by large batches, where the fixed per-call overhead is amortised, so it
-        # tracks the marginal cost that matters when a queue builds up.
-        self._cost_seconds = 0.0
-        self._cost_candidates = 0.0
-        self._running_until = 0.0  # estimated monotonic end of the batch being inferred
+        self._dispatches: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.config.workers, thread_name_prefix=f"infer-{name}"
+        )
 
     @property
     def depth(self) -> int:
@@ -130,7 +182,7 @@ class Batcher(Generic[Req, Prep, Res]):
 
     @property
     def idle(self) -> bool:
-        return not self._queue and not self._busy
+        return not self._queue and not self._dispatches
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batch-{self.name}")
@@ -139,19 +191,20 @@ class Batcher(Generic[Req, Prep, Res]):
         """Queues one request of `size` candidates and waits for its result until `deadline`."""
         self._admit(deadline, size)
         loop = asyncio.get_running_loop()
-        pending = _Pending(request, size, deadline, time.monotonic(), loop.create_future())
+        now = time.monotonic()
+        pending = _Pending(request, size, deadline, now, loop.create_future())
         self._queue.append(pending)
+        self._queued_candidates += size
         self._observer.on_depth(len(self._queue))
         self._has_work.set()
+        timer = loop.call_later(deadline - now, self._expire, pending)
         try:
-            # shield: the timeout must not cancel a result the dispatcher is about to set.
-            return await asyncio.wait_for(
-                asyncio.shield(pending.future), max(0.0, deadline - time.monotonic())
-            )
-        except (asyncio.TimeoutError, DeadlineExceeded):
+            return await pending.future
+        except DeadlineExceeded:
             self._observer.on_reject("deadline")
-            raise DeadlineExceeded from None
+            raise
         finally:
+            timer.cancel()
             # Whatever happened to the caller (timeout, disconnect), a request nobody waits for
             # any more is skipped by the dispatcher instead of being run.
             pending.future.cancel()
@@ -161,7 +214,7 @@ class Batcher(Generic[Req, Prep, Res]):
         self._draining = True
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        """Drains the queue (up to `timeout_s`), then stops the dispatcher and the worker."""
+        """Drains the queue (up to `timeout_s`), then stops the dispatcher and the workers."""
         self.begin_drain()
         deadline = time.monotonic() + timeout_s
         while not self.idle and time.monotonic() < deadline:
@@ -170,14 +223,24 @@ class Batcher(Generic[Req, Prep, Res]):
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         while self._queue:
-            self._fail(self._queue.popleft(), Draining(503, self.config.retry_after_s))
+            self._fail(self._pop(), Draining(503, self.config.retry_after_s))
         self._executor.shutdown(wait=True)
 
     def estimated_finish(self, size: int) -> float:
-        """Monotonic time a request of `size` queued now would finish: the running batch's
-        end, then everything queued, then the request (no cost is known before a batch ran)."""
-        queued = sum(p.size for p in self._queue)
-        return max(time.monotonic(), self._running_until) + (queued + size) * self._cost()
+        """Monotonic time a request of `size` candidates queued now would be answered."""
+        now = time.monotonic()
+        cost, config = self.cost, self.config
+        left = sum(max(0.0, end - now) for end in self._running.values())
+        queued = self._queued_candidates
+        batches = math.ceil(queued / max(cost.mean_batch, 1.0)) if queued else 0
+        ahead = (left + cost.b * queued + cost.a * batches) / config.workers
+        return now + ahead * (1 + config.slack) + cost.batch(size) + config.margin_s
+
+    def can_meet(self, size: int, deadline: float) -> bool:
+        """Whether a request of `size` candidates could be answered by `deadline` now."""
+        if self.idle and not self.cost.calibrated:
+            return True  # only a run can correct an uncalibrated estimate that is too high
+        return self.estimated_finish(size) <= deadline
 
     def _admit(self, deadline: float, size: int) -> None:
         error: Exception | None = None
@@ -187,9 +250,7 @@ class Batcher(Generic[Req, Prep, Res]):
             error = QueueFull(self.config.shed_status, self.config.retry_after_s)
         elif deadline <= time.monotonic():
             error = DeadlineExceeded()
-        elif not self.idle and self.estimated_finish(size) > deadline:
-            # An idle batcher always admits: the request starts at once, and the cost estimate
-            # keeps learning (refusing on a stale, too-high estimate would never correct it).
+        elif not self.can_meet(size, deadline):
             error = Overloaded(self.config.shed_status, self.config.retry_after_s)
         if error is not None:
             self._observer.on_reject(getattr(error, "reason", "deadline"))
@@ -198,40 +259,53 @@ class Batcher(Generic[Req, Prep, Res]):
     async def _run(self) -> None:
         while True:
             await self._has_work.wait()
-            self._busy = True
-            try:
-                batch = self._take()
-                if not self._queue:
-                    self._has_work.clear()
-                if batch:
-                    await self._dispatch(batch)
-            finally:
-                self._busy = False
+            await self._free.acquire()  # a worker is free: form the batch now, at its largest
+            batch = self._take()
+            if not self._queue:
+                self._has_work.clear()
+            if not batch:
+                self._free.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._dispatch(batch))
+            self._dispatches.add(task)
+            task.add_done_callback(self._dispatches.discard)
 
     def _take(self) -> list[_Pending[Req, Res]]:
         """Everything queued, oldest first, up to the candidate budget and the time budget of
-        the earliest deadline in the batch (always at least one request)."""
+        the earliest deadline in the batch (always at least one live request)."""
         batch: list[_Pending[Req, Res]] = []
         budget = self.config.max_batch_candidates
-        candidates, earliest = 0, float("inf")
+        candidates, earliest = 0, math.inf
         while self._queue:
             head = self._queue[0]
             if not self._alive(head):
-                self._queue.popleft()
+                self._pop()
                 continue
-            if batch and (
-                head.size > budget
-                or self._estimated_end(candidates + head.size) > min(earliest, head.deadline)
-            ):
+            end = time.monotonic() + self.cost.batch(candidates + head.size)
+            if batch and (head.size > budget or end > min(earliest, head.deadline)):
                 break
-            batch.append(self._queue.popleft())
+            batch.append(self._pop())
             budget -= head.size
             candidates += head.size
             earliest = min(earliest, head.deadline)
         self._observer.on_depth(len(self._queue))
         return batch
 
+    def _pop(self) -> _Pending[Req, Res]:
+        pending = self._queue.popleft()
+        self._queued_candidates -= pending.size
+        return pending
+
     async def _dispatch(self, batch: list[_Pending[Req, Res]]) -> None:
+        try:
+            await self._prepare_and_infer(batch)
+        finally:
+            self._free.release()
+
+    async def _prepare_and_infer(self, batch: list[_Pending[Req, Res]]) -> None:
+        taken = time.monotonic()
+        for p in batch:
+            self._observer.on_queue_wait(taken - p.enqueued)
         try:
             prepared = await self._prepare([p.request for p in batch])
         except Exception as exc:
@@ -242,48 +316,50 @@ class Batcher(Generic[Req, Prep, Res]):
         if not live:
             return
         start = time.monotonic()
-        for p, _ in live:
-            self._observer.on_queue_wait(start - p.enqueued)
         candidates = sum(p.size for p, _ in live)
         self._observer.on_batch(len(live), candidates)
-        self._running_until = self._estimated_end(candidates)
+        self._batches += 1
+        batch_id = self._batches
+        self._running[batch_id] = start + self.cost.batch(candidates)
         loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(self._executor, self._infer, [x for _, x in live])
-            if len(results) != len(live):
-                raise RuntimeError(f"infer returned {len(results)} results for {len(live)}")
-            self._learn_cost(time.monotonic() - start, candidates)
+            results = await loop.run_in_executor(self._executor, self._timed_infer, live)
         except Exception as exc:
             for p, _ in live:
                 self._fail(p, exc)
             return
+        finally:
+            del self._running[batch_id]
         for (p, _), result in zip(live, results, strict=True):
             if isinstance(result, Exception):
                 self._fail(p, result)
             elif not p.future.done():
                 p.future.set_result(result)
 
-    def _estimated_end(self, candidates: int) -> float:
-        """Monotonic time a batch of `candidates` started now would end (now when unknown)."""
-        return time.monotonic() + candidates * self._cost()
-
-    def _cost(self) -> float:
-        """Estimated seconds per candidate; 0 until a batch has finished."""
-        return self._cost_seconds / self._cost_candidates if self._cost_candidates else 0.0
-
-    def _learn_cost(self, seconds: float, candidates: int) -> None:
-        keep = 1.0 - self.config.cost_decay
-        self._cost_seconds = keep * self._cost_seconds + seconds
-        self._cost_candidates = keep * self._cost_candidates + candidates
+    def _timed_infer(
+        self, live: list[tuple[_Pending[Req, Res], Prep]]
+    ) -> Sequence[Res | Exception]:
+        """Runs on a worker thread; the time it takes is what the cost model learns from."""
+        start = time.perf_counter()
+        results = self._infer([x for _, x in live])
+        if len(results) != len(live):
+            raise RuntimeError(f"infer returned {len(results)} results for {len(live)}")
+        self.cost.learn(time.perf_counter() - start, sum(p.size for p, _ in live))
+        return results
 
     def _alive(self, pending: _Pending[Req, Res]) -> bool:
-        """False (and the future settled) for requests given up on or past their deadline."""
+        """False (and the future settled) for requests given up on, past their deadline, or
+        (with a calibrated cost) that could no longer finish by it even if they ran alone now."""
         if pending.future.done():
             return False
-        if pending.deadline <= time.monotonic():
+        needs = self.cost.batch(pending.size) if self.cost.calibrated else 0.0
+        if time.monotonic() + needs > pending.deadline:
             self._fail(pending, DeadlineExceeded())
             return False
         return True
+
+    def _expire(self, pending: _Pending[Req, Res]) -> None:
+        self._fail(pending, DeadlineExceeded())
 
     @staticmethod
     def _fail(pending: _Pending[Req, Res], exc: BaseException) -> None:

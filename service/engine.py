@@ -26,9 +26,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
+from prometheus_client import Histogram
 
 from runtime.loader import CONVERSION_SCORES, CTCVR_SCORES, SCORES, LoadedModel, ScoringRequest
-from service.batcher import Batcher, BatcherConfig
+from service.batcher import Batcher, BatcherConfig, CostModel
 from service.contracts import (
     PINNED_VARIANT,
     Event,
@@ -123,7 +124,7 @@ class ScoringEngine:
             specs,
             s.default_model,
             s.providers,
-            s.intra_op_threads,
+            s.session_threads(),
             s.strict_versions,
         )
         engine = cls(settings, metrics, store, registry, redis)
@@ -188,6 +189,11 @@ class ScoringEngine:
 
     async def reload_routing(self) -> RoutingReloaded:
         return await self.reloader.reload_routing()
+
+    def admits_any(self, deadline: float) -> bool:
+        """True also with no model loaded: then the route's own answer (404, 503) says why."""
+        runners = [h.runner for h in self.pool.handles.values()]
+        return not runners or any(r.can_meet(1, deadline) for r in runners)
 
     def queue_depth(self, model: str) -> int:
         """Requests waiting for `model`'s next batch at its current version (0 if unknown)."""
@@ -287,8 +293,14 @@ class ScoringEngine:
                 s.history_cap,
             )
         config = BatcherConfig(
-            s.batch_max_candidates, s.queue_max_requests, s.shed_status, s.retry_after_s
+            s.batch_max_candidates,
+            s.queue_max_requests,
+            s.shed_status,
+            s.retry_after_s,
+            workers=s.inference_workers(),
         )
+        calibration = self.registry.calibrations.get((model.name, model.version))
+        cost = CostModel(calibration.a, calibration.b) if calibration is not None else None
 
         async def prepare(requests: list[ScoringRequest]) -> list[ScoringRequest]:
             return await self._prepare(model, requests)
@@ -305,7 +317,8 @@ class ScoringEngine:
 
         if s.naive:
             return UnbatchedRunner(model.name, infer_naive, prepare, s.retry_after_s)
-        return Batcher(model.name, infer, prepare, config, self.metrics.observer(model.name))
+        observer = self.metrics.observer(model.name)
+        return Batcher(model.name, infer, prepare, config, observer, cost)
 
     async def _prepare(
         self, model: LoadedModel, requests: list[ScoringRequest]
@@ -315,22 +328,20 @@ class ScoringEngine:
         wanted = [r.user_id for r in requests if r.history is None]
         if not wanted:
             return requests
-        stored: dict[str, list[HistoryItem]] = {}
+        stored: dict[str, list[tuple[str, str]]] = {}
         source: HistorySource = "redis"
+        start = time.perf_counter()
         try:
             read = self.store.recent(wanted, max(model.history_len, self.history_floor))
             stored = await self._store_call("read", read)
         except StoreUnavailable as exc:
             self._warn_fallback(exc)
             source = "fallback"
+        _observe_each(self.metrics.stages["history"], time.perf_counter() - start, len(wanted))
         return [
             r
             if r.history is not None
-            else dataclasses.replace(
-                r,
-                history=[(h.item_id, h.category_id) for h in stored.get(r.user_id, [])],
-                history_source=source,
-            )
+            else dataclasses.replace(r, history=stored.get(r.user_id, []), history_source=source)
             for r in requests
         ]
 
@@ -360,9 +371,12 @@ class ScoringEngine:
         t1 = time.perf_counter()
         flat = model.run(feeds)
         t2 = time.perf_counter()
+        parts = model.split(requests, flat)
+        t3 = time.perf_counter()
         self.metrics.encode_duration.labels(model.name).observe(t1 - t0)
         self.metrics.inference_duration.labels(model.name, str(model.version)).observe(t2 - t1)
-        parts = model.split(requests, flat)
+        _observe_each(self.metrics.stages["encode"], t1 - t0, len(requests))
+        _observe_each(self.metrics.stages["infer"], t3 - t1, len(requests))
         return [_Scored(r, part) for r, part in zip(requests, parts, strict=True)]
 
     def _warn_fallback(self, exc: StoreUnavailable) -> None:
@@ -386,6 +400,13 @@ class ScoringEngine:
         elapsed = time.perf_counter() - start
         self.metrics.store_duration.labels(operation, outcome).observe(elapsed)
         self.metrics.dependency_up.labels("redis").set(1 if outcome == "ok" else 0)
+
+
+def _observe_each(histogram: Histogram, seconds: float, requests: int) -> None:
+    """A batch-level stage counts once for every request it delayed (the stage histogram is
+    per request)."""
+    for _ in range(requests):
+        histogram.observe(seconds)
 
 
 def _start_embedded_redis() -> RedisServer:

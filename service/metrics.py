@@ -54,6 +54,8 @@ ABS_DIFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 PROBABILITY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
 # Spearman's rho of the two slate orderings; finest where healthy shadows live (near 1).
 RANK_BUCKETS = (-0.5, 0.0, 0.25, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
+# The stages of ctr_stage_duration_seconds, in the order a request goes through them.
+STAGES = ("parse", "queue", "history", "encode", "infer", "respond")
 
 
 class ServiceMetrics:
@@ -72,7 +74,8 @@ class ServiceMetrics:
         )
         self.queue_wait = Histogram(
             "ctr_queue_wait_seconds",
-            "Time from admission to the start of inference.",
+            "Time from admission until a worker takes the request's batch (the history read "
+            "and inference follow).",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -105,6 +108,17 @@ class ServiceMetrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
+        self.stage_duration = Histogram(
+            "ctr_stage_duration_seconds",
+            "Where a scoring request's time goes, one observation per request and stage: parse "
+            "(arrival to handler: body read, JSON decode, validation), queue (admission to its "
+            "batch's start), history (its batch's Redis read), encode and infer (its batch's "
+            "vocabulary mapping and ONNX Runtime run), respond (scores to the last byte sent).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stages = {stage: self.stage_duration.labels(stage) for stage in STAGES}
         self.store_duration = Histogram(
             "ctr_store_duration_seconds",
             "Redis behaviour-store call latency.",
@@ -268,19 +282,27 @@ class ServiceMetrics:
 
 
 class _MetricsObserver(BatchObserver):
+    """The batcher's hooks for one model; label children resolved once (a `.labels()` look-up
+    costs about as much as the observation itself, and these run per request)."""
+
     def __init__(self, metrics: ServiceMetrics, model: str) -> None:
         self._m = metrics
-        self._model = model
+        self._batch_requests = metrics.batch_requests.labels(model)
+        self._batch_candidates = metrics.batch_candidates.labels(model)
+        self._queue_wait = metrics.queue_wait.labels(model)
+        self._queue_stage = metrics.stages["queue"]
+        self._queue_depth = metrics.queue_depth.labels(model)
 
     def on_batch(self, requests: int, candidates: int) -> None:
-        self._m.batch_requests.labels(self._model).observe(requests)
-        self._m.batch_candidates.labels(self._model).observe(candidates)
+        self._batch_requests.observe(requests)
+        self._batch_candidates.observe(candidates)
 
     def on_queue_wait(self, seconds: float) -> None:
-        self._m.queue_wait.labels(self._model).observe(seconds)
+        self._queue_wait.observe(seconds)
+        self._queue_stage.observe(seconds)
 
     def on_reject(self, reason: str) -> None:
         self._m.rejected.labels(reason).inc()
 
     def on_depth(self, depth: int) -> None:
-        self._m.queue_depth.labels(self._model).set(depth)
+        self._queue_depth.set(depth)

@@ -50,6 +50,10 @@ class UnbatchedRunner(Generic[Req, Prep, Res]):
     def begin_drain(self) -> None:
         self._draining = True
 
+    def can_meet(self, size: int, deadline: float) -> bool:
+        """No estimate: the baseline admits whatever arrives."""
+        return True
+
     async def stop(self, timeout_s: float = 5.0) -> None:
         self.begin_drain()
 

@@ -16,6 +16,7 @@ as `ctr_model_info{provider}`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ class ModelRegistry:
     models: dict[str, LoadedModel] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     refused: dict[str, list[RefusedVersion]] = field(default_factory=dict)
+    calibrations: dict[tuple[str, int], Calibration] = field(default_factory=dict)
     default: str | None = None
 
     @classmethod
@@ -96,7 +98,7 @@ class ModelRegistry:
         for spec in specs:
             versions = _candidates(repo, spec, strict_versions)
             try:
-                model, refused = _first_that_serves(
+                model, refused, calibration = _first_that_serves(
                     repo, spec.name, versions, providers, intra_op_threads
                 )
             except VersionsRefused as exc:
@@ -108,6 +110,7 @@ class ModelRegistry:
                 continue
             else:
                 registry.models[spec.name] = model
+                registry.calibrations[(model.name, model.version)] = calibration
             if refused:
                 registry.refused[spec.name] = refused
         registry.default = default or (specs[0].name if specs else None)
@@ -140,21 +143,22 @@ def _first_that_serves(
     versions: Sequence[int],
     providers: Sequence[str] | None,
     threads: int | None,
-) -> tuple[LoadedModel, list[RefusedVersion]]:
-    """The first of `versions` that loads and warms up, and the ones refused before it."""
+) -> tuple[LoadedModel, list[RefusedVersion], Calibration]:
+    """The first of `versions` that loads and warms up, the ones refused before it, and its
+    measured cost."""
     refused: list[RefusedVersion] = []
     for version in versions:
         stage = "load"
         try:
             model = load_version(repo, ModelSpec(name, version), providers, threads)
             stage = "warmup"
-            warm_up(model)
+            calibration = make_ready(model)
         except Exception as exc:
             log.error("model %s v%d refused at %s: %s", name, version, stage, exc)
             refused.append(RefusedVersion(version, stage, type(exc).__name__))
             continue
         _log_loaded(model, refused)
-        return model, refused
+        return model, refused, calibration
     raise VersionsRefused(name, refused)
 
 
@@ -217,3 +221,39 @@ def warm_up(model: LoadedModel) -> None:
             finite = bool(np.all(np.isfinite(column)))
             if not finite or not np.all((column >= 0) & (column <= 1)):
                 raise WarmupError(f"warm-up produced {name} {column!r}, not {k} probabilities")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What one batch of `c` candidates costs this model version here: `a + b·c` seconds."""
+
+    a: float  # fixed per batch (encode set-up, the ORT call, split)
+    b: float  # per candidate
+
+
+def make_ready(model: LoadedModel) -> Calibration:
+    """The golden inputs checked (`warm_up`), then the cost measured (`calibrate`): what every
+    version goes through before it serves, at start-up and on a reload."""
+    warm_up(model)
+    return calibrate(model)
+
+
+def calibrate(model: LoadedModel, repeats: int = 5, large: int = 256) -> Calibration:
+    """Times one request (full history, known ids) of 1 and of `large` candidates; the fastest
+    of `repeats` runs each, so a busy host at start-up inflates it as little as possible (the
+    batcher refines `b` from the batches it runs, never below this). Blocking: off the loop."""
+    _, full, _ = warmup_requests(model)
+    one = ScoringRequest("calibrate", full.history, full.candidates[:1])
+    many = ScoringRequest("calibrate", full.history, (list(full.candidates) * large)[:large])
+    t_one, t_many = (_fastest(model, request, repeats) for request in (one, many))
+    b = max(t_many - t_one, 0.0) / (large - 1)
+    return Calibration(a=max(t_one - b, 0.0), b=b)
+
+
+def _fastest(model: LoadedModel, request: ScoringRequest, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.score([request])
+        times.append(time.perf_counter() - start)
+    return min(times)

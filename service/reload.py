@@ -37,7 +37,7 @@ from runtime.repository import latest_version, list_models
 from service.contracts import ModelReloaded, ReloadFailed, RoutingReloaded
 from service.metrics import ServiceMetrics
 from service.pool import ModelPool
-from service.registry import ModelSpec, load_version, warm_up
+from service.registry import ModelSpec, load_version, make_ready
 from service.routing import LoadedRouting, RoutingError, check_references, read_routing
 from service.settings import Settings
 
@@ -206,10 +206,10 @@ class Reloader:
         try:
             spec = ModelSpec(name, version)
             model = await asyncio.to_thread(
-                load_version, s.repo, spec, s.providers, s.intra_op_threads
+                load_version, s.repo, spec, s.providers, s.session_threads()
             )
             stage = "warmup"
-            await asyncio.to_thread(warm_up, model)
+            calibration = await asyncio.to_thread(make_ready, model)
         except Exception as exc:
             self._failed.add((name, version))
             self._metrics.model_reload_failures.labels(name, stage).inc()
@@ -222,6 +222,7 @@ class Reloader:
                 f"{name} v{version} failed at {stage}{keeps}",
                 [{"stage": stage, "error": type(exc).__name__}],
             ) from None
+        self._pool.registry.calibrations[(name, version)] = calibration
         return model
 
     async def _load_missing(self, routing: LoadedRouting, strict: bool) -> list[_Plan]:

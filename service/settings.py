@@ -26,6 +26,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 HARD_MAX_CANDIDATES = 10_000
 HARD_MAX_HISTORY = 1_000
 HARD_MAX_EVENTS = 10_000
+# X-Request-Timeout-Ms bounds: below 5 ms no request can be scored (one Redis read and one
+# ORT call), so such a deadline is a client error (422), not a guaranteed 504.
+MIN_REQUEST_TIMEOUT_MS = 5
+MAX_REQUEST_TIMEOUT_MS = 600_000
 
 
 def _split_csv(value: Any) -> Any:
@@ -37,6 +41,11 @@ def _split_csv(value: Any) -> Any:
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (a container's cpuset, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _lower(value: Any) -> Any:
@@ -59,7 +68,11 @@ class Settings(BaseSettings):
     # false: a model whose newest version does not load serves its highest version that does
     # (the refused one shows in /v1/models); true: it fails and the replica stays not ready
     strict_versions: bool = False
-    intra_op_threads: Annotated[int | None, Field(ge=1)] = None  # default: the manifest's
+    # Batches of one model version run at once, on that many threads over its one ORT session
+    # (thread-safe); unset: the cores this process may use minus one (one for the event loop).
+    infer_workers: Annotated[int | None, Field(ge=1, le=256)] = None
+    # ORT intra-op threads per session; unset: the cores left per worker (at least 1)
+    intra_op_threads: Annotated[int | None, Field(ge=1)] = None
 
     # --- routing, shadow, hot reload (docs/service.md "Experiments, shadow and hot reload") ---
     routing_file: Path | None = None  # YAML/JSON experiments file; unset = default model only
@@ -94,7 +107,8 @@ class Settings(BaseSettings):
     # --- batching, deadlines, overload ---
     batch_max_candidates: Annotated[int, Field(ge=1)] = 4096  # candidate budget of a batch
     queue_max_requests: Annotated[int, Field(ge=1)] = 256  # queued requests before shedding
-    request_timeout_ms: Annotated[float, Field(gt=0)] = 100.0  # default per-request deadline
+    # default per-request deadline, from arrival
+    request_timeout_ms: Annotated[float, Field(ge=MIN_REQUEST_TIMEOUT_MS)] = 100.0
     max_request_timeout_ms: Annotated[float, Field(gt=0)] = 10_000.0  # X-Request-Timeout-Ms cap
     shed_status: Annotated[Literal[429, 503], BeforeValidator(int)] = 429  # queue-full status
     retry_after_s: Annotated[int, Field(ge=0)] = 1
@@ -136,6 +150,17 @@ class Settings(BaseSettings):
         if "CTR_MAX_HISTORY" in os.environ:
             raise ValueError("CTR_MAX_HISTORY was renamed CTR_MAX_INLINE_HISTORY")
         return values
+
+    def timeout_s(self, requested_ms: float | None) -> float:
+        """A request's time budget: the client's X-Request-Timeout-Ms (capped) or the default."""
+        return min(requested_ms or self.request_timeout_ms, self.max_request_timeout_ms) / 1000
+
+    def inference_workers(self) -> int:
+        return self.infer_workers or max(1, usable_cores() - 1)
+
+    def session_threads(self) -> int:
+        """Intra-op threads per ORT session: what is set, else the cores each worker gets."""
+        return self.intra_op_threads or max(1, (usable_cores() - 1) // self.inference_workers())
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

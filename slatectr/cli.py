@@ -500,6 +500,39 @@ def bench_suite(
     typer.echo((out / "bench.md").read_text())
 
 
+@bench_app.command("overhead")
+def bench_overhead(
+    repo: Annotated[Path, typer.Option(help="Model repository with the model to serve.")],
+    world: Annotated[Path, typer.Option(help="World the model was trained on (ids, histories).")],
+    out: Annotated[Path, typer.Option(help="Report directory (overhead.md, overhead.json).")],
+    model: Annotated[str, typer.Option(help="Model name in the repository.")] = "gru",
+    slate: Annotated[int, typer.Option(help="Candidates per request (K).")] = 100,
+    history: Annotated[int, typer.Option(help="Events stored per user (L).")] = 50,
+    rounds: Annotated[int, typer.Option(help="Requests at concurrency 1.")] = 400,
+    clients: Annotated[int, typer.Option(help="Closed-loop clients at saturation.")] = 16,
+    step_seconds: Annotated[float, typer.Option(help="Seconds per load step.")] = 8.0,
+    workers: Annotated[str, typer.Option(help="Inference workers to compare.")] = "1,2",
+) -> None:
+    """The service's own cost at concurrency 1 (with its stages), a burst, open-loop load to
+    2x saturation, and throughput per inference-worker count; writes overhead.md/.json."""
+    from loadtest.overhead import OverheadConfig, run_overhead
+
+    config = OverheadConfig(
+        repo=repo,
+        world=world,
+        out=out,
+        model=model,
+        slate=slate,
+        history=history,
+        rounds=rounds,
+        clients=clients,
+        step_seconds=step_seconds,
+        workers=[int(w) for w in workers.split(",")],
+    )
+    run_overhead(config, progress=lambda step: typer.echo(f"... {step}", err=True))
+    typer.echo((out / "overhead.md").read_text())
+
+
 @app.command()
 def loadtest(
     world: Annotated[Path, typer.Option(help="World dir (ctr simulate --out) or events file.")],

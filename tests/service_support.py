@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -24,6 +24,7 @@ from service.settings import Settings
 from service.store.embedded_redis import RedisServer
 
 AppFactory = Callable[..., FastAPI]
+T = TypeVar("T")
 HISTORY = [(f"i{k}", f"c{k % 8}") for k in range(14)] + [("never-seen", "c-unknown")]
 CANDIDATES = [("i3", "c3"), ("i40", "c0"), ("nope", "c1"), ("i7", "c7")]
 
@@ -100,6 +101,10 @@ async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 def run(coro: Coroutine[Any, Any, None]) -> None:
     asyncio.run(coro)
+
+
+def run_value(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
 
 
 class Gate:

@@ -18,6 +18,7 @@ from service.batcher import (
     Batcher,
     BatcherConfig,
     BatchObserver,
+    CostModel,
     DeadlineExceeded,
     Draining,
     Overloaded,
@@ -380,3 +381,73 @@ def test_a_batch_stops_growing_where_it_would_miss_its_earliest_deadline() -> No
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_workers_run_batches_of_one_model_at_once() -> None:
+    async def scenario() -> None:
+        both_inside = threading.Barrier(2, timeout=5)
+
+        def infer(batch: list[int]) -> list[int]:
+            both_inside.wait()  # a single worker would wait here forever (BrokenBarrierError)
+            return batch
+
+        batcher: Batcher[int, int, int] = Batcher("m", infer, Prepares(), BatcherConfig(workers=2))
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(1, 1, _later()))
+        await asyncio.sleep(0.02)  # the first batch is running when the second arrives
+        assert await asyncio.gather(first, batcher.submit(2, 1, _later())) == [1, 2]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_calibrated_batcher_refuses_at_once_what_it_cannot_finish_even_when_idle() -> None:
+    async def scenario() -> None:
+        model, observer = PerCandidate(), Counts()
+        cost = CostModel(a=0.0, b=PerCandidate.seconds_per_candidate)
+        batcher = Batcher("m", model.infer, Prepares(), BatcherConfig(), observer, cost)
+        batcher.start()
+        start = time.perf_counter()
+        with pytest.raises(Overloaded):  # 20 candidates need 200 ms; the budget is 50 ms
+            await batcher.submit(20, 20, _later(0.05))
+        assert time.perf_counter() - start < 0.02 and model.batches == []
+        assert await batcher.submit(2, 2, _later(0.05)) == 2  # 20 ms of work: it fits
+        assert observer.rejects == ["overloaded"]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_queued_request_that_can_no_longer_finish_is_dropped_without_running() -> None:
+    async def scenario() -> None:
+        model = PerCandidate()
+        cost = CostModel(a=0.0, b=PerCandidate.seconds_per_candidate)
+        batcher = Batcher("m", model.infer, Prepares(), BatcherConfig(), None, cost)
+        batcher.start()
+        model.gate.clear()  # the running batch takes far longer than its estimate
+        blocker = asyncio.ensure_future(batcher.submit(1, 1, _later()))
+        await asyncio.sleep(0.02)
+        queued = asyncio.ensure_future(batcher.submit(10, 10, _later(0.3)))  # needs 100 ms
+        await asyncio.sleep(0.25)
+        start = time.perf_counter()
+        model.gate.set()  # dispatched at ~250 ms: 100 ms more cannot make the 300 ms deadline
+        with pytest.raises(DeadlineExceeded):
+            await queued
+        assert time.perf_counter() - start < 0.04  # told at once, not at the deadline
+        assert await blocker == 1 and model.batches == [[1]]  # 10 never ran
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_cost_estimate_stays_within_four_times_its_calibration() -> None:
+    cost = CostModel(a=0.001, b=0.0001)
+    for _ in range(20):
+        cost.learn(seconds=1.0, candidates=10)  # batches 1,000x slower than calibrated
+    assert cost.b == pytest.approx(0.0004)
+    for _ in range(20):
+        cost.learn(seconds=0.0, candidates=10)  # impossibly fast
+    assert cost.b == pytest.approx(0.0001)
+    free = CostModel()  # uncalibrated: follows what it sees
+    free.learn(seconds=0.5, candidates=10)
+    assert free.b == pytest.approx(0.05) and not free.calibrated

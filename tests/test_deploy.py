@@ -340,6 +340,8 @@ def test_dashboard_layout_and_coverage() -> None:
         "ctr_inference_duration_seconds_bucket",
         "ctr_history_source_total",
         "ctr_requests_rejected_total",
+        "ctr_stage_duration_seconds_bucket",
+        "ctr_stage_duration_seconds_sum",
     ):
         assert metric in text, metric
     for quantile in ("0.5", "0.95", "0.99"):

@@ -45,6 +45,8 @@ class FakeEngine:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
         self.error: Exception | None = None
+        self.admitting = True
+        self.admits_asked: list[float] = []
         self.score_result = ScoreResult("sarn", 3, "treatment", [0.25, 0.5], "redis", "exp-1")
 
     def _answer(self, name: str, argument: Any) -> None:
@@ -69,6 +71,10 @@ class FakeEngine:
 
     def readiness(self) -> tuple[bool, list[str]]:
         return False, ["model sarn failed to load"]
+
+    def admits_any(self, deadline: float) -> bool:
+        self.admits_asked.append(deadline)
+        return self.admitting
 
     def status(self) -> ModelsResponse:
         model = ModelStatus(
@@ -274,5 +280,51 @@ def test_history_erase_models_readiness_and_reloads_are_engine_calls() -> None:
             "stop",
         ]
         assert engine.calls[2][1] == ("sarn", 4) and engine.calls[1][1] == "u9"
+
+    run(go())
+
+
+def test_a_score_no_model_could_answer_in_time_is_refused_before_its_body_is_read() -> None:
+    engine = FakeEngine()
+    engine.admitting = False
+
+    async def go() -> None:
+        async for client in _client(engine, request_timeout_ms=80.0, retry_after_s=2):
+            # Not even valid JSON: the refusal comes before the body is parsed.
+            answer = await client.post(
+                "/v1/score",
+                content=b"{not json",
+                headers={"content-type": "application/json", "X-Request-Timeout-Ms": "40"},
+            )
+            assert answer.status_code == 429 and answer.headers["Retry-After"] == "2"
+            assert answer.json()["error"]["code"] == "overloaded"
+            assert "deadline" in answer.json()["error"]["message"]
+            (deadline,) = engine.admits_asked
+            assert deadline < time.monotonic() + 0.04  # the client's 40 ms, from arrival
+            assert engine.calls == []  # never scored
+            assert (await client.get("/healthz")).status_code == 200  # only scoring sheds
+            events = {"events": [{"user_id": "u", "item_id": "i", "category_id": "c", "ts": 1}]}
+            assert (await client.post("/v1/events", json=events)).status_code == 202
+
+    run(go())
+
+
+def test_a_deadline_below_the_floor_is_a_client_error() -> None:
+    engine = FakeEngine()
+
+    async def go() -> None:
+        async for client in _client(engine):
+            too_short = await client.post(
+                "/v1/score", json=_score_body(), headers={"X-Request-Timeout-Ms": "4"}
+            )
+            assert too_short.status_code == 422
+            assert too_short.json()["error"]["details"][0]["loc"] == [
+                "header",
+                "x-request-timeout-ms",
+            ]
+            floor = await client.post(
+                "/v1/score", json=_score_body(), headers={"X-Request-Timeout-Ms": "5"}
+            )
+            assert floor.status_code == 200
 
     run(go())

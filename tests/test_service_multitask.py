@@ -35,7 +35,7 @@ from service_support import (
 
 from runtime.loader import LoadedModel, ScoringRequest, open_model
 from runtime.repository import latest_version, model_dir
-from service.registry import ModelRegistry, ModelSpec, WarmupError, warm_up
+from service.registry import ModelRegistry, ModelSpec, RefusedVersion, WarmupError, warm_up
 
 __all__ = ["make_app", "reference"]  # fixtures used by the tests below
 
@@ -211,8 +211,12 @@ def test_a_version_whose_pcvr_is_not_a_probability_is_refused(
     assert np.all((scores[:, 0] > 0) & (scores[:, 0] < 1)) and np.isnan(scores[:, 1:]).all()
     with pytest.raises(WarmupError, match="conversion_scores"):
         warm_up(broken)
+    # The broken newest version is refused; the one before it serves (strict: nothing does).
     registry = ModelRegistry.load(repo, [ModelSpec(MT)])
-    assert registry.failures == {MT: "WarmupError"} and MT not in registry.models
+    assert registry.models[MT].version == good and not registry.failures
+    assert registry.refused[MT] == [RefusedVersion(good + 1, "warmup", "WarmupError")]
+    strict = ModelRegistry.load(repo, [ModelSpec(MT)], strict_versions=True)
+    assert strict.failures == {MT: "WarmupError"} and MT not in strict.models
 
 
 def test_the_mean_prediction_of_each_output_is_a_metric(make_app: AppFactory) -> None:

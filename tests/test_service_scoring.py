@@ -27,6 +27,7 @@ from service_support import (
     make_app,
     reference,
     run,
+    run_value,
     running,
     score_body,
 )
@@ -141,6 +142,42 @@ def test_metrics_cover_the_scoring_path(make_app: AppFactory) -> None:
         assert 'ctr_model_info{model="sarn",provider="' in text
 
     run(scenario())
+
+
+def test_every_stage_of_a_scored_request_is_timed(make_app: AppFactory) -> None:
+    """Two requests with a stored history (one read each): each stage is observed once per
+    request; the stages of one request add up to no more than its whole duration."""
+
+    async def scenario() -> tuple[dict[str, tuple[float, float]], float]:
+        async with running(make_app()) as client:
+            await client.post("/v1/events", json=events_body("staged", HISTORY))
+            for _ in range(2):
+                answer = await client.post("/v1/score", json=score_body(user="staged"))
+                assert answer.json()["history_source"] == "redis"
+            text = (await client.get("/metrics")).text
+        stages = {}
+        for stage in ("parse", "queue", "history", "encode", "infer", "respond"):
+            count = _sample(text, "ctr_stage_duration_seconds_count", stage=stage)
+            stages[stage] = (count, _sample(text, "ctr_stage_duration_seconds_sum", stage=stage))
+        total = _sample(text, "ctr_request_duration_seconds_sum", endpoint="/v1/score")
+        return stages, total
+
+    stages, total = run_value(scenario())
+    assert {stage: count for stage, (count, _) in stages.items()} == dict.fromkeys(stages, 2.0)
+    assert 0 < sum(seconds for _, seconds in stages.values()) <= total
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of the sample `name{labels...}` in a Prometheus text page (summed over any
+    other labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def test_gpu_requirement_decides_readiness(make_app: AppFactory) -> None:

@@ -46,7 +46,7 @@ def test_history_is_oldest_first_and_recent_reads_the_newest(redis_server: Redis
         assert [h.item_id for h in history] == ["i0", "i1", "i2"]
         assert [h.ts for h in history] == [1000.0, 1001.0, 1002.0]
         recent = await store.recent(["u1", "nobody"], limit=2)
-        assert [h.item_id for h in recent["u1"]] == ["i1", "i2"]
+        assert recent["u1"] == [("i1", "c1"), ("i2", "c2")]
         assert recent["nobody"] == []
         await store.close()
 
@@ -147,8 +147,8 @@ def test_store_works_on_a_redis_cluster(tmp_path: Path) -> None:
             result = await store.ingest(_events("a", 2) + _events("b", 2) + _events("a", 1))
             assert (result.accepted, result.duplicates) == (4, 1)
             recent = await store.recent(["a", "b", "c"], limit=5)
-            assert [h.item_id for h in recent["a"]] == ["i0", "i1"]
-            assert [h.item_id for h in recent["b"]] == ["i0", "i1"]
+            assert [item for item, _ in recent["a"]] == ["i0", "i1"]
+            assert [item for item, _ in recent["b"]] == ["i0", "i1"]
             await store.erase("a")
             assert await store.history("a") == []
             await store.close()
@@ -179,7 +179,7 @@ def test_malformed_stored_entries_are_dropped(redis_server: RedisServer) -> None
         client.lpush(store.seq_key("u1"), "garbage", "a|b|not-a-number", "x y|c|1.0")
         client.close()
         assert [h.item_id for h in await store.history("u1")] == ["i0"]
-        assert [h.item_id for h in (await store.recent(["u1"], 10))["u1"]] == ["i0"]
+        assert [item for item, _ in (await store.recent(["u1"], 10))["u1"]] == ["i0"]
         await store.close()
 
     _run(scenario())

@@ -111,9 +111,8 @@ def _allowed_methods(request: Request) -> str:
 
 async def _on_rejected(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Rejected)
-    message = "overloaded, retry later" if exc.reason == "queue_full" else "shutting down"
     headers = {"Retry-After": str(exc.retry_after_s)}
-    return error_response(exc.status, exc.reason, message, headers=headers)
+    return error_response(exc.status, exc.reason, exc.message, headers=headers)
 
 
 async def _on_deadline(request: Request, exc: Exception) -> JSONResponse:

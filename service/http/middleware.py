@@ -1,5 +1,11 @@
-"""Per-request context: request id, body-size limit, latency histogram, in-flight gauge and one
-JSON access line.
+"""Per-request context: request id, arrival time, body-size limit, early refusal, latency
+histogram, in-flight gauge and one JSON access line.
+
+The arrival time (`scope["state"]["arrival"]`, monotonic) starts a scoring request's deadline:
+time spent before the handler (body read, validation) counts against it. Before the body is
+even read, a `POST /v1/score` is refused with 429 `overloaded` when no loaded model could
+answer a one-candidate request by its deadline (`Engine.admits_any`): under overload a refusal
+then costs a header look-up, not a body parse on the event loop that every other request needs.
 
 A pure ASGI middleware (no BaseHTTPMiddleware: it would copy the body stream and add a task per
 request). The request id is the client's `X-Request-ID` when it is a sane token, otherwise a
@@ -19,14 +25,18 @@ import logging
 import re
 import time
 import uuid
+from typing import Any
 
 from fastapi import HTTPException
+from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.batcher import Overloaded
 from service.http.errors import error_response
 from service.logs import request_id_var
 from service.metrics import ServiceMetrics
+from service.settings import Settings
 
 access_log = logging.getLogger("service.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -57,18 +67,34 @@ def _declared_length(scope: Scope) -> int:
     return int(text) if text is not None and text.isdigit() else 0
 
 
+def _requested_timeout_ms(scope: Scope) -> float | None:
+    """The client's X-Request-Timeout-Ms if it is a usable number (the route validates it)."""
+    text = _header(scope, b"x-request-timeout-ms")
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 < value < float("inf") else None
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, settings: Settings) -> None:
         self.app = app
         self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
+        self.settings = settings
+        self.max_body_bytes = settings.max_body_bytes
+        # (endpoint, model, variant, status) -> its histogram child: a `.labels()` look-up per
+        # request costs as much as the observation (label values are few: DESIGN.md metrics).
+        self._durations: dict[tuple[str, str, str, str], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        arrival = time.monotonic()
         request_id = _incoming_request_id(scope) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"], state["arrival"] = request_id, arrival
         token = request_id_var.set(request_id)
         status = 500  # what the client sees if the app fails before answering
         started = False
@@ -80,6 +106,10 @@ class RequestContextMiddleware:
                 status, started = message["status"], True
                 MutableHeaders(scope=message).append("X-Request-ID", request_id)
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                scored_at = state.get("scored_at")
+                if scored_at is not None:
+                    self.metrics.stages["respond"].observe(time.monotonic() - scored_at)
 
         received = 0
 
@@ -94,9 +124,12 @@ class RequestContextMiddleware:
 
         self.metrics.inflight.inc()
         try:
+            early = self._early_refusal(scope, arrival)
             if _declared_length(scope) > self.max_body_bytes:
                 response = error_response(413, "payload_too_large", "request body too large")
                 await response(scope, receive, send_with_id)
+            elif early is not None:
+                await early(scope, receive, send_with_id)
             else:
                 await self.app(scope, limited_receive, send_with_id)
         except Exception as exc:
@@ -112,12 +145,33 @@ class RequestContextMiddleware:
             self._record(scope, status, time.perf_counter() - start)
             request_id_var.reset(token)
 
+    def _early_refusal(self, scope: Scope, arrival: float) -> JSONResponse | None:
+        """429 for a scoring request no model could answer in time (see the module docstring)."""
+        if scope["path"] != "/v1/score" or scope["method"] != "POST":
+            return None
+        engine = getattr(scope["app"].state, "engine", None)
+        deadline = arrival + self.settings.timeout_s(_requested_timeout_ms(scope))
+        if engine is None or engine.admits_any(deadline):
+            return None
+        self.metrics.rejected.labels(Overloaded.reason).inc()
+        retry = str(self.settings.retry_after_s)
+        return error_response(
+            self.settings.shed_status,
+            Overloaded.reason,
+            Overloaded.message,
+            headers={"Retry-After": retry},
+        )
+
     def _record(self, scope: Scope, status: int, elapsed: float) -> None:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
         state = scope.get("state", {})
         model, variant = state.get("model", ""), state.get("variant", "")
-        self.metrics.request_duration.labels(endpoint, model, variant, str(status)).observe(elapsed)
+        labels = (endpoint, model, variant, str(status))
+        child = self._durations.get(labels)
+        if child is None:
+            child = self._durations[labels] = self.metrics.request_duration.labels(*labels)
+        child.observe(elapsed)
         level = logging.DEBUG if endpoint in _QUIET else logging.INFO
         access_log.log(
             level,

@@ -25,12 +25,14 @@ from service.http.schemas import (
     ScoreResponse,
     error_responses,
 )
-from service.settings import Settings
+from service.settings import MAX_REQUEST_TIMEOUT_MS, MIN_REQUEST_TIMEOUT_MS, Settings
 
 router = APIRouter()
 UserId = Annotated[str, Path(pattern=ID_PATTERN)]
 # Optional, but never null (a header has no null): the schema of what the Header accepts.
-TIMEOUT_SCHEMA = WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "maximum": 600_000})
+TIMEOUT_SCHEMA = WithJsonSchema(
+    {"type": "number", "minimum": MIN_REQUEST_TIMEOUT_MS, "maximum": MAX_REQUEST_TIMEOUT_MS}
+)
 
 
 @router.post(
@@ -45,18 +47,20 @@ async def score(
     settings: SettingsDep,
     background: BackgroundTasks,
     x_request_timeout_ms: Annotated[
-        float | None, Header(gt=0, le=600_000, allow_inf_nan=False), TIMEOUT_SCHEMA
+        float | None,
+        Header(ge=MIN_REQUEST_TIMEOUT_MS, le=MAX_REQUEST_TIMEOUT_MS, allow_inf_nan=False),
+        TIMEOUT_SCHEMA,
     ] = None,
 ) -> ScoreResponse:
     """Scores `candidates` for `user_id`; `scores[i]` belongs to `candidates[i]` (as do
     `conversion_scores[i]` and `ctcvr_scores[i]` of a multi-task model)."""
+    arrival = request.state.arrival
+    request.app.state.metrics.stages["parse"].observe(time.monotonic() - arrival)
     _check_score_limits(body, settings)
-    timeout_ms = min(
-        x_request_timeout_ms or settings.request_timeout_ms, settings.max_request_timeout_ms
-    )
     request_id = body.request_id or request.state.request_id
-    deadline = time.monotonic() + timeout_ms / 1000
+    deadline = arrival + settings.timeout_s(x_request_timeout_ms)
     result = await engine.score(body.to_scoring_request(request_id, deadline))
+    request.state.scored_at = time.monotonic()
     if result.after_response is not None:  # the shadow copy, queued after the answer is sent
         background.add_task(_call, result.after_response)
     request.state.model, request.state.variant = result.model, result.variant

@@ -1,0 +1,368 @@
+"""`ctr bench overhead`: what the service adds to its model, and how it holds in a burst and
+past saturation, in one run, on one model, on this machine.
+
+1. Concurrency 1: K candidates, each user's L events stored in Redis (seeded through the API).
+   Rounds interleave one `/v1/score`, one `/healthz` and the model alone in-process on the same
+   request (`LoadedModel.score`, history included); overhead = HTTP p50 − model p50, also
+   given net of the `/healthz` floor. The client is `http.client` on a kept-alive connection:
+   httpx alone adds 2 ms per request, which is the client's cost, not the service's. The mean
+   of every stage comes from the service's own `ctr_stage_duration_seconds`.
+2. A burst: `burst_requests` requests of `burst_slate` candidates from `burst_clients` threads
+   at once, at the service's default deadline.
+3. Saturation (closed loop, `clients` threads) -> goodput μ; then open-loop Poisson arrivals at
+   0.5, 1, 1.5 and 2 μ: per step the goodput (200/s), the shares of 429 and 504, and the p99 of
+   the refusals' latency.
+4. Saturation goodput with each of `workers` inference workers (a restart per setting).
+
+Targets (issue 17): overhead ≤ 1 ms; the burst all 200 on a quiet box; at 2× saturation goodput
+≥ 90% of the peak, 504s ≤ 1% at every step, refusals answered within 5 ms.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import statistics
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from loadtest.local_service import LocalService
+from loadtest.population import Population, read_events
+from loadtest.report import machine
+from loadtest.seed import seed_histories
+
+STAGES = ("parse", "queue", "history", "encode", "infer", "respond")
+LOAD_STEPS = (0.5, 1.0, 1.5, 2.0)
+
+
+@dataclass
+class OverheadConfig:
+    repo: Path
+    world: Path
+    out: Path
+    model: str = "gru"
+    slate: int = 100  # K at concurrency 1
+    history: int = 50  # L events stored per user
+    rounds: int = 400
+    burst_requests: int = 128
+    burst_slate: int = 50
+    burst_clients: int = 32
+    clients: int = 16  # closed-loop saturation
+    step_seconds: float = 8.0
+    workers: list[int] = field(default_factory=lambda: [1, 2])
+    users: int = 200  # seeded users the requests draw from
+
+
+@dataclass
+class Answer:
+    status: int
+    seconds: float
+
+
+class Client:
+    """One kept-alive HTTP/1.1 connection (http.client: tens of µs per request)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        host = parts.hostname or "127.0.0.1"
+        self._connection = http.client.HTTPConnection(host, parts.port, timeout=30)
+
+    def post(self, path: str, body: bytes) -> Answer:
+        start = time.perf_counter()
+        self._connection.request("POST", path, body, {"content-type": "application/json"})
+        response = self._connection.getresponse()
+        response.read()
+        return Answer(response.status, time.perf_counter() - start)
+
+    def get(self, path: str) -> Answer:
+        start = time.perf_counter()
+        self._connection.request("GET", path)
+        response = self._connection.getresponse()
+        response.read()
+        return Answer(response.status, time.perf_counter() - start)
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _body(user: str, candidates: list[tuple[str, str]]) -> bytes:
+    items = [{"item_id": i, "category_id": c} for i, c in candidates]
+    return json.dumps({"user_id": user, "candidates": items}).encode()
+
+
+def _p(values: list[float], q: float) -> float:
+    return float(np.quantile(values, q)) if values else float("nan")
+
+
+def concurrency_one(config: OverheadConfig, url: str, population: Population) -> dict[str, Any]:
+    """Interleaved rounds of HTTP, /healthz and the model alone; stage means from /metrics."""
+    from runtime.loader import ScoringRequest, open_model
+    from runtime.repository import latest_version, model_dir
+
+    model = open_model(
+        model_dir(config.repo, config.model, latest_version(config.repo, config.model))
+    )
+    sampler = population.sampler(1)
+    client, http_s, health_s, model_s = Client(url), [], [], []
+    before = _stage_sums(url)
+    for _ in range(config.rounds):
+        user = sampler.user()
+        candidates = sampler.candidates(config.slate)
+        answer = client.post("/v1/score", _body(user, candidates))
+        if answer.status == 200:
+            http_s.append(answer.seconds)
+        health_s.append(client.get("/healthz").seconds)
+        request = ScoringRequest(user, sampler.history(user, config.history), candidates)
+        start = time.perf_counter()
+        model.score([request])
+        model_s.append(time.perf_counter() - start)
+    client.close()
+    stages = _stage_means(before, _stage_sums(url))
+    http_p50, model_p50, health_p50 = (statistics.median(v) for v in (http_s, model_s, health_s))
+    return {
+        "answered": len(http_s),
+        "http_p50_ms": http_p50 * 1e3,
+        "model_p50_ms": model_p50 * 1e3,
+        "healthz_p50_ms": health_p50 * 1e3,
+        "overhead_ms": (http_p50 - model_p50) * 1e3,
+        "overhead_net_of_healthz_ms": (http_p50 - model_p50 - health_p50) * 1e3,
+        "stage_mean_ms": stages,
+    }
+
+
+def _stage_sums(url: str) -> dict[str, tuple[float, float]]:
+    """Cumulative (seconds, observations) of every stage, from the service's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sums: dict[str, list[float]] = {stage: [0.0, 0.0] for stage in STAGES}
+    for family in text_string_to_metric_families(_metrics(url)):
+        for sample in family.samples:
+            stage = sample.labels.get("stage")
+            if sample.name.startswith("ctr_stage_duration_seconds") and stage in sums:
+                if sample.name.endswith("_sum"):
+                    sums[stage][0] = sample.value
+                elif sample.name.endswith("_count"):
+                    sums[stage][1] = sample.value
+    return {stage: (total, count) for stage, (total, count) in sums.items()}
+
+
+def _metrics(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as page:
+        return str(page.read().decode())
+
+
+def _stage_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    means = {}
+    for stage in STAGES:
+        seconds = after[stage][0] - before[stage][0]
+        count = after[stage][1] - before[stage][1]
+        means[stage] = seconds / count * 1e3 if count else float("nan")
+    return means
+
+
+class Load:
+    """Requests from a pool of threads, each with its own kept-alive connection."""
+
+    def __init__(self, url: str, population: Population, slate: int, threads: int) -> None:
+        self._url, self._slate = url, slate
+        self._sampler = population.sampler(2)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.pool = ThreadPoolExecutor(threads)
+
+    def one(self, start_at: float | None = None) -> Answer:
+        """One scoring request (at `start_at`, monotonic, when given; its latency counts from
+        then, so a late start is the load generator's delay, charged honestly)."""
+        with self._lock:  # numpy's generator is not thread-safe
+            user = self._sampler.user()
+            body = _body(user, self._sampler.candidates(self._slate))
+        if start_at is not None:
+            time.sleep(max(0.0, start_at - time.monotonic()))
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = Client(self._url)
+        began = start_at if start_at is not None else time.monotonic()
+        answer = client.post("/v1/score", body)
+        return Answer(answer.status, time.monotonic() - began)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def burst(config: OverheadConfig, url: str, population: Population) -> dict[str, Any]:
+    load = Load(url, population, config.burst_slate, config.burst_clients)
+    answers = list(load.pool.map(lambda _: load.one(), range(config.burst_requests)))
+    load.close()
+    return {"requests": len(answers), **_statuses(answers)}
+
+
+def _statuses(answers: list[Answer]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for answer in answers:
+        counts[str(answer.status)] = counts.get(str(answer.status), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def saturation(url: str, population: Population, slate: int, clients: int, seconds: float) -> float:
+    """Goodput (200/s) of `clients` closed-loop threads."""
+    load = Load(url, population, slate, clients)
+    stop = time.monotonic() + seconds
+
+    def client_loop(_: int) -> int:
+        served = 0
+        while time.monotonic() < stop:
+            served += load.one().status == 200
+        return served
+
+    served = sum(load.pool.map(client_loop, range(clients)))
+    load.close()
+    return served / seconds
+
+
+def open_loop(
+    url: str, population: Population, slate: int, rate: float, seconds: float
+) -> dict[str, Any]:
+    """Poisson arrivals at `rate`/s for `seconds`: every request sent on schedule, none
+    retried (what a fleet of independent clients looks like to one replica)."""
+    rng = np.random.default_rng(3)
+    gaps = rng.exponential(1 / rate, int(rate * seconds * 1.2) + 1)
+    begin = time.monotonic() + 0.2
+    starts = [begin + t for t in np.cumsum(gaps) if t < seconds]
+    load = Load(url, population, slate, threads=min(256, max(16, int(rate * 0.25))))
+    answers = list(load.pool.map(load.one, starts))
+    load.close()
+    ok = [a for a in answers if a.status == 200]
+    refused = [a.seconds for a in answers if a.status in (429, 503)]
+    return {
+        "offered_per_s": len(answers) / seconds,
+        "goodput_per_s": len(ok) / seconds,
+        "share_429_503": len(refused) / len(answers),
+        "share_504": sum(a.status == 504 for a in answers) / len(answers),
+        "refusal_p99_ms": _p(refused, 0.99) * 1e3,
+        "ok_p99_ms": _p([a.seconds for a in ok], 0.99) * 1e3,
+        "statuses": _statuses(answers),
+    }
+
+
+@contextmanager
+def _service(config: OverheadConfig, log: Path, **env: str) -> Iterator[str]:
+    with LocalService(config.repo, log, {"CTR_MODELS": config.model, **env}) as service:
+        yield service.url
+
+
+def run_overhead(config: OverheadConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    config.out.mkdir(parents=True, exist_ok=True)
+    population = Population.load(config.world, config.history)
+    population.users = population.users[: config.users]
+    population.weights = np.full(len(population.users), 1 / len(population.users))
+    frame = read_events(config.world)
+    frame = frame[frame["user_id"].isin(set(population.users))]
+    result: dict[str, Any] = {"config": _jsonable(asdict(config)), "machine": machine()}
+    with _service(config, config.out / "service.log") as url:
+        seed_histories(url, frame, config.history)
+        progress("concurrency 1")
+        result["concurrency_1"] = concurrency_one(config, url, population)
+        progress("burst")
+        result["burst"] = burst(config, url, population)
+        progress("saturation")
+        peak = saturation(url, population, config.slate, config.clients, config.step_seconds)
+        result["saturation_per_s"] = peak
+        result["steps"] = []
+        for factor in LOAD_STEPS:
+            progress(f"open loop at {factor}x saturation")
+            step = open_loop(url, population, config.slate, peak * factor, config.step_seconds)
+            result["steps"].append({"load": factor, **step})
+    result["workers"] = []
+    for workers in config.workers:
+        progress(f"saturation with {workers} inference worker(s)")
+        log = config.out / f"service-workers-{workers}.log"
+        with _service(config, log, CTR_INFER_WORKERS=str(workers)) as url:
+            seed_histories(url, frame, config.history)
+            rate = saturation(url, population, config.slate, config.clients, config.step_seconds)
+        result["workers"].append({"workers": workers, "goodput_per_s": rate})
+    (config.out / "overhead.json").write_text(json.dumps(result, indent=2))
+    (config.out / "overhead.md").write_text(markdown(result))
+    return result
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def checks(result: dict[str, Any]) -> list[tuple[str, bool]]:
+    """The issue's targets, each with whether this run met it."""
+    c1, steps = result["concurrency_1"], result["steps"]
+    peak = max(s["goodput_per_s"] for s in steps)
+    at_2x = next(s for s in steps if s["load"] == 2.0)
+    return [
+        ("service overhead ≤ 1 ms (HTTP p50 − model p50)", c1["overhead_ms"] <= 1.0),
+        (
+            "burst: every request answered 200",
+            result["burst"].get("200") == result["burst"]["requests"],
+        ),
+        ("goodput at 2× saturation ≥ 90% of peak", at_2x["goodput_per_s"] >= 0.9 * peak),
+        ("504s ≤ 1% at every step", all(s["share_504"] <= 0.01 for s in steps)),
+        (
+            "refusals answered within 5 ms (p99)",
+            all(s["refusal_p99_ms"] <= 5 for s in steps if s["share_429_503"] > 0),
+        ),
+    ]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    c1, config = result["concurrency_1"], result["config"]
+    lines = [
+        f"# ctr bench overhead: {config['model']}, K={config['slate']}, L={config['history']}",
+        "",
+        f"Machine: {result['machine']}",
+        "",
+        "| concurrency 1 | ms |",
+        "|---|---|",
+        *(
+            f"| {name} | {c1[key]:.2f} |"
+            for name, key in (
+                ("HTTP p50", "http_p50_ms"),
+                ("model alone p50", "model_p50_ms"),
+                ("/healthz p50", "healthz_p50_ms"),
+                ("**overhead** (HTTP − model)", "overhead_ms"),
+                ("overhead net of /healthz", "overhead_net_of_healthz_ms"),
+            )
+        ),
+        *(f"| stage {stage} (mean) | {ms:.3f} |" for stage, ms in c1["stage_mean_ms"].items()),
+        "",
+        f"Burst of {config['burst_requests']} × {config['burst_slate']} candidates from "
+        f"{config['burst_clients']} clients: {result['burst']}",
+        "",
+        f"Saturation (closed loop, {config['clients']} clients): "
+        f"{result['saturation_per_s']:.1f} answered/s",
+        "",
+        "| load | offered/s | goodput/s | 429+503 | 504 | refusal p99 ms | 200 p99 ms |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {s['load']}× | {s['offered_per_s']:.1f} | {s['goodput_per_s']:.1f} | "
+            f"{s['share_429_503']:.1%} | {s['share_504']:.1%} | {s['refusal_p99_ms']:.1f} | "
+            f"{s['ok_p99_ms']:.1f} |"
+            for s in result["steps"]
+        ),
+        "",
+        "| inference workers | goodput/s |",
+        "|---|---|",
+        *(f"| {w['workers']} | {w['goodput_per_s']:.1f} |" for w in result["workers"]),
+        "",
+        "| target | met |",
+        "|---|---|",
+        *(f"| {name} | {'yes' if ok else '**no**'} |" for name, ok in checks(result)),
+    ]
+    return "\n".join(lines) + "\n"
