@@ -124,8 +124,8 @@ def download(pins: list[Pin], dest: Path, python: str = sys.executable) -> list[
     command += ["--python-version", HOST_ENVIRONMENT["python_version"], "--implementation", "cp"]
     command += [arg for tag in PLATFORMS for arg in ("--platform", tag)]
     command += ["--dest", str(dest), "--requirement", handle.name]
-    try:
-        subprocess.run(command, check=True)
+    try:  # pip's progress goes to stderr: stdout is the command's one JSON line
+        subprocess.run(command, check=True, stdout=sys.stderr)
     finally:
         Path(handle.name).unlink()
     wheels = sorted(dest.glob("*.whl"))
