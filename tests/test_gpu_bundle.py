@@ -237,3 +237,25 @@ def test_the_real_lock_splits_into_what_the_host_has_and_what_the_bundle_carries
     assert {"numpy", "pandas", "pyarrow", "typer"} <= {p.name for p in provided}
     assert not {"torch", "onnxruntime", "exceptiongroup"} & carried_names  # host's, or < 3.11
     assert all(p.hashes for p in carried)
+
+
+def test_run_passes_what_follows_the_double_dash_to_the_check(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`ctr_bundle.py run STAGING --site SITE -- --out OUT`: the check gets only its own
+    options, with paths made absolute (it runs from SITE)."""
+    seen: dict[str, object] = {}
+
+    def fake_run(staging: Path, site: Path, check_args: list[str]) -> int:
+        seen.update(staging=staging, site=site, check_args=check_args)
+        return 7
+
+    monkeypatch.setattr(parts, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "staged", "--site", "/tmp/site", "--", "--out", "report", "--models", "sarn"]
+    assert parts.main(argv) == 7
+    assert seen == {
+        "staging": Path("staged"),
+        "site": Path("/tmp/site"),
+        "check_args": ["--out", str(tmp_path / "report"), "--models", "sarn"],
+    }

@@ -275,11 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     staged.add_argument("staging", type=Path)
     verify = commands.add_parser("verify", help="check every part and file, install nothing")
     verify.add_argument("staging", type=Path)
-    ran = commands.add_parser("run", help="verify, install, run `ctr bench gpu ARGS...`")
+    ran = commands.add_parser(
+        "run", help="verify, install, then `ctr bench gpu` with what follows --"
+    )
     ran.add_argument("staging", type=Path)
     ran.add_argument("--site", type=Path, default=Path("/tmp/ctr-site"))
-    ran.add_argument("check_args", nargs=argparse.REMAINDER, help="after --: for ctr bench gpu")
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    cut = given.index("--") if "--" in given else len(given)  # after --: the check's own
+    args = parser.parse_args(given[:cut])
     try:
         if args.command == "stage":
             missing = stage(args.uploads, args.staging)
@@ -289,8 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = assemble(args.staging, args.staging / "files")
             _say(f"all parts and {len(files)} files match the manifest")
             return 0
-        check_args = [a for a in args.check_args if a != "--"]
-        return run(args.staging, args.site.resolve(), _absolute_paths(check_args))
+        return run(args.staging, args.site.resolve(), _absolute_paths(given[cut + 1 :]))
     except BundleError as exc:
         _say(f"error: {exc}")
         return 2
