@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Every install comes from the lock in requirements/ (exact versions with sha256 hashes; see
-# README "Dependencies"): dev.txt for this venv, serve.txt and train.txt for the Dockerfile.
+# README "Dependencies"): dev.txt for this venv, serve.txt and train.txt for the Dockerfile,
+# gpu-check.txt for the offline bundle of `ctr bench gpu --bundle` (docs/gpu.md).
 LOCK := requirements/dev.txt
 # torch is the one package outside the lock: CI stays on the CPU build of torch that this
 # environment ships; on your own machine pick the build you want, e.g. `make test TORCH=torch`
@@ -89,6 +90,8 @@ lock: venv
 	$(UV_COMPILE) pyproject.toml --extra serve -c requirements/dev.txt -o requirements/serve.txt
 	$(UV_COMPILE) pyproject.toml --extra train --extra serve requirements/torch.in \
 		-c requirements/dev.txt -o requirements/train.txt
+	$(UV_COMPILE) pyproject.toml --extra serve --extra loadtest -c requirements/dev.txt \
+		-o requirements/gpu-check.txt
 
 upgrade: UV_FLAGS = --upgrade
 upgrade: lock

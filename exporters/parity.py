@@ -105,11 +105,14 @@ def run_session(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> 
     return _stack(session.run(None, {n: feeds[n] for n in names}))
 
 
-def run_eager(module: nn.Module, inputs: Sequence[str], feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """The traced module's outputs, in the same layout as `run_session`."""
+def run_eager(
+    module: nn.Module, inputs: Sequence[str], feeds: dict[str, np.ndarray], device: str = "cpu"
+) -> np.ndarray:
+    """The traced module's outputs, in the same layout as `run_session`; the feeds are moved to
+    `device`, where the module must be (`ctr bench gpu` compares on CUDA)."""
     with torch.no_grad():
-        out = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in inputs))
-    return _stack([t.numpy() for t in (out if isinstance(out, tuple) else (out,))])
+        out = module(*(torch.from_numpy(np.ascontiguousarray(feeds[n])).to(device) for n in inputs))
+    return _stack([t.cpu().numpy() for t in (out if isinstance(out, tuple) else (out,))])
 
 
 def pairwise_scores(model: BehaviorModel, feeds: dict[str, np.ndarray]) -> np.ndarray:

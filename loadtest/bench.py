@@ -141,7 +141,7 @@ def _sample_sum(text: str, name: str) -> float:
     return sum(float(value) for value in pattern.findall(text))
 
 
-def _measure(
+def measure_service(
     config: SuiteConfig, url: str, out: Path, seed: bool, **load: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Closed loop at `concurrency`, then Poisson arrivals at half the throughput reached."""
@@ -171,7 +171,9 @@ def _measure(
     return full, half
 
 
-def _row(name: str, full: dict[str, Any], half: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def service_row(
+    name: str, full: dict[str, Any], half: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
     step, calm = full["steps"][-1], half["steps"][-1]
     return {
         "system": name,
@@ -199,15 +201,17 @@ def service_rows(config: SuiteConfig) -> list[dict[str, Any]]:
             out / "service.log",
             {**config.service_env, "CTR_DEFAULT_MODEL": config.model, **env},
         ) as svc:
-            full, half = _measure(config, svc.url, out, seed=True)
-            rows.append(_row(name, full, half, **batch_stats(svc.url)))
+            full, half = measure_service(config, svc.url, out, seed=True)
+            rows.append(service_row(name, full, half, **batch_stats(svc.url)))
             if name == "service":
                 before = batch_stats_raw(svc.url)
-                full, half = _measure(
+                full, half = measure_service(
                     config, svc.url, out / "inline", seed=False, history=str(config.history)
                 )
                 rows.append(
-                    _row("service, history inline", full, half, **batch_stats(svc.url, before))
+                    service_row(
+                        "service, history inline", full, half, **batch_stats(svc.url, before)
+                    )
                 )
     return rows
 
@@ -217,7 +221,7 @@ def peer_row(config: SuiteConfig) -> dict[str, Any]:
     out = config.out / "triton"
     directory = _model_dir(config)
     with TritonPeer(directory, python, out / "peer.log") as peer:
-        full, half = _measure(
+        full, half = measure_service(
             config,
             peer.url,
             out,
@@ -227,7 +231,7 @@ def peer_row(config: SuiteConfig) -> dict[str, Any]:
             ready_path="/v2/health/ready",
             locust_args=["--ctr-model-dir", str(directory), "--ctr-triton-model", peer.name],
         )
-    return _row("Triton (PyTriton, dynamic batching)", full, half)
+    return service_row("Triton (PyTriton, dynamic batching)", full, half)
 
 
 def export_section(config: SuiteConfig) -> dict[str, Any]:

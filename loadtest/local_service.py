@@ -57,11 +57,15 @@ class LocalService:
         log: Path,
         env: Mapping[str, str] | None = None,
         ready_timeout_s: float = 120.0,
+        ready_path: str = "/readyz",
     ) -> None:
         self.repo = Path(repo)
         self.log = Path(log)
         self.env = dict(env or {})
         self.ready_timeout_s = ready_timeout_s
+        # "/healthz" starts a service that may stay not-ready (CTR_REQUIRE_GPU on a host whose
+        # CUDA fails): the models are loaded before it answers, so /readyz is then final.
+        self.ready_path = ready_path
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -93,7 +97,7 @@ class LocalService:
                 stderr=sink,
             )
         try:
-            wait_ready(self.url, self.ready_timeout_s, self.process)
+            wait_ready(self.url, self.ready_timeout_s, self.process, self.ready_path)
         except ServiceError as exc:
             self.stop()
             tail = self.log.read_text(errors="replace")[-2000:]

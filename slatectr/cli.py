@@ -533,6 +533,92 @@ def bench_overhead(
     typer.echo((out / "overhead.md").read_text())
 
 
+def _csv_ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    """'1,8,32' -> (1, 8, 32); None stays None (option not given)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        message = f"expected integers like 1,8,32, got {text!r}"
+        raise typer.BadParameter(message, param_hint=option) from None
+
+
+@bench_app.command("gpu")
+def bench_gpu(
+    out: Annotated[
+        Path | None, typer.Option(help="Report directory: report.json, report.md.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="Every step on the CPU provider, tiny sizes; GPU figures absent.")
+    ] = False,
+    work: Annotated[
+        Path | None, typer.Option(help="World, runs, models, load reports [OUT/work].")
+    ] = None,
+    repo: Annotated[Path | None, typer.Option(help="Check this repository's models.")] = None,
+    world: Annotated[Path | None, typer.Option(help="The world --repo's models know.")] = None,
+    models: Annotated[str | None, typer.Option(help="Models [sarn,fat,din,ncm].")] = None,
+    slates: Annotated[str | None, typer.Option(help="Candidates per user, K [100,500].")] = None,
+    users: Annotated[str | None, typer.Option(help="Users per call [1,8,32,128].")] = None,
+    history: Annotated[int | None, typer.Option(help="History items per user, L [50].")] = None,
+    load_seconds: Annotated[float | None, typer.Option(help="Seconds per load run [10].")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Locust users [64].")] = None,
+    workers: Annotated[int | None, typer.Option(help="Locust processes [4].")] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="Instead of the check: write the air-gapped host's wheel bundle here."),
+    ] = None,
+    host_packages: Annotated[
+        Path | None, typer.Option(help="--bundle: what the host has (names or pip freeze).")
+    ] = None,
+    part_mib: Annotated[float, typer.Option(help="--bundle: largest part, MiB.")] = 60.0,
+) -> None:
+    """GPU scoring verified in one go: environment, parity, raw ORT, service, training.
+
+    Writes report.json and report.md to --out and prints the markdown; exit 1 when a check or
+    target fails, 2 when a step could not run. docs/gpu.md has the air-gapped sequence."""
+    if bundle is not None:
+        _gpu_bundle(bundle, host_packages, part_mib)
+        return
+    if out is None:
+        raise typer.BadParameter("give --out (or --bundle DIR)", param_hint="--out")
+    from loadtest.gpu.check import run_check
+    from loadtest.gpu.config import make_config
+
+    config = make_config(
+        out,
+        dry_run,
+        work=work,
+        repo=repo,
+        world=world,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else None,
+        slates=_csv_ints(slates, "--slates"),
+        users=_csv_ints(users, "--users"),
+        history=history,
+        load_seconds=load_seconds,
+        concurrency=concurrency,
+        locust_workers=workers,
+    )
+    if repo is not None and world is None:
+        raise typer.BadParameter("--repo needs --world (its models' ids)", param_hint="--world")
+    _, code = run_check(config)
+    typer.echo((out / "report.md").read_text())
+    raise typer.Exit(code)
+
+
+def _gpu_bundle(out: Path, host_packages: Path | None, part_mib: float) -> None:
+    from loadtest.gpu.bundle import REFERENCE_HOST, build_bundle
+
+    try:
+        manifest = build_bundle(
+            out, host_packages=host_packages or REFERENCE_HOST, part_bytes=int(part_mib * 2**20)
+        )
+    except FileExistsError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--bundle") from None
+    parts = [{"part": p["name"], "MiB": round(p["bytes"] / 2**20, 1)} for p in manifest["parts"]]
+    _echo_json({"bundle": str(out), "wheels": len(manifest["files"]), "parts": parts})
+
+
 @app.command()
 def loadtest(
     world: Annotated[Path, typer.Option(help="World dir (ctr simulate --out) or events file.")],

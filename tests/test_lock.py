@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Iterable
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Any
@@ -23,36 +22,18 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from loadtest.gpu.bundle import Pin
+from loadtest.gpu.bundle import read_lock as read_pins
+
 LOCKS = ROOT / "requirements"
 # The extras `make test` installs (bench has a venv of its own: nvidia-pytriton pins numpy<2).
 DEV_EXTRAS = ("train", "serve", "dev", "loadtest")
 
 
-@dataclass(frozen=True)
-class Pin:
-    name: str
-    version: str
-    hashes: int
-
-
 def read_lock(path: Path) -> dict[str, Pin]:
-    """name -> the pin that applies to this interpreter (universal locks carry markers)."""
-    text = re.sub(r"\\\n", " ", path.read_text())
-    pins: dict[str, Pin] = {}
-    for line in text.splitlines():
-        line = line.split(" #", 1)[0].strip()
-        if not line or line.startswith("#"):
-            continue
-        spec, *options = line.split(" --hash=")
-        requirement = Requirement(spec)
-        if requirement.marker is not None and not requirement.marker.evaluate():
-            continue
-        (operator_version,) = requirement.specifier  # exactly one specifier
-        assert operator_version.operator == "==", line
-        name = canonicalize_name(requirement.name)
-        assert name not in pins, f"{path.name}: {name} pinned twice for this Python"
-        pins[name] = Pin(name, operator_version.version, len(options))
-    return pins
+    """name -> the pin that applies to this interpreter (universal locks carry markers); the
+    reader refuses a line that is not an exact, hashed pin and a package pinned twice."""
+    return {pin.name: pin for pin in read_pins(path)}
 
 
 def requested(extras: Iterable[str]) -> list[Requirement]:
@@ -87,10 +68,10 @@ def dev() -> dict[str, Pin]:
 
 
 def test_every_pin_is_exact_and_hashed() -> None:
-    for lock in ("dev.txt", "serve.txt", "train.txt"):
+    for lock in ("dev.txt", "serve.txt", "train.txt", "gpu-check.txt"):
         pins = read_lock(LOCKS / lock)
         assert len(pins) > 20, lock
-        assert all(pin.hashes >= 1 for pin in pins.values()), lock
+        assert all(pin.hashes for pin in pins.values()), lock
 
 
 def test_the_dev_lock_satisfies_pyproject(dev: dict[str, Pin]) -> None:
@@ -134,10 +115,21 @@ def test_torchs_own_requirements_are_locked(dev: dict[str, Pin]) -> None:
 
 
 def test_locks_agree_on_shared_packages(dev: dict[str, Pin]) -> None:
-    for lock in ("serve.txt", "train.txt"):
+    for lock in ("serve.txt", "train.txt", "gpu-check.txt"):
         for name, pin in read_lock(LOCKS / lock).items():
             if name in dev:
                 assert pin.version == dev[name].version, (lock, name, pin, dev[name])
+
+
+def test_the_gpu_check_lock_pins_everything_the_check_installs() -> None:
+    """`ctr bench gpu --bundle` carries the pins of requirements/gpu-check.txt: every package
+    the base, serve and loadtest extras pull in must be there (this Python's view)."""
+    gpu = read_lock(LOCKS / "gpu-check.txt")
+    missing = closure(requested(["serve", "loadtest"])) - set(gpu)
+    assert not missing, f"the GPU bundle would lack: {sorted(missing)}"
+    assert "torch" not in gpu  # the host's CUDA build, never the bundle's
+    makefile = (ROOT / "Makefile").read_text()
+    assert "--extra serve --extra loadtest -c requirements/dev.txt" in makefile
 
 
 def _pip_installs(runs: Iterable[str]) -> list[list[str]]:
