@@ -83,7 +83,12 @@ run: venv $(MODEL_REPO)/sarn
 UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.10 --generate-hashes \
 	--index-url https://pypi.org/simple --custom-compile-command "make lock" $(UV_FLAGS)
 
+LOCKS := requirements/dev.txt requirements/serve.txt requirements/train.txt \
+	requirements/gpu-check.txt
+
+# A lock that comes out the same keeps its timestamp, so the venv is not rebuilt for nothing.
 lock: venv
+	rm -rf .lock-before && mkdir .lock-before && cp -p $(LOCKS) .lock-before/
 	$(UV_COMPILE) pyproject.toml --extra train --extra serve --extra dev --extra loadtest \
 		requirements/torch-deps.in requirements/tools.in --override requirements/no-torch.txt \
 		--no-emit-package torch -o requirements/dev.txt
@@ -92,6 +97,9 @@ lock: venv
 		-c requirements/dev.txt -o requirements/train.txt
 	$(UV_COMPILE) pyproject.toml --extra serve --extra loadtest -c requirements/dev.txt \
 		-o requirements/gpu-check.txt
+	for f in $(LOCKS); do \
+		cmp -s .lock-before/$$(basename $$f) $$f && touch -r .lock-before/$$(basename $$f) $$f; \
+	done; rm -rf .lock-before
 
 upgrade: UV_FLAGS = --upgrade
 upgrade: lock
