@@ -31,7 +31,7 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first, from the lock (requirements/serve.txt: the base + the `serve` extra, exact
+# Dependencies first, from the lock (requirements/serve.txt: the base + `serve` and `tracing`, exact
 # versions with sha256 hashes, see README "Dependencies"): this layer is reused until the lock
 # changes, not on every source edit. No torch: that is the `train` extra. The lock's
 # onnxruntime-gpu must be the ORT_VERSION that the CUDA base above was chosen for.

@@ -89,10 +89,12 @@ LOCKS := requirements/dev.txt requirements/serve.txt requirements/train.txt \
 # A lock that comes out the same keeps its timestamp, so the venv is not rebuilt for nothing.
 lock: venv
 	rm -rf .lock-before && mkdir .lock-before && cp -p $(LOCKS) .lock-before/
-	$(UV_COMPILE) pyproject.toml --extra train --extra serve --extra dev --extra loadtest \
+	$(UV_COMPILE) pyproject.toml --extra train --extra serve --extra tracing --extra dev \
+		--extra loadtest \
 		requirements/torch-deps.in requirements/tools.in --override requirements/no-torch.txt \
 		--no-emit-package torch -o requirements/dev.txt
-	$(UV_COMPILE) pyproject.toml --extra serve -c requirements/dev.txt -o requirements/serve.txt
+	$(UV_COMPILE) pyproject.toml --extra serve --extra tracing -c requirements/dev.txt \
+		-o requirements/serve.txt
 	$(UV_COMPILE) pyproject.toml --extra train --extra serve requirements/torch.in \
 		-c requirements/dev.txt -o requirements/train.txt
 	$(UV_COMPILE) pyproject.toml --extra serve --extra loadtest -c requirements/dev.txt \

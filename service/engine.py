@@ -17,7 +17,6 @@ the request was queued on, so in-flight requests finish on the version they star
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import threading
@@ -26,10 +25,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
-from prometheus_client import Histogram
 
 from runtime.loader import CONVERSION_SCORES, CTCVR_SCORES, SCORES, LoadedModel, ScoringRequest
-from service.batcher import Batcher, BatcherConfig, CostModel
 from service.contracts import (
     PINNED_VARIANT,
     Event,
@@ -47,26 +44,23 @@ from service.contracts import (
     UnknownModel,
 )
 from service.metrics import ServiceMetrics
-from service.naive import UnbatchedRunner, score_per_candidate
 from service.pool import ModelPool, Runner
 from service.registry import ModelRegistry, ModelSpec
 from service.reload import Reloader
 from service.routing import ExperimentRouter, LoadedRouting, read_routing
+from service.scoring.batch import BatchTiming, BatchWork, Scored
+from service.scoring.batcher import Batcher, BatcherConfig, CostModel
+from service.scoring.naive import UnbatchedRunner
 from service.settings import Settings
 from service.shadow import ShadowJob, ShadowScorer, ShadowSettings
 from service.status import models_status
 from service.store.behavior import BehaviorStore, StoreConfig
 from service.store.embedded_redis import RedisServer
+from service.tracing import StageTracer
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _FALLBACK_WARNING_INTERVAL_S = 10.0
-
-
-@dataclasses.dataclass(frozen=True)
-class _Scored:
-    request: ScoringRequest  # what was scored, history included (the shadow gets the same)
-    scores: np.ndarray  # [K, O], columns in the model's `output_names` order
 
 
 class ScoringEngine:
@@ -80,9 +74,11 @@ class ScoringEngine:
         store: BehaviorStore,
         registry: ModelRegistry,
         redis: RedisServer | None = None,
+        tracer: StageTracer | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.tracer = tracer
         self.store = store
         self.registry = registry
         self.pool = ModelPool(registry, self._runner, metrics)
@@ -106,7 +102,9 @@ class ScoringEngine:
         self._last_fallback_warning = -_FALLBACK_WARNING_INTERVAL_S
 
     @classmethod
-    async def open(cls, settings: Settings, metrics: ServiceMetrics) -> ScoringEngine:
+    async def open(
+        cls, settings: Settings, metrics: ServiceMetrics, tracer: StageTracer | None = None
+    ) -> ScoringEngine:
         """Starts everything: the store (an embedded redis-server when no URL is set), the
         models, the routing file's versions and the reload poller. A routing file that does
         not parse or names missing models stops it here, with nothing left running."""
@@ -127,7 +125,7 @@ class ScoringEngine:
             s.session_threads(),
             s.strict_versions,
         )
-        engine = cls(settings, metrics, store, registry, redis)
+        engine = cls(settings, metrics, store, registry, redis, tracer)
         try:
             await engine.reloader.start(routing, specs)
         except BaseException:
@@ -210,7 +208,8 @@ class ScoringEngine:
         try:
             # No await between resolving the handle and entering its queue (submit admits
             # before its first suspension): a swap cannot retire the handle in between.
-            scored: _Scored = await handle.runner.submit(
+            submitted = time.monotonic()
+            scored: Scored = await handle.runner.submit(
                 request, len(request.candidates), request.deadline
             )
         finally:
@@ -219,6 +218,7 @@ class ScoringEngine:
                 self.primary_idle.set()
         source = scored.request.history_source
         self.metrics.history_source.labels(source).inc()
+        self._observe_stages(scored.timing, submitted, handle.model)
         model = handle.model
         after: Callable[[], None] | None = None
         if route.shadow is not None and self.shadow.sampled(route.shadow):
@@ -247,6 +247,16 @@ class ScoringEngine:
             ctcvr_scores=columns.get(CTCVR_SCORES),
         )
 
+    def _observe_stages(self, timing: BatchTiming, submitted: float, model: LoadedModel) -> None:
+        """The request's share of its batch's stages: the histogram, and spans when tracing."""
+        stages = self.metrics.stages
+        if timing.read is not None:
+            stages["history"].observe(timing.read.seconds)
+        stages["encode"].observe(timing.encode.seconds)
+        stages["infer"].observe(timing.infer.seconds)
+        if self.tracer is not None:
+            self.tracer.record_batch(timing, submitted, model.name, model.version)
+
     def _observe_predictions(self, model: LoadedModel, scores: np.ndarray) -> None:
         if scores.shape[0] == 0:  # an empty slate predicts nothing
             return
@@ -255,7 +265,10 @@ class ScoringEngine:
 
     def _offer_shadow(self, spec: ShadowSpec, job: ShadowJob) -> None:
         """Queues the shadow copy (called once the primary's response has been sent)."""
+        start = time.monotonic()
         self.shadow.offer(spec, job, self.pool.shadow_target(spec, self.shadow.worker_for))
+        if self.tracer is not None:
+            self.tracer.shadow_copy(spec.model, start)
 
     def _missing(self, route: Route) -> Exception:
         """A client naming an unknown model gets 404; anything routing chose is ours (503)."""
@@ -292,6 +305,14 @@ class ScoringEngine:
                 s.history_cap,
                 s.history_cap,
             )
+        work = BatchWork(
+            model,
+            self._read_histories,
+            lambda: max(model.history_len, self.history_floor),
+            self.metrics,
+        )
+        if s.naive:
+            return UnbatchedRunner(model.name, work.infer_naive, work.prepare, s.retry_after_s)
         config = BatcherConfig(
             s.batch_max_candidates,
             s.queue_max_requests,
@@ -301,83 +322,18 @@ class ScoringEngine:
         )
         calibration = self.registry.calibrations.get((model.name, model.version))
         cost = CostModel(calibration.a, calibration.b) if calibration is not None else None
-
-        async def prepare(requests: list[ScoringRequest]) -> list[ScoringRequest]:
-            return await self._prepare(model, requests)
-
-        def infer(requests: list[ScoringRequest]) -> list[_Scored | Exception]:
-            return self._infer(model, requests)
-
-        def infer_naive(requests: list[ScoringRequest]) -> list[_Scored]:
-            start = time.perf_counter()
-            scored = [_Scored(r, score_per_candidate(model, r)) for r in requests]
-            elapsed = time.perf_counter() - start
-            self.metrics.inference_duration.labels(model.name, str(model.version)).observe(elapsed)
-            return scored
-
-        if s.naive:
-            return UnbatchedRunner(model.name, infer_naive, prepare, s.retry_after_s)
         observer = self.metrics.observer(model.name)
-        return Batcher(model.name, infer, prepare, config, observer, cost)
+        return Batcher(model.name, work.infer, work.prepare, config, observer, cost)
 
-    async def _prepare(
-        self, model: LoadedModel, requests: list[ScoringRequest]
-    ) -> list[ScoringRequest]:
-        """Histories for a batch: inline ones as sent, the rest from one store round trip (or
-        empty, `fallback`, when the store does not answer in time)."""
-        wanted = [r.user_id for r in requests if r.history is None]
-        if not wanted:
-            return requests
-        stored: dict[str, list[tuple[str, str]]] = {}
-        source: HistorySource = "redis"
-        start = time.perf_counter()
+    async def _read_histories(
+        self, users: list[str], limit: int
+    ) -> tuple[dict[str, list[tuple[str, str]]], HistorySource]:
+        """Stored histories of a batch's users; empty ones (`fallback`) when Redis fails."""
         try:
-            read = self.store.recent(wanted, max(model.history_len, self.history_floor))
-            stored = await self._store_call("read", read)
+            return await self._store_call("read", self.store.recent(users, limit)), "redis"
         except StoreUnavailable as exc:
             self._warn_fallback(exc)
-            source = "fallback"
-        _observe_each(self.metrics.stages["history"], time.perf_counter() - start, len(wanted))
-        return [
-            r
-            if r.history is not None
-            else dataclasses.replace(r, history=stored.get(r.user_id, []), history_source=source)
-            for r in requests
-        ]
-
-    def _infer(
-        self, model: LoadedModel, requests: list[ScoringRequest]
-    ) -> list[_Scored | Exception]:
-        """Runs in the model's worker thread. If the batch fails, each request is retried on
-        its own, so one request that breaks the model cannot fail the others of its batch."""
-        try:
-            return list(self._infer_batch(model, requests))
-        except Exception:
-            if len(requests) == 1:
-                raise
-            log.exception("batch of %d failed; scoring its requests one by one", len(requests))
-        results: list[_Scored | Exception] = []
-        for request in requests:
-            try:
-                results += self._infer_batch(model, [request])
-            except Exception as exc:
-                results.append(exc)
-        return results
-
-    def _infer_batch(self, model: LoadedModel, requests: list[ScoringRequest]) -> list[_Scored]:
-        """encode, ORT run, split."""
-        t0 = time.perf_counter()
-        feeds = model.encode(requests)
-        t1 = time.perf_counter()
-        flat = model.run(feeds)
-        t2 = time.perf_counter()
-        parts = model.split(requests, flat)
-        t3 = time.perf_counter()
-        self.metrics.encode_duration.labels(model.name).observe(t1 - t0)
-        self.metrics.inference_duration.labels(model.name, str(model.version)).observe(t2 - t1)
-        _observe_each(self.metrics.stages["encode"], t1 - t0, len(requests))
-        _observe_each(self.metrics.stages["infer"], t3 - t1, len(requests))
-        return [_Scored(r, part) for r, part in zip(requests, parts, strict=True)]
+            return {}, "fallback"
 
     def _warn_fallback(self, exc: StoreUnavailable) -> None:
         """At most one warning per interval: an outage must not flood the log."""
@@ -400,13 +356,6 @@ class ScoringEngine:
         elapsed = time.perf_counter() - start
         self.metrics.store_duration.labels(operation, outcome).observe(elapsed)
         self.metrics.dependency_up.labels("redis").set(1 if outcome == "ok" else 0)
-
-
-def _observe_each(histogram: Histogram, seconds: float, requests: int) -> None:
-    """A batch-level stage counts once for every request it delayed (the stage histogram is
-    per request)."""
-    for _ in range(requests):
-        histogram.observe(seconds)
 
 
 def _start_embedded_redis() -> RedisServer:

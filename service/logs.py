@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -26,10 +27,23 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+# Set by `service.tracing` when tracing is on: the current trace id, for every JSON line.
+_trace_id_source: Callable[[], str | None] | None = None
+
+
+def set_trace_id_source(source: Callable[[], str | None]) -> None:
+    global _trace_id_source
+    _trace_id_source = source
+
+
 class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "request_id", None) is None:
             record.request_id = request_id_var.get()
+        if _trace_id_source is not None and getattr(record, "trace_id", None) is None:
+            trace_id = _trace_id_source()
+            if trace_id is not None:
+                record.trace_id = trace_id
         return True
 
 

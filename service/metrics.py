@@ -25,7 +25,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from runtime.feeds import SCORES  # torch- and onnxruntime-free
-from service.batcher import BatchObserver
+from service.scoring.batcher import BatchObserver
 
 LATENCY_BUCKETS = (
     0.0005,

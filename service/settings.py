@@ -112,12 +112,17 @@ class Settings(BaseSettings):
     max_request_timeout_ms: Annotated[float, Field(gt=0)] = 10_000.0  # X-Request-Timeout-Ms cap
     shed_status: Annotated[Literal[429, 503], BeforeValidator(int)] = 429  # queue-full status
     retry_after_s: Annotated[int, Field(ge=0)] = 1
-    # benchmark baseline only (service.naive): no batching, history repeated per candidate
+    # benchmark baseline only (service.scoring.naive): no batching, history repeated per candidate
     naive: bool = False
 
     # --- security ---
     ingest_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    # --- tracing (service.tracing) ---
+    # OTLP/HTTP collector, e.g. http://otel-collector:4318; unset: OTEL_EXPORTER_OTLP_ENDPOINT,
+    # and with neither no tracing at all (nothing of OpenTelemetry is imported)
+    otel_endpoint: str | None = None
 
     # --- process ---
     host: str = "127.0.0.1"

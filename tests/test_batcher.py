@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from service.batcher import (
+from service.scoring.batcher import (
     Batcher,
     BatcherConfig,
     BatchObserver,
@@ -408,10 +408,10 @@ def test_a_calibrated_batcher_refuses_at_once_what_it_cannot_finish_even_when_id
         batcher = Batcher("m", model.infer, Prepares(), BatcherConfig(), observer, cost)
         batcher.start()
         start = time.perf_counter()
-        with pytest.raises(Overloaded):  # 20 candidates need 200 ms; the budget is 50 ms
-            await batcher.submit(20, 20, _later(0.05))
+        with pytest.raises(Overloaded):  # 20 candidates need 200 ms; the budget is 150 ms
+            await batcher.submit(20, 20, _later(0.15))
         assert time.perf_counter() - start < 0.02 and model.batches == []
-        assert await batcher.submit(2, 2, _later(0.05)) == 2  # 20 ms of work: it fits
+        assert await batcher.submit(2, 2, _later(0.15)) == 2  # 20 ms of work: it fits
         assert observer.rejects == ["overloaded"]
         await batcher.stop()
 

@@ -18,7 +18,6 @@ import httpx
 import pytest
 from service_support import run
 
-from service.batcher import DeadlineExceeded, QueueFull
 from service.contracts import (
     Event,
     HistoryItem,
@@ -36,6 +35,7 @@ from service.contracts import (
 )
 from service.http.api import build_app
 from service.metrics import ServiceMetrics
+from service.scoring.batcher import DeadlineExceeded, QueueFull
 from service.settings import Settings
 
 
@@ -105,7 +105,7 @@ class FakeEngine:
 
 
 async def _client(engine: FakeEngine, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
-    async def open_engine(_: Settings, __: ServiceMetrics) -> FakeEngine:
+    async def open_engine(_: Settings, __: ServiceMetrics, ___: object) -> FakeEngine:
         return engine
 
     app = build_app(Settings(**settings), open_engine=open_engine)

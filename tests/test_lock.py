@@ -27,7 +27,7 @@ from loadtest.gpu.bundle import read_lock as read_pins
 
 LOCKS = ROOT / "requirements"
 # The extras `make test` installs (bench has a venv of its own: nvidia-pytriton pins numpy<2).
-DEV_EXTRAS = ("train", "serve", "dev", "loadtest")
+DEV_EXTRAS = ("train", "serve", "tracing", "dev", "loadtest")
 
 
 def read_lock(path: Path) -> dict[str, Pin]:
@@ -155,9 +155,9 @@ def _installs_only_the_lock(stage: str, lock: str) -> None:
 def test_the_serving_image_installs_exactly_the_serve_lock() -> None:
     _installs_only_the_lock("serve-builder", "serve.txt")
     serve = read_lock(LOCKS / "serve.txt")
-    # Every package the base + serve extra pull in is pinned there (this Python's view; the
-    # lock is universal, so the image's Python has its own lines), and no torch.
-    missing = closure(requested(["serve"])) - set(serve)
+    # Every package the base + serve + tracing extras pull in is pinned there (this Python's
+    # view; the lock is universal, so the image's Python has its own lines), and no torch.
+    missing = closure(requested(["serve", "tracing"])) - set(serve)
     assert not missing, f"the serving image would install these unpinned: {sorted(missing)}"
     assert {"onnxruntime-gpu", "fastapi", "uvicorn", "redis", "prometheus-client"} <= set(serve)
     assert not {"torch", "safetensors", "scikit-learn"} & set(serve)

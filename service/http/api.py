@@ -13,7 +13,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -25,21 +25,31 @@ from service.http.middleware import RequestContextMiddleware
 from service.http.routes import router
 from service.metrics import ServiceMetrics
 from service.settings import Settings
+from service.tracing import StageTracer, setup_tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 # Builds a started engine (`ScoringEngine.open`); tests pass a fake one to test the HTTP layer.
-OpenEngine = Callable[[Settings, ServiceMetrics], Awaitable[Engine]]
+OpenEngine = Callable[[Settings, ServiceMetrics, StageTracer | None], Awaitable[Engine]]
 
 
-def build_app(settings: Settings | None = None, open_engine: OpenEngine | None = None) -> FastAPI:
+def build_app(
+    settings: Settings | None = None,
+    open_engine: OpenEngine | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """The app; `tracer_provider` traces without an endpoint (tests: an in-memory exporter)."""
     settings = settings or Settings()
     metrics = ServiceMetrics()
     opener = open_engine or ScoringEngine.open
+    tracer: StageTracer | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _warn_open_scopes(settings)
-        engine = await opener(settings, metrics)
+        engine = await opener(settings, metrics, tracer)
         app.state.engine = engine
         # What start-up built lives as long as the process: out of the cyclic collector's
         # way, a full collection no longer stops the event loop for 60-120 ms once every
@@ -65,6 +75,7 @@ def build_app(settings: Settings | None = None, open_engine: OpenEngine | None =
     app.add_middleware(RequestContextMiddleware, metrics=metrics, settings=settings)
     app.include_router(router)
     app.include_router(management_router)
+    tracer = setup_tracing(app, settings, tracer_provider)
     app.openapi = _with_configured_limits(app.openapi, settings)  # type: ignore[method-assign]
     return app
 

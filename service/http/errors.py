@@ -19,10 +19,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from service.batcher import DeadlineExceeded, Rejected
 from service.engine import ModelUnavailable, UnknownModel
 from service.logs import request_id_var
 from service.reload import ReloadFailed
+from service.scoring.batcher import DeadlineExceeded, Rejected
 from service.store.behavior import StoreUnavailable
 
 log = logging.getLogger(__name__)

@@ -32,10 +32,10 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.batcher import Overloaded
 from service.http.errors import error_response
 from service.logs import request_id_var
 from service.metrics import ServiceMetrics
+from service.scoring.batcher import Overloaded
 from service.settings import Settings
 
 access_log = logging.getLogger("service.access")

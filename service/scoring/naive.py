@@ -20,7 +20,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from runtime.loader import LoadedModel, ScoringRequest
-from service.batcher import DeadlineExceeded, Draining
+from service.scoring.batcher import DeadlineExceeded, Draining
 
 Req = TypeVar("Req")
 Prep = TypeVar("Prep")
