@@ -171,8 +171,12 @@ def export_graph(
     spec: GraphSpec,
     exporter: Exporter = "torchscript",
     opset: int = OPSET,
+    custom_opsets: dict[str, int] | None = None,
 ) -> int:
-    """Writes one self-contained .onnx file (weights inline) and checks it; returns the opset."""
+    """Writes one self-contained .onnx file (weights inline) and checks it; returns the opset.
+
+    `custom_opsets` declares the domains of custom-op placeholder nodes (TorchScript only;
+    `onnx.checker` accepts such nodes, it cannot infer their shapes)."""
     path = Path(path)
     # The exporter restores the module's *own* mode afterwards, recursively: a wrapper left in
     # training mode would switch the wrapped model (Dice!) to batch statistics after export.
@@ -193,6 +197,7 @@ def export_graph(
                 output_names=list(spec.outputs),
                 dynamic_axes=spec.dynamic_axes,
                 do_constant_folding=True,
+                custom_opsets=custom_opsets,
             )
         elif exporter == "dynamo":
             opset = max(opset, DYNAMO_OPSET)
@@ -211,16 +216,6 @@ def export_graph(
             raise ValueError(f"unknown exporter {exporter!r}: torchscript or dynamo")
     onnx.checker.check_model(str(path), full_check=True)
     return opset
-
-
-def export_behavior(
-    model: BehaviorModel, path: Path, num_context: int, exporter: Exporter = "torchscript"
-) -> tuple[nn.Module, int]:
-    """Exports a behaviour model's slate-shared graph; returns (the traced module, opset)."""
-    spec = behavior_graph(model.tasks)
-    graph = SlateScoringGraph(serving_copy(model))  # type: ignore[arg-type]
-    opset = export_graph(graph, example_behavior_inputs(num_context), path, spec, exporter)
-    return graph, opset
 
 
 def describe_graph(path: Path) -> dict[str, list[dict[str, Any]]]:

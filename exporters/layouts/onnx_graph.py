@@ -1,0 +1,218 @@
+"""Graph surgery for the serving layouts: a small `onnx.helper` builder, swapping one named
+node of an exported graph for a subgraph, and moving a graph's per-candidate part into a Loop.
+
+Why surgery and not tracing: a traced PyTorch module cannot produce an ONNX `Loop` whose body
+reads a user's tensors in place (scripted loops are a deprecated path, `torch.cond`/scan
+lowering is not up to it). So a serving module marks its per-candidate core with ONE
+placeholder node (an `autograd.Function` with a `symbolic`), the exporter writes that graph,
+and `replace_node` swaps the node for standard ops. Surgery on one named node is stable across
+torch versions; pattern-matching whole exported graphs, whose node names change with the
+exporter, would not be.
+
+ONNX Runtime facts the transforms rely on (measured, docs/export.md):
+* a Loop body reads outer-scope tensors in place; every Gather/Slice inside a body copies;
+* scan outputs are stacked, so every iteration must produce the same shape (equal chunks);
+* a Loop with 0 trips cannot know its scan-output shape: force at least one trip;
+* a subgraph value may not shadow an outer name.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+CANDIDATE_INPUTS = ("cand_items", "cand_cats", "cand_user_index")
+_ids = itertools.count()
+
+
+class GraphBuilder:
+    """Collects the nodes of one graph or Loop body; every value gets a fresh unique name."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+
+    def fresh(self, hint: str) -> str:
+        return f"{self.prefix}/{hint}_{next(_ids)}"
+
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        outputs: Sequence[str] | None = None,
+        hint: str | None = None,
+        **attrs: Any,
+    ) -> str:
+        """Adds one node; returns its (first) output name."""
+        outs = list(outputs) if outputs is not None else [self.fresh(hint or op_type)]
+        node = helper.make_node(op_type, list(inputs), outs, name=self.fresh(op_type), **attrs)
+        self.nodes.append(node)
+        return outs[0]
+
+    def const(self, value: np.ndarray) -> str:
+        """A Constant node (legal inside Loop bodies, unlike graph initializers)."""
+        out = self.fresh("const")
+        self.op("Constant", [], [out], value=numpy_helper.from_array(value, out))
+        return out
+
+    def i64(self, *values: int) -> str:
+        """A 1-D int64 constant (axes, shapes, pads)."""
+        return self.const(np.array(values, dtype=np.int64))
+
+    def scalar(self, value: int) -> str:
+        """A 0-D int64 constant."""
+        return self.const(np.array(value, dtype=np.int64))
+
+    def dim(self, tensor: str, axis: int) -> str:
+        """A 0-D int64: the size of `tensor` along `axis`."""
+        return self.op("Gather", [self.op("Shape", [tensor]), self.scalar(axis)], axis=0)
+
+
+def value_info(name: str, elem: int = TensorProto.FLOAT, rank: int | None = None) -> Any:
+    """A graph input/output declaration of unknown dims (rank None: unknown rank)."""
+    return helper.make_tensor_value_info(name, elem, None if rank is None else [None] * rank)
+
+
+def loop_body(
+    builder: GraphBuilder,
+    counter: str,
+    carried: Sequence[Any],
+    outputs: Sequence[Any],
+) -> onnx.GraphProto:
+    """A Loop body graph: inputs (iteration, condition, *carried), outputs (condition, ...).
+
+    The condition is passed through unchanged: these Loops run a fixed trip count."""
+    cond_in, cond_out = builder.fresh("cond_in"), builder.fresh("cond_out")
+    builder.op("Identity", [cond_in], [cond_out])
+    return helper.make_graph(
+        builder.nodes,
+        builder.prefix,
+        [
+            value_info(counter, TensorProto.INT64, 0),
+            value_info(cond_in, TensorProto.BOOL, 0),
+            *carried,
+        ],
+        [value_info(cond_out, TensorProto.BOOL, 0), *outputs],
+    )
+
+
+def replace_node(
+    model: onnx.ModelProto,
+    op_type: str,
+    build: Callable[[GraphBuilder, list[str], list[str]], None],
+) -> onnx.ModelProto:
+    """A copy of `model` where its single `op_type` node is replaced by what
+    `build(builder, node_inputs, node_outputs)` adds (which must write the node's output
+    names). Custom opset imports no longer used are dropped."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    where = [i for i, node in enumerate(graph.node) if node.op_type == op_type]
+    if len(where) != 1:
+        raise ValueError(f"expected one {op_type} node, found {len(where)}")
+    node = graph.node[where[0]]
+    builder = GraphBuilder(op_type)
+    build(builder, list(node.input), list(node.output))
+    nodes = [*graph.node[: where[0]], *builder.nodes, *graph.node[where[0] + 1 :]]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {n.domain for n in graph.node}
+    keep = [o for o in out.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    del out.opset_import[:]
+    out.opset_import.extend(keep)
+    return out
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names that a node's subgraphs (If/Loop bodies) read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            produced = {i.name for i in g.input} | {o for n in g.node for o in n.output}
+            for n in g.node:
+                names |= {i for i in n.input if i and i not in produced}
+                names |= _subgraph_reads(n) - produced
+    return names
+
+
+def _split_by_candidates(graph: onnx.GraphProto) -> tuple[list[onnx.NodeProto], list[Any]]:
+    """(nodes that depend on no candidate input, nodes that do), in graph order."""
+    tainted = set(CANDIDATE_INPUTS) & {i.name for i in graph.input}
+    outer, inner = [], []
+    for node in graph.node:
+        if (set(node.input) | _subgraph_reads(node)) & tainted:
+            inner.append(node)
+            tainted |= set(node.output)
+        else:
+            outer.append(node)
+    missing = [o.name for o in graph.output if o.name not in tainted]
+    if missing:
+        raise ValueError(f"outputs {missing} do not depend on the candidates")
+    return outer, inner
+
+
+def _chunk_count(b: GraphBuilder, n: str, chunk: int) -> tuple[str, str]:
+    """T = max(1, ⌈N / chunk⌉) trips of c = max(1, ⌈N / T⌉) candidates: padding < T."""
+    one, cap = b.scalar(1), b.scalar(chunk)
+    trips = b.op("Max", [b.op("Div", [b.op("Sub", [b.op("Add", [n, cap]), one]), cap]), one])
+    size = b.op("Max", [b.op("Div", [b.op("Sub", [b.op("Add", [n, trips]), one]), trips]), one])
+    return trips, size
+
+
+def chunk_candidates(model: onnx.ModelProto, chunk: int) -> onnx.ModelProto:
+    """The CPU form of a batched graph: every node that depends on a candidate input moves
+    into one Loop over T equal chunks of at most `chunk` candidates, so each iteration's
+    intermediates stay in cache; user-side nodes stay outside and are read in place.
+
+    The candidate inputs are padded to T·c with zeros (PAD items of user 0: valid indices
+    whatever the batch; their results are cut off), so every iteration has the same shape."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    outer, inner = _split_by_candidates(g)
+    cand = sorted(set(CANDIDATE_INPUTS) & {i.name for i in g.input})
+    b = GraphBuilder("chunk")
+    n = b.dim("cand_user_index", 0)
+    trips, size = _chunk_count(b, n, chunk)
+    size1 = b.op("Unsqueeze", [size, b.i64(0)])
+    pad = b.op("Unsqueeze", [b.op("Sub", [b.op("Mul", [trips, size]), n]), b.i64(0)])
+    pads = b.op("Concat", [b.i64(0), pad], axis=0)
+    padded = {name: b.op("Pad", [name, pads], mode="constant") for name in cand}
+
+    body = GraphBuilder("chunk/body")
+    counter = body.fresh("iter")
+    start = body.op("Mul", [body.op("Unsqueeze", [counter, body.i64(0)]), size1])
+    stop = body.op("Add", [start, size1])
+    rename = {
+        name: body.op("Slice", [padded[name], start, stop, body.i64(0)], hint=name) for name in cand
+    }
+    outs = [o.name for o in g.output]
+    rename.update({o: f"{o}/chunk" for o in outs})  # no body name may shadow an outer one
+    for node in inner:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for k, name in enumerate(copy.input):
+            copy.input[k] = rename.get(name, name)
+        for k, name in enumerate(copy.output):
+            copy.output[k] = rename.get(name, name)
+        body.nodes.append(copy)
+    results = [
+        helper.make_tensor_value_info(f"{o.name}/chunk", o.type.tensor_type.elem_type, None)
+        for o in g.output
+    ]
+    graph = loop_body(body, counter, [], results)
+    stacked = [f"{o}/stacked" for o in outs]
+    b.op("Loop", [trips, ""], stacked, body=graph)
+    for o, s in zip(outs, stacked, strict=True):
+        flat = b.op("Reshape", [s, b.i64(-1)])  # [T·c]
+        b.op("Slice", [flat, b.i64(0), b.op("Unsqueeze", [n, b.i64(0)]), b.i64(0)], [o])
+    del g.node[:]
+    g.node.extend(outer + b.nodes)
+    del g.value_info[:]
+    return out
