@@ -15,24 +15,24 @@
 #define CAT2(a, b) a##b
 #define CAT(a, b) CAT2(a, b)
 
-/* C[M, W] += A[M, K] · B[K, ldb] for the W = NBV·V columns at C + j, B + j (register block
- * of 4 rows × NBV vectors). */
-#define GEMM_BLOCK(NBV)                                                                   \
+/* C[M, W] += A[M, K] · B[K, ldb] for the W = NBV·V columns at C + j, B + j: register blocks
+ * of MR rows × NBV vectors (MR·NBV accumulators + NBV loads + 1 broadcast ≤ 16 registers). */
+#define GEMM_BLOCK(NBV, MR)                                                               \
   do {                                                                                    \
     int64_t i = 0;                                                                        \
-    for (; i + 4 <= M; i += 4) {                                                          \
-      VEC c[4][NBV];                                                                      \
-      for (int r = 0; r < 4; ++r)                                                         \
+    for (; i + MR <= M; i += MR) {                                                        \
+      VEC c[MR][NBV];                                                                     \
+      for (int r = 0; r < MR; ++r)                                                        \
         for (int v = 0; v < NBV; ++v) c[r][v] = *(const VEC*)(C + (i + r) * ldc + j + v * V); \
       for (int64_t k = 0; k < K; ++k) {                                                   \
         VEC b[NBV];                                                                       \
         for (int v = 0; v < NBV; ++v) b[v] = *(const VEC*)(B + k * N + j + v * V);        \
-        for (int r = 0; r < 4; ++r) {                                                     \
+        for (int r = 0; r < MR; ++r) {                                                    \
           const float a = A[(i + r) * lda + k];                                           \
           for (int v = 0; v < NBV; ++v) c[r][v] += a * b[v];                              \
         }                                                                                 \
       }                                                                                   \
-      for (int r = 0; r < 4; ++r)                                                         \
+      for (int r = 0; r < MR; ++r)                                                        \
         for (int v = 0; v < NBV; ++v) *(VEC*)(C + (i + r) * ldc + j + v * V) = c[r][v];   \
     }                                                                                     \
     for (; i < M; ++i) {                                                                  \
@@ -50,8 +50,8 @@
 static inline void CAT(FN, _gemm)(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                                   const float* B, float* C, int64_t ldc) {
   int64_t j = 0;
-  for (; j + 16 <= N; j += 16) GEMM_BLOCK(16 / V);
-  if (j < N) GEMM_BLOCK(8 / V); /* one 8-wide tail */
+  for (; j + 16 <= N; j += 16) GEMM_BLOCK(16 / V, (V == 8 ? 6 : 3));
+  if (j < N) GEMM_BLOCK(8 / V, (V == 8 ? 8 : 6)); /* one 8-wide tail */
 }
 #undef GEMM_BLOCK
 

@@ -40,16 +40,9 @@ static inline VEC CAT(FN, _sigmoid)(VEC z) {
   p = p * r2 + r + 1.0f;
   VECI bits = (ti + 127) << 23;
   VEC e = p * (VEC)bits; /* 2^n via the exponent field (n in [-127, 128)) */
-#ifdef VRCP /* 1/(1+e): reciprocal estimate + two Newton steps (rel. error < 1e-7), no divide */
-  const VEC den = 1.0f + e;
-  VEC inv = VRCP(den);
-  inv = inv * (2.0f - den * inv);
-  inv = inv * (2.0f - den * inv);
-  const VECI huge = den > (VEC){0} + 1e30f; /* e = inf or huge: σ = 0 (not inf·0 = NaN) */
-  return (VEC)((VECI)inv & ~huge);
-#else
+  /* 1/(1+e) as a true division: as fast here as a reciprocal estimate with two Newton steps
+   * (measured, SARN and DIN kernels), and exact; e = inf gives exactly 0, never NaN. */
   return 1.0f / (1.0f + e);
-#endif
 }
 
 #ifndef NV

@@ -44,7 +44,6 @@ typedef float v4f __attribute__((vector_size(16)));
 #define VECI v4i
 #define V 4
 #define VMAX(a, b) ((v4f)_mm_max_ps((__m128)(a), (__m128)(b)))
-#define VRCP(a) ((v4f)_mm_rcp_ps((__m128)(a)))
 #include "sarn_pool_impl.h"
 #include "din_attention_impl.h"
 #undef FN
@@ -52,7 +51,6 @@ typedef float v4f __attribute__((vector_size(16)));
 #undef VECI
 #undef V
 #undef VMAX
-#undef VRCP
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -63,7 +61,6 @@ typedef float v8f __attribute__((vector_size(32)));
 #define VECI v8i
 #define V 8
 #define VMAX(a, b) ((v8f)_mm256_max_ps((__m256)(a), (__m256)(b)))
-#define VRCP(a) ((v8f)_mm256_rcp_ps((__m256)(a)))
 #include "sarn_pool_impl.h"
 #include "din_attention_impl.h"
 #undef FN
@@ -71,7 +68,6 @@ typedef float v8f __attribute__((vector_size(32)));
 #undef VECI
 #undef V
 #undef VMAX
-#undef VRCP
 #pragma GCC pop_options
 
 #else /* portable vector extensions (aarch64, ...) */
@@ -91,7 +87,6 @@ static inline v4f vmax_generic(v4f a, v4f b) {
 #undef VECI
 #undef V
 #undef VMAX
-#undef VRCP
 #endif
 
 static int use_avx2(void) {
