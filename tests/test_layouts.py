@@ -176,12 +176,12 @@ def test_the_sse2_kernels_match_too(written: dict[str, tuple[Path, list[GraphFil
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SARN model directory written by `ctr export`'s pipeline."""
+    """A SARN model directory written by `ctr export`'s pipeline, with its fp16 variant."""
     root = tmp_path_factory.mktemp("pipeline")
     data = root / "behavior.parquet"
     behaviour_frame(120, seed=0).to_parquet(data)
     run = make_run(root / "run", "sarn", data)
-    return export_run(run, root / "repo", ExportOptions(data=data)).directory
+    return export_run(run, root / "repo", ExportOptions(data=data, fp16=True)).directory
 
 
 def test_the_manifest_lists_every_graph_with_its_parity(repo: Path) -> None:
@@ -244,6 +244,13 @@ def test_the_loader_picks_the_graph_of_the_provider(
     manifest["format_version"] = 2
     (legacy / "manifest.json").write_text(json.dumps(manifest))
     assert open_model(legacy, providers=["CPUExecutionProvider"]).layout == "slate-shared"
+
+
+def test_the_fp16_variant_is_the_gpu_layout_converted(repo: Path) -> None:
+    variant = read_manifest(repo)["variants"]["fp16"]
+    assert variant["layout"] == BATCHED and variant["max_abs_diff_vs_fp32"] <= 2e-3
+    fp16 = open_model(repo, providers=["CPUExecutionProvider"], precision="fp16")
+    assert fp16.layout == BATCHED
 
 
 def test_an_empty_batch_never_reaches_a_graph(repo: Path) -> None:

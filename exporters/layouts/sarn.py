@@ -20,8 +20,8 @@ cand_user_index) -> u [N, D]`, which eager torch evaluates with the model's own 
 * `cpu-loop` (`build_loop`, standard ONNX): a Loop over users, and inside it a Loop over chunks
   of that user's candidates whose [c, H, L²] intermediates stay in L2; the bodies read the
   user's A = R P + P and masked cube Gm (channels first, [H|D, L²]) in place.
-* `batched` (`build_batched`, standard ONNX, no Loop: the GPU layout): A and Gm gathered per
-  candidate (broadcast when U = 1) and every candidate's planes computed at once.
+* `batched` (`build_batched`, standard ONNX, no control flow: the GPU layout): A and Gm
+  gathered per candidate and every candidate's planes computed at once.
 
 Both standard forms use Σ_k w2_k ReLU(a_k + q_k) = w2·max(a, −q) + w2·q, which saves one
 full-size pass. `SARNSlateShared` is the graph exported before these layouts (each user's
@@ -180,22 +180,16 @@ def _gate_pool(b: GraphBuilder, a: str, gm: str, neg_q: str, s: str, w2row: str)
 
 
 def build_batched(b: GraphBuilder, ins: list[str], outs: list[str]) -> None:
-    """GPU layout: every candidate at once over [N, H|D, L²]; when U == 1 an If broadcasts
-    the one user's planes instead of gathering N copies of them."""
+    """GPU layout: every candidate at once over its user's gathered planes [N, H|D, L²]. No
+    control flow at all (no If, no Loop): CUDA graphs refuse it, and the fp16 converter
+    misplaces the Casts of If branches."""
     x, rel, proj, mask, q, w2, b2, idx = ins
     a, gm = _user_planes(b, x, rel, proj, mask)
     neg_q, s = _candidate_terms(b, q, w2, b2)
     w2row = b.op("Unsqueeze", [w2, b.i64(0)])  # [1, H]
-
-    def branch(gather: bool) -> onnx.GraphProto:
-        sb = GraphBuilder(f"{OP}/{'gather' if gather else 'broadcast'}")
-        a_n = sb.op("Gather", [a, idx], axis=0) if gather else a  # [N|1, H, L²]
-        gm_n = sb.op("Gather", [gm, idx], axis=0) if gather else gm  # [N|1, D, L²]
-        out = sb.op("Relu", [_gate_pool(sb, a_n, gm_n, neg_q, s, w2row)])  # [N, D]
-        return helper.make_graph(sb.nodes, sb.prefix, [], [value_info(out, rank=2)])
-
-    one_user = b.op("Equal", [b.dim(x, 0), b.scalar(1)])
-    b.op("If", [one_user], outs, then_branch=branch(False), else_branch=branch(True))
+    a_n = b.op("Gather", [a, idx], axis=0)  # [N, H, L²]
+    gm_n = b.op("Gather", [gm, idx], axis=0)  # [N, D, L²]
+    b.op("Relu", [_gate_pool(b, a_n, gm_n, neg_q, s, w2row)], outs)  # [N, D]
 
 
 def _chunk_size(b: GraphBuilder, x: str) -> str:
