@@ -29,7 +29,7 @@ import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import onnx
 import torch
@@ -97,9 +97,22 @@ def task_probabilities(logits: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor, 
     return (probs[:, 0],)
 
 
+class SlateInputs(NamedTuple):
+    """The slate-shared feeds (`runtime.feeds.BEHAVIOR_INPUTS`), as one value."""
+
+    user: Tensor  # [U]
+    hist_items: Tensor  # [U, L]
+    hist_cats: Tensor  # [U, L]
+    context: Tensor  # [U, C]
+    cand_items: Tensor  # [N]
+    cand_cats: Tensor  # [N]
+    cand_user_index: Tensor  # [N]
+
+
 class SlateScoringGraph(nn.Module):
     """The behaviour models' serving graph: ragged slates in, probabilities [N] out (one
-    tensor per output of `behavior_graph(model.tasks)`)."""
+    tensor per output of `behavior_graph(model.tasks)`). `logits` is the model's own
+    `forward_slates`; the serving layouts (`exporters.layouts`) lay it out otherwise."""
 
     def __init__(self, model: BehaviorModel) -> None:
         super().__init__()
@@ -107,20 +120,12 @@ class SlateScoringGraph(nn.Module):
         self.tasks = model.tasks
         self.eval()
 
-    def forward(
-        self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        context: Tensor,
-        cand_items: Tensor,
-        cand_cats: Tensor,
-        cand_user_index: Tensor,
-    ) -> tuple[Tensor, ...]:
-        logits = self.model.forward_slates(
-            user, hist_items, hist_cats, context, cand_items, cand_cats, cand_user_index
-        )
-        return task_probabilities(logits, self.tasks)
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        return task_probabilities(self.logits(SlateInputs(*inputs)), self.tasks)
+
+    def logits(self, x: SlateInputs) -> Tensor:
+        """-> logits [N, T]."""
+        return self.model.forward_slates(*x)
 
 
 def serving_copy(model: nn.Module) -> nn.Module:

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exporters.onnx_export import task_probabilities
+from exporters.layouts.placeholder import placeholder
+from exporters.onnx_export import SlateInputs, SlateScoringGraph
 from models.nets.baselines import DIN, _history
 from models.nets.layers import Dice
-from runtime.ortops import DOMAIN
 
 OP = "DinAttentionPool"
 
@@ -67,24 +67,19 @@ def _units(model: DIN) -> list[nn.Module]:
     return list(model.attention.mlp.net)
 
 
-def _readout(
-    model: DIN, t: Tensor, hist: Tensor, interest: Tensor, ctx: Tensor, idx: Tensor
-) -> Tensor:
+def _readout(model: DIN, x: SlateInputs, t: Tensor, hist: Tensor, interest: Tensor) -> Tensor:
     """The model's output MLP on [t, Σh, t⊙Σh, interest, context] -> logits [N, T]."""
+    idx = x.cand_user_index
     total = hist.sum(dim=1).index_select(0, idx)  # [N, D]
-    ctx_n = ctx.index_select(0, idx)  # [N, C·d]
-    z = model.norm(torch.cat([t, total, t * total, interest, ctx_n], dim=-1))
+    ctx = model.context(x.context).index_select(0, idx)  # [N, C·d]
+    z = model.norm(torch.cat([t, total, t * total, interest, ctx], dim=-1))
     return model._task_logits(z, model.mlp(z))
 
 
-class DINSplit(nn.Module):
+class DINSplit(SlateScoringGraph):
     """DIN with the split first layer and channels-first Dice (standard ONNX ops)."""
 
-    def __init__(self, model: DIN) -> None:
-        super().__init__()
-        self.model = model
-        self.tasks = model.tasks
-        self.eval()
+    model: DIN
 
     def _right(self, t: Tensor) -> Tensor:
         """Per-candidate right matrices [N, 80, D+1] (module docstring), built directly."""
@@ -97,32 +92,22 @@ class DINSplit(nn.Module):
         row = F.linear(t, w_t - w_d, l1.bias)  # [N, 80]
         return torch.cat([mat, row[:, :, None]], dim=2)  # [N, 80, D+1]
 
-    def forward(
-        self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        context: Tensor,
-        cand_items: Tensor,
-        cand_cats: Tensor,
-        cand_user_index: Tensor,
-    ) -> tuple[Tensor, ...]:
-        m, idx = self.model, cand_user_index
-        hist, mask = _history(m.embed, hist_items, hist_cats)  # [U, L, D], [U, L]
-        t = m.embed(cand_items, cand_cats)  # [N, D]
+    def logits(self, x: SlateInputs) -> Tensor:
+        m, idx = self.model, x.cand_user_index
+        hist, mask = _history(m.embed, x.hist_items, x.hist_cats)  # [U, L, D], [U, L]
+        t = m.embed(x.cand_items, x.cand_cats)  # [N, D]
         h_aug = torch.cat([hist, torch.ones_like(hist[:, :, :1])], dim=-1)  # [U, L, D+1]
         left = h_aug.transpose(1, 2).index_select(0, idx)  # [N, D+1, L]
-        x = self._right(t) @ left  # [N, 80, L]: the first layer, channels first
+        z = self._right(t) @ left  # [N, 80, L]: the first layer, channels first
         for layer in _units(m)[1:]:  # Dice, Linear, ... down to one unit
             if isinstance(layer, Dice):
-                x = dice_channels_first(x, layer)
+                z = dice_channels_first(z, layer)
             else:
                 assert isinstance(layer, nn.Linear)
-                x = torch.matmul(layer.weight, x) + layer.bias[:, None]  # [N, C', L]
-        weights = x[:, 0] * mask.index_select(0, idx)  # [N, L]
+                z = torch.matmul(layer.weight, z) + layer.bias[:, None]  # [N, C', L]
+        weights = z[:, 0] * mask.index_select(0, idx)  # [N, L]
         interest = (weights[:, None, :] @ hist.index_select(0, idx))[:, 0]  # [N, D]
-        logits = _readout(m, t, hist, interest, m.context(context), idx)
-        return task_probabilities(logits, self.tasks)
+        return _readout(m, x, t, hist, interest)
 
 
 def dice_params(dice: Dice) -> Tensor:
@@ -148,56 +133,34 @@ def reference_pool(hist: Tensor, mask: Tensor, t: Tensor, idx: Tensor, *w: Tenso
     return (s.unsqueeze(-1) * h).sum(dim=1)
 
 
-class _DinPool(torch.autograd.Function):
-    """Eager: `reference_pool`. Export: one `slatectr::DinAttentionPool` node."""
-
-    @staticmethod
-    def forward(ctx: Any, *args: Tensor) -> Tensor:
-        return reference_pool(*args)
-
-    @staticmethod
-    def symbolic(g: Any, *args: Any) -> Any:
-        out = g.op(f"{DOMAIN}::{OP}", *args)
-        out.setType(args[2].type().with_sizes([None, None]))  # [N, D] float like t
-        return out
+_din_pool = placeholder(OP, reference_pool, like=2)  # [N, D] float, like t
 
 
-class DINFused(nn.Module):
+class DINFused(SlateScoringGraph):
     """DIN with its activation unit and weighted history sum as one custom-op node (the
     kernel covers the paper's unit: two hidden layers with Dice)."""
 
+    model: DIN
+
     def __init__(self, model: DIN) -> None:
-        super().__init__()
         if not self.supports(model):
             raise ValueError("the fused DIN kernel needs an activation unit of two hidden layers")
-        self.model = model
-        self.tasks = model.tasks
-        self.eval()
+        super().__init__(model)
 
     @staticmethod
     def supports(model: DIN) -> bool:
         return len(_units(model)) == 5  # Linear, Dice, Linear, Dice, Linear
 
-    def forward(
-        self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        context: Tensor,
-        cand_items: Tensor,
-        cand_cats: Tensor,
-        cand_user_index: Tensor,
-    ) -> tuple[Tensor, ...]:
-        m, idx = self.model, cand_user_index
+    def logits(self, x: SlateInputs) -> Tensor:
+        m = self.model
         l1, d1, l2, d2, l3 = _units(m)
         assert isinstance(l1, nn.Linear) and isinstance(l2, nn.Linear)
         assert isinstance(l3, nn.Linear) and isinstance(d1, Dice) and isinstance(d2, Dice)
-        hist, mask = _history(m.embed, hist_items, hist_cats)  # [U, L, D], [U, L]
-        t = m.embed(cand_items, cand_cats)  # [N, D]
+        hist, mask = _history(m.embed, x.hist_items, x.hist_cats)  # [U, L, D], [U, L]
+        t = m.embed(x.cand_items, x.cand_cats)  # [N, D]
         weights = (l1.weight, l1.bias, dice_params(d1), l2.weight, l2.bias, dice_params(d2))
-        interest = _DinPool.apply(hist, mask, t, idx, *weights, l3.weight[0], l3.bias)
-        logits = _readout(m, t, hist, interest, m.context(context), idx)
-        return task_probabilities(logits, self.tasks)
+        interest = _din_pool(hist, mask, t, x.cand_user_index, *weights, l3.weight[0], l3.bias)
+        return _readout(m, x, t, hist, interest)
 
 
 __all__ = ["DINFused", "DINSplit"]

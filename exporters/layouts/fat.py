@@ -25,30 +25,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from exporters.onnx_export import task_probabilities
+from exporters.onnx_export import SlateInputs, SlateScoringGraph
 from models.nets.fat import FAT, MASK_FILL, FATBlock
 from models.nets.hypernet import FieldWeights
 from runtime.features import PAD
 
 
-class FATSplit(nn.Module):
+class FATSplit(SlateScoringGraph):
     """A materialised FAT (`FAT.materialized()`) in the serving layout above."""
 
+    model: FAT
     head_sum: Tensor
 
     def __init__(self, model: FAT) -> None:
-        super().__init__()
         if not self.supports(model):
             raise ValueError(
                 "FATSplit covers a materialised FAT with target-attention pooling, "
                 "recent_tokens=0 and residual='single'"
             )
+        super().__init__(model)
         cfg = model.config
-        self.model = model
-        self.tasks = model.tasks
         head_sum = torch.repeat_interleave(torch.eye(cfg.heads), cfg.d // cfg.heads, 0)
         self.register_buffer("head_sum", head_sum, persistent=False)  # [d, H] 0/1
-        self.eval()
 
     @staticmethod
     def supports(model: FAT) -> bool:
@@ -128,29 +126,20 @@ class FATSplit(nn.Module):
         q, k, v = self._qkv(h, w, slice(None))
         return self._ffn(z, self._attend(q, k, v, block.attention.pair), block, w)
 
-    def forward(
-        self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        context: Tensor,
-        cand_items: Tensor,
-        cand_cats: Tensor,
-        cand_user_index: Tensor,
-    ) -> tuple[Tensor, ...]:
-        m, idx = self.model, cand_user_index
-        mask = (hist_items != PAD).to(m.history_projection.weight.dtype)  # [U, L]
-        hist = m._project_history(hist_items, hist_cats)  # [U, L, d]
-        users = [m.user_embedding(user)]  # [U, d] each, in field order
-        users += [emb(context[:, c]) for c, emb in enumerate(m.context_embeddings)]
-        pooled = self._pool(m._project_history(cand_items, cand_cats), hist, mask, idx)
-        cands = [pooled, m.item_embedding(cand_items), m.category_embedding(cand_cats)]
+    def logits(self, x: SlateInputs) -> Tensor:
+        m, idx = self.model, x.cand_user_index
+        mask = (x.hist_items != PAD).to(m.history_projection.weight.dtype)  # [U, L]
+        hist = m._project_history(x.hist_items, x.hist_cats)  # [U, L, d]
+        users = [m.user_embedding(x.user)]  # [U, d] each, in field order
+        users += [emb(x.context[:, c]) for c, emb in enumerate(m.context_embeddings)]
+        pooled = self._pool(m._project_history(x.cand_items, x.cand_cats), hist, mask, idx)
+        cands = [pooled, m.item_embedding(x.cand_items), m.category_embedding(x.cand_cats)]
         first, *rest = self._layers()
         z = self._first_block(torch.stack(users), torch.stack(cands), idx, first)  # [F, N, d]
         for block, weights in rest:
             z = self._block(z, block, weights)
         out = m.output_projection(z.sum(dim=0))  # [N, d]
-        return task_probabilities(m._task_logits(out, m.tower(out)), self.tasks)
+        return m._task_logits(out, m.tower(out))
 
 
 __all__ = ["FATSplit"]

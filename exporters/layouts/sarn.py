@@ -37,13 +37,13 @@ import onnx
 import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
-from torch import Tensor, nn
+from torch import Tensor
 
 from exporters.layouts.onnx_graph import GraphBuilder, loop_body, replace_node, value_info
-from exporters.onnx_export import task_probabilities
+from exporters.layouts.placeholder import placeholder
+from exporters.onnx_export import SlateInputs, SlateScoringGraph
 from models.nets.sarn import SARN
 from models.nets.sarn_ops import pairwise_channels_first, pairwise_max_pool, pairwise_relu_dot
-from runtime.ortops import DOMAIN
 
 OP = "SarnAttentivePool"
 # Inner chunk of the Loop layout: c = clamp(CELLS // L², 1, 8) candidates, so one pass over
@@ -69,82 +69,45 @@ def reference_pool(
     return pairwise_max_pool(weight, r, xm).clamp_min(0.0)  # [N, D]
 
 
-class _SarnPool(torch.autograd.Function):
-    """Eager: `reference_pool`. Export: one `slatectr::SarnAttentivePool` node."""
-
-    @staticmethod
-    def forward(ctx: Any, *args: Tensor) -> Tensor:
-        return reference_pool(*args)
-
-    @staticmethod
-    def symbolic(g: Any, *args: Any) -> Any:
-        out = g.op(f"{DOMAIN}::{OP}", *args)
-        out.setType(args[4].type().with_sizes([None, None]))  # [N, D] float like q
-        return out
+_sarn_pool = placeholder(OP, reference_pool, like=4)  # [N, D] float, like q
 
 
-class SARNServing(nn.Module):
+class SARNServing(SlateScoringGraph):
     """A trained SARN (weights shared, not copied) with its per-candidate core as one node."""
 
-    def __init__(self, model: SARN) -> None:
-        super().__init__()
-        self.model = model
-        self.tasks = model.tasks
-        self.eval()
+    model: SARN
 
-    def forward(
-        self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        context: Tensor,
-        cand_items: Tensor,
-        cand_cats: Tensor,
-        cand_user_index: Tensor,
-    ) -> tuple[Tensor, ...]:
-        m = self.model
-        s = m.encode_user(user, hist_items, hist_cats, context)
-        t = m._embed(cand_items, cand_cats)  # [N, D]
+    def logits(self, x: SlateInputs) -> Tensor:
+        m, idx = self.model, x.cand_user_index
+        s = m.encode_user(x.user, x.hist_items, x.hist_cats, x.context)
+        t = m._embed(x.cand_items, x.cand_cats)  # [N, D]
         gate = m.gate
         q = F.linear(t, gate.hidden.weight[:, : gate.dim], gate.hidden.bias)  # [N, H]
         pool_args = (s.x, s.relation, s.gate_proj, s.mask, q, gate.out.weight[0], gate.out.bias)
-        u = _SarnPool.apply(*pool_args, cand_user_index)  # [N, D]
-        mean, mx, ctx = (v.index_select(0, cand_user_index) for v in (s.mean, s.max, s.context))
-        return task_probabilities(m._output(t, u, mean, mx, ctx), self.tasks)
+        u = _sarn_pool(*pool_args, idx)  # [N, D]
+        mean, mx, ctx = (v.index_select(0, idx) for v in (s.mean, s.max, s.context))
+        return m._output(t, u, mean, mx, ctx)
 
 
-class SARNSlateShared(nn.Module):
+class SARNSlateShared(SlateScoringGraph):
     """The reference layout: each user's cube G and gate pre-activations W1_G G + b1 expanded
     once, channels first, and gathered per candidate ([N, H + D, L, L] per call)."""
 
-    def __init__(self, model: SARN) -> None:
-        super().__init__()
-        self.model = model
-        self.tasks = model.tasks
-        self.eval()
+    model: SARN
 
-    def forward(
-        self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        context: Tensor,
-        cand_items: Tensor,
-        cand_cats: Tensor,
-        cand_user_index: Tensor,
-    ) -> tuple[Tensor, ...]:
-        m = self.model
-        s = m.encode_user(user, hist_items, hist_cats, context)
+    def logits(self, x: SlateInputs) -> Tensor:
+        m, idx = self.model, x.cand_user_index
+        s = m.encode_user(x.user, x.hist_items, x.hist_cats, x.context)
         cube = pairwise_channels_first(s.relation, s.x, s.x)  # [U, D, L, L]
         gate_pre = m.gate.user_part(s.relation, s.gate_proj)  # [U, H, L, L]
-        t = m._embed(cand_items, cand_cats)  # [N, D]
-        gate = m.gate.from_user_part(gate_pre.index_select(0, cand_user_index), t)  # [N, L, L]
-        mask = s.mask.index_select(0, cand_user_index)  # [N, L]
+        t = m._embed(x.cand_items, x.cand_cats)  # [N, D]
+        gate = m.gate.from_user_part(gate_pre.index_select(0, idx), t)  # [N, L, L]
+        mask = s.mask.index_select(0, idx)  # [N, L]
         weight = (gate * mask[:, :, None]).unsqueeze(1)  # [N, 1, L, L] a_ij·m_i
-        cells = weight * cube.index_select(0, cand_user_index)  # [N, D, L, L]
+        cells = weight * cube.index_select(0, idx)  # [N, D, L, L]
         u = cells.amax(dim=(2, 3)).clamp_min(0.0)  # [N, D]
-        mean, mx, ctx = (v.index_select(0, cand_user_index) for v in (s.mean, s.max, s.context))
-        return task_probabilities(m._output(t, u, mean, mx, ctx), self.tasks)
+        mean, mx, ctx = (v.index_select(0, idx) for v in (s.mean, s.max, s.context))
+        return m._output(t, u, mean, mx, ctx)
 
 
 # ------------------------------------------------------------------ standard-ONNX forms

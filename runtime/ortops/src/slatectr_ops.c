@@ -150,6 +150,14 @@ static OrtStatus* input(OrtKernelContext* ctx, size_t index, ONNXTensorElementDa
   return input_of("SarnAttentivePool", ctx, index, type, rank, dims, data);
 }
 
+/* The op's one output, [N, D] float. */
+static OrtStatus* output_nd(OrtKernelContext* ctx, int64_t N, int64_t D, float** out) {
+  const int64_t dims[2] = {N, D};
+  OrtValue* value = NULL;
+  TRY(g_api->KernelContext_GetOutput(ctx, 0, dims, 2, &value));
+  return g_api->GetTensorMutableData(value, (void**)out);
+}
+
 static void* aligned(size_t bytes) {
   void* p = NULL;
   if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
@@ -198,11 +206,8 @@ static OrtStatus* ORT_API_CALL compute(void* op_kernel, OrtKernelContext* ctx) {
       dm[1] != L || dq[1] != H || dw[0] != H || db[0] != 1 || di[0] != N)
     return fail("SarnAttentivePool: inconsistent input shapes");
 
-  const int64_t out_dims[2] = {N, D};
-  OrtValue* out_value = NULL;
-  TRY(g_api->KernelContext_GetOutput(ctx, 0, out_dims, 2, &out_value));
   float* out = NULL;
-  TRY(g_api->GetTensorMutableData(out_value, (void**)&out));
+  TRY(output_nd(ctx, N, D, &out));
   if (N == 0) return NULL;
 
   int64_t *ustart = NULL, *order = NULL; /* candidates bucketed by user */
@@ -262,11 +267,8 @@ static OrtStatus* ORT_API_CALL din_compute(void* op_kernel, OrtKernelContext* ct
       dd1[0] != 3 || dd1[1] != A1 || dw2[1] != A1 || db2[0] != A2 || dd2[0] != 3 ||
       dd2[1] != A2 || dw3[0] != A2 || db3[0] != 1)
     return fail(DIN_OP ": inconsistent input shapes");
-  const int64_t out_dims[2] = {N, D};
-  OrtValue* out_value = NULL;
-  TRY(g_api->KernelContext_GetOutput(ctx, 0, out_dims, 2, &out_value));
   float* out = NULL;
-  TRY(g_api->GetTensorMutableData(out_value, (void**)&out));
+  TRY(output_nd(ctx, N, D, &out));
   if (N == 0) return NULL;
   int64_t *ustart = NULL, *order = NULL;
   TRY(bucket(DIN_OP, idx, N, U, &ustart, &order));
