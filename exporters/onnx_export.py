@@ -114,11 +114,19 @@ class SlateScoringGraph(nn.Module):
     tensor per output of `behavior_graph(model.tasks)`). `logits` is the model's own
     `forward_slates`; the serving layouts (`exporters.layouts`) lay it out otherwise."""
 
-    def __init__(self, model: BehaviorModel) -> None:
+    def __init__(self, model: BehaviorModel, per_user: bool = False) -> None:
         super().__init__()
         self.model = model
         self.tasks = model.tasks
+        # One user per call (U = 1; `exporters.layouts.onnx_graph.per_user_loop` loops over
+        # users around such a graph): user-side tensors broadcast, never gathered.
+        self.per_user = per_user
         self.eval()
+
+    def for_candidates(self, user_side: Tensor, idx: Tensor) -> Tensor:
+        """A user-side tensor [U, ...] row-aligned with the candidates: gathered [N, ...], or
+        for one user per call left as it is ([1, ...], broadcast by the ops that read it)."""
+        return user_side if self.per_user else user_side.index_select(0, idx)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         return task_probabilities(self.logits(SlateInputs(*inputs)), self.tasks)
@@ -137,14 +145,20 @@ def serving_copy(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def example_behavior_inputs(num_context: int) -> tuple[Tensor, ...]:
-    """Tracing inputs: U=3, L=5, N=7, all distinct and > 1 so no dynamic axis is specialised.
+def example_behavior_inputs(num_context: int, one_user: bool = False) -> tuple[Tensor, ...]:
+    """Tracing inputs: U=3, L=5, N=7, all distinct and > 1 so no dynamic axis is specialised
+    (`one_user`: U=1, every candidate of user 0, for a `per_user` serving module).
 
     Ids are OOV (1) and PAD (0), the only indices every table has; the values do not shape
     the trace (no data-dependent control flow), the parity check covers real ids.
     """
     hist = torch.ones(3, 5, dtype=torch.long)
     hist[0, 3:] = 0  # one padded row so the mask path is traced with data
+    if one_user:
+        zeros = torch.zeros(7, dtype=torch.long)
+        return (torch.ones(1, dtype=torch.long), hist[:1], hist[:1].clone(),
+                torch.ones(1, num_context, dtype=torch.long), torch.ones(7, dtype=torch.long),
+                torch.ones(7, dtype=torch.long), zeros)  # fmt: skip
     return (
         torch.ones(3, dtype=torch.long),  # user [U]
         hist,  # hist_items [U, L]

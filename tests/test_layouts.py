@@ -42,7 +42,7 @@ TINY = {
     "fat": {"d": 8, "heads": 2, "d_ff": 8, "num_bases": 4, "meta_dim": 4, "top_k": 2,
             "attention_hidden": 6, "tower_hidden": 6},
 }  # fmt: skip
-LAYOUTS = {"sarn": [FUSED, LOOP, BATCHED], "din": [FUSED, LOOP, BATCHED], "fat": [BATCHED]}
+LAYOUTS = {"sarn": [FUSED, LOOP, BATCHED], "din": [FUSED, LOOP, BATCHED], "fat": [LOOP, BATCHED]}
 
 
 def _vocabs() -> dict[str, Vocabulary]:

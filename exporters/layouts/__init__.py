@@ -7,7 +7,7 @@ listed in the manifest's `graphs` in order of preference (docs/export.md, "Servi
 | layout | what | providers | needs |
 |---|---|---|---|
 | `cpu-fused` | the per-candidate core as one C kernel (SARN, DIN) | CPU | custom-op library |
-| `cpu-loop` | standard ONNX; a Loop keeps a user's tensors in cache (SARN, DIN) | CPU | – |
+| `cpu-loop` | standard ONNX; a Loop over users reads their tensors in place (all 3) | CPU | – |
 | `batched` | standard ONNX, no Loop, split first layers (SARN, DIN, FAT) | CUDA, CPU | – |
 | `slate-shared` | the model's `forward_slates` (GRU, Wide&Deep; bench reference) | CUDA, CPU | – |
 
@@ -26,7 +26,7 @@ import onnx
 from torch import nn
 
 from exporters.layouts import din, fat, sarn
-from exporters.layouts.onnx_graph import chunk_candidates
+from exporters.layouts.onnx_graph import per_user_loop
 from exporters.onnx_export import (
     Exporter,
     SlateScoringGraph,
@@ -52,7 +52,6 @@ PROVIDERS = {
     SLATE_SHARED: (CUDA, CPU),
     SLATE: (CUDA, CPU),
 }
-DIN_CHUNK = 128  # candidates per iteration of DIN's cpu-loop (per-candidate cost is flat above)
 
 
 @dataclass
@@ -95,13 +94,19 @@ def slate_shared(model: BehaviorModel) -> nn.Module:
 
 
 def _export(
-    module: nn.Module, path: Path, num_context: int, exporter: Exporter = "torchscript"
+    module: nn.Module,
+    path: Path,
+    num_context: int,
+    exporter: Exporter = "torchscript",
+    placeholder: bool = False,
 ) -> onnx.ModelProto:
-    """Writes `module` with the behaviour signature (the custom domain declared, in case the
-    module holds a placeholder node) and returns the written graph."""
+    """Writes `module` with the behaviour signature and returns the written graph.
+    `placeholder`: the module holds a custom-op node (its domain is declared); a `per_user`
+    module is traced with one user."""
     spec = behavior_graph(module.tasks)  # type: ignore[arg-type]
-    example = example_behavior_inputs(num_context)
-    export_graph(module, example, path, spec, exporter, custom_opsets={DOMAIN: DOMAIN_VERSION})
+    example = example_behavior_inputs(num_context, one_user=getattr(module, "per_user", False))
+    opsets = {DOMAIN: DOMAIN_VERSION} if placeholder else None
+    export_graph(module, example, path, spec, exporter, custom_opsets=opsets)
     return onnx.load(str(path))
 
 
@@ -114,7 +119,7 @@ def _save(model: onnx.ModelProto, directory: Path, layout: str) -> str:
 def _sarn(model: SARN, directory: Path, num_context: int, fused: bool) -> list[GraphFile]:
     module = sarn.SARNServing(model)
     with tempfile.TemporaryDirectory() as tmp:
-        placeholder = _export(module, Path(tmp) / "placeholder.onnx", num_context)
+        placeholder = _export(module, Path(tmp) / "placeholder.onnx", num_context, placeholder=True)
     graphs = []
     if fused:
         graphs.append(GraphFile(FUSED, _save(placeholder, directory, FUSED), module, True))
@@ -124,18 +129,33 @@ def _sarn(model: SARN, directory: Path, num_context: int, fused: bool) -> list[G
     return graphs
 
 
+def _per_user_loop(
+    batched: SlateScoringGraph, one_user: SlateScoringGraph, directory: Path, num_context: int
+) -> GraphFile:
+    """`cpu-loop` of a split layout: the one-user graph inside a Loop over users (parity
+    against the batched module: the same math for any number of users)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = per_user_loop(_export(one_user, Path(tmp) / "one_user.onnx", num_context))
+    return GraphFile(LOOP, _save(graph, directory, LOOP), batched)
+
+
 def _din(model: DIN, directory: Path, num_context: int, fused: bool) -> list[GraphFile]:
     graphs = []
     if fused and din.DINFused.supports(model):
         module = din.DINFused(model)
-        _export(module, directory / file_for(FUSED), num_context)
+        _export(module, directory / file_for(FUSED), num_context, placeholder=True)
         graphs.append(GraphFile(FUSED, file_for(FUSED), module, True))
     split = din.DINSplit(model)
-    batched = _export(split, directory / file_for(BATCHED), num_context)
-    looped = chunk_candidates(batched, DIN_CHUNK)
-    graphs.append(GraphFile(LOOP, _save(looped, directory, LOOP), split))
-    graphs.append(GraphFile(BATCHED, file_for(BATCHED), split))
+    graphs.append(_per_user_loop(split, din.DINSplit(model, per_user=True), directory, num_context))
+    graphs += _single(split, BATCHED, directory, num_context)
     return graphs
+
+
+def _fat(model: FAT, directory: Path, num_context: int) -> list[GraphFile]:
+    split = fat.FATSplit(model)
+    one_user = fat.FATSplit(model, per_user=True)
+    graphs = [_per_user_loop(split, one_user, directory, num_context)]
+    return graphs + _single(split, BATCHED, directory, num_context)
 
 
 def _single(module: nn.Module, layout: str, directory: Path, num_context: int) -> list[GraphFile]:
@@ -164,7 +184,7 @@ def export_layouts(
     if isinstance(served, DIN):
         return _din(served, directory, num_context, fused)
     if isinstance(served, FAT) and fat.FATSplit.supports(served):
-        return _single(fat.FATSplit(served), BATCHED, directory, num_context)
+        return _fat(served, directory, num_context)
     return _single(SlateScoringGraph(served), SLATE_SHARED, directory, num_context)
 
 

@@ -97,7 +97,7 @@ class DINSplit(SlateScoringGraph):
         hist, mask = _history(m.embed, x.hist_items, x.hist_cats)  # [U, L, D], [U, L]
         t = m.embed(x.cand_items, x.cand_cats)  # [N, D]
         h_aug = torch.cat([hist, torch.ones_like(hist[:, :, :1])], dim=-1)  # [U, L, D+1]
-        left = h_aug.transpose(1, 2).index_select(0, idx)  # [N, D+1, L]
+        left = self.for_candidates(h_aug.transpose(1, 2), idx)  # [N|1, D+1, L]
         z = self._right(t) @ left  # [N, 80, L]: the first layer, channels first
         for layer in _units(m)[1:]:  # Dice, Linear, ... down to one unit
             if isinstance(layer, Dice):
@@ -105,8 +105,8 @@ class DINSplit(SlateScoringGraph):
             else:
                 assert isinstance(layer, nn.Linear)
                 z = torch.matmul(layer.weight, z) + layer.bias[:, None]  # [N, C', L]
-        weights = z[:, 0] * mask.index_select(0, idx)  # [N, L]
-        interest = (weights[:, None, :] @ hist.index_select(0, idx))[:, 0]  # [N, D]
+        weights = z[:, 0] * self.for_candidates(mask, idx)  # [N, L]
+        interest = (weights[:, None, :] @ self.for_candidates(hist, idx))[:, 0]  # [N, D]
         return _readout(m, x, t, hist, interest)
 
 

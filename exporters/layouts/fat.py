@@ -37,13 +37,13 @@ class FATSplit(SlateScoringGraph):
     model: FAT
     head_sum: Tensor
 
-    def __init__(self, model: FAT) -> None:
+    def __init__(self, model: FAT, per_user: bool = False) -> None:
         if not self.supports(model):
             raise ValueError(
                 "FATSplit covers a materialised FAT with target-attention pooling, "
                 "recent_tokens=0 and residual='single'"
             )
-        super().__init__(model)
+        super().__init__(model, per_user)
         cfg = model.config
         head_sum = torch.repeat_interleave(torch.eye(cfg.heads), cfg.d // cfg.heads, 0)
         self.register_buffer("head_sum", head_sum, persistent=False)  # [d, H] 0/1
@@ -67,11 +67,11 @@ class FATSplit(SlateScoringGraph):
         row = F.linear(q, w_t - w_d, s1.bias)  # [N, A]
         right = torch.cat([mat, row[:, :, None]], dim=2)  # [N, A, d+1]
         h_aug = torch.cat([hist, torch.ones_like(hist[:, :, :1])], dim=-1)  # [U, L, d+1]
-        z = right @ h_aug.transpose(1, 2).index_select(0, idx)  # [N, A, L]
+        z = right @ self.for_candidates(h_aug.transpose(1, 2), idx)  # [N, A, L]
         logits = (torch.matmul(s2.weight, F.silu(z)) + s2.bias[:, None])[:, 0]  # [N, L]
-        m = mask.index_select(0, idx)  # [N, L]
+        m = self.for_candidates(mask, idx)  # [N|1, L]
         weights = logits.masked_fill(m == 0, MASK_FILL).softmax(dim=-1) * m
-        return (weights[:, None, :] @ hist.index_select(0, idx))[:, 0]  # [N, d]
+        return (weights[:, None, :] @ self.for_candidates(hist, idx))[:, 0]  # [N, d]
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, pair: Tensor) -> Tensor:
         """Field attention, q/k/v [F, N, d] -> mixed [F, N, d] (heads concatenated)."""

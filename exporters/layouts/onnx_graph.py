@@ -27,6 +27,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 CANDIDATE_INPUTS = ("cand_items", "cand_cats", "cand_user_index")
+USER_INPUTS = ("user", "hist_items", "hist_cats", "context")
 _ids = itertools.count()
 
 
@@ -194,14 +195,7 @@ def chunk_candidates(model: onnx.ModelProto, chunk: int) -> onnx.ModelProto:
     }
     outs = [o.name for o in g.output]
     rename.update({o: f"{o}/chunk" for o in outs})  # no body name may shadow an outer one
-    for node in inner:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        for k, name in enumerate(copy.input):
-            copy.input[k] = rename.get(name, name)
-        for k, name in enumerate(copy.output):
-            copy.output[k] = rename.get(name, name)
-        body.nodes.append(copy)
+    _rename_into(body, inner, rename)
     results = [
         helper.make_tensor_value_info(f"{o.name}/chunk", o.type.tensor_type.elem_type, None)
         for o in g.output
@@ -214,5 +208,72 @@ def chunk_candidates(model: onnx.ModelProto, chunk: int) -> onnx.ModelProto:
         b.op("Slice", [flat, b.i64(0), b.op("Unsqueeze", [n, b.i64(0)]), b.i64(0)], [o])
     del g.node[:]
     g.node.extend(outer + b.nodes)
+    del g.value_info[:]
+    return out
+
+
+def _rename_into(
+    body: GraphBuilder, nodes: Sequence[onnx.NodeProto], rename: dict[str, str]
+) -> None:
+    """Copies `nodes` into `body`, their inputs and outputs renamed by `rename`."""
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for k, name in enumerate(copy.input):
+            copy.input[k] = rename.get(name, name)
+        for k, name in enumerate(copy.output):
+            copy.output[k] = rename.get(name, name)
+        body.nodes.append(copy)
+
+
+def per_user_loop(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The CPU form of a graph written for ONE user per call (its user-side tensors [1, ...]
+    broadcast against the candidates, never gathered per candidate): a Loop over the users
+    that have candidates (`Unique(cand_user_index)`, so no iteration is empty) runs the whole
+    graph on user u's inputs ([1, ...] slices) and its candidates, and scatters the scores
+    back to candidate order. Any order of `cand_user_index` works; a user without candidates
+    costs nothing."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    names = {i.name for i in g.input}
+    users = [n for n in USER_INPUTS if n in names]
+    cand = [n for n in CANDIDATE_INPUTS if n in names and n != "cand_user_index"]
+    outs = [o.name for o in g.output]
+    b = GraphBuilder("users")
+    present = b.op("Unique", ["cand_user_index"], sorted=1)  # [U'] users with candidates
+    width = b.op("Shape", ["cand_user_index"])  # [1] = N
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+    acc0 = [b.op("ConstantOfShape", [width], value=zero) for _ in outs]  # [N] each
+
+    body = GraphBuilder("users/body")
+    k = body.fresh("k")
+    acc = [body.fresh("acc") for _ in outs]
+    u = body.op("Gather", [present, k], axis=0)  # 0-D user index
+    mine = body.op(
+        "Reshape", [body.op("NonZero", [body.op("Equal", ["cand_user_index", u])]), body.i64(-1)]
+    )  # [M ≥ 1]
+    rename = {
+        n: body.op("Gather", [n, body.op("Unsqueeze", [u, body.i64(0)])], axis=0, hint=n)
+        for n in users
+    }  # [1, ...]: one slice per user, not per candidate
+    rename.update({n: body.op("Gather", [n, mine], axis=0, hint=n) for n in cand})  # [M]
+    rename["cand_user_index"] = body.op("Mul", [mine, body.scalar(0)])  # [M] zeros: user 0
+    rename.update({o: f"{o}/user" for o in outs})  # no body name may shadow an outer one
+    _rename_into(body, list(g.node), rename)
+    where = body.op("Unsqueeze", [mine, body.i64(1)])  # [M, 1]
+    acc_out = [
+        body.op("ScatterND", [a, where, f"{o}/user"]) for a, o in zip(acc, outs, strict=True)
+    ]
+    graph = loop_body(
+        body,
+        k,
+        [value_info(a, rank=1) for a in acc],
+        [value_info(a, rank=1) for a in acc_out],
+    )
+    trips = b.dim(present, 0)
+    b.op("Loop", [trips, "", *acc0], outs, body=graph)
+    del g.node[:]
+    g.node.extend(b.nodes)
     del g.value_info[:]
     return out
