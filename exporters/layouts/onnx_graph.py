@@ -1,5 +1,5 @@
 """Graph surgery for the serving layouts: a small `onnx.helper` builder, swapping one named
-node of an exported graph for a subgraph, and moving a graph's per-candidate part into a Loop.
+node of an exported graph for a subgraph, and running a one-user graph in a Loop over users.
 
 Why surgery and not tracing: a traced PyTorch module cannot produce an ONNX `Loop` whose body
 reads a user's tensors in place (scripted loops are a deprecated path, `torch.cond`/scan
@@ -12,7 +12,8 @@ exporter, would not be.
 ONNX Runtime facts the transforms rely on (measured, docs/export.md):
 * a Loop body reads outer-scope tensors in place; every Gather/Slice inside a body copies;
 * scan outputs are stacked, so every iteration must produce the same shape (equal chunks);
-* a Loop with 0 trips cannot know its scan-output shape: force at least one trip;
+* a Loop with 0 trips cannot know its scan-output shape: force at least one trip, or carry
+  the outputs instead of scanning them;
 * a subgraph value may not shadow an outer name.
 """
 
@@ -126,89 +127,6 @@ def replace_node(
     keep = [o for o in out.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
     del out.opset_import[:]
     out.opset_import.extend(keep)
-    return out
-
-
-def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope names that a node's subgraphs (If/Loop bodies) read."""
-    names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            produced = {i.name for i in g.input} | {o for n in g.node for o in n.output}
-            for n in g.node:
-                names |= {i for i in n.input if i and i not in produced}
-                names |= _subgraph_reads(n) - produced
-    return names
-
-
-def _split_by_candidates(graph: onnx.GraphProto) -> tuple[list[onnx.NodeProto], list[Any]]:
-    """(nodes that depend on no candidate input, nodes that do), in graph order."""
-    tainted = set(CANDIDATE_INPUTS) & {i.name for i in graph.input}
-    outer, inner = [], []
-    for node in graph.node:
-        if (set(node.input) | _subgraph_reads(node)) & tainted:
-            inner.append(node)
-            tainted |= set(node.output)
-        else:
-            outer.append(node)
-    missing = [o.name for o in graph.output if o.name not in tainted]
-    if missing:
-        raise ValueError(f"outputs {missing} do not depend on the candidates")
-    return outer, inner
-
-
-def _chunk_count(b: GraphBuilder, n: str, chunk: int) -> tuple[str, str]:
-    """T = max(1, ⌈N / chunk⌉) trips of c = max(1, ⌈N / T⌉) candidates: padding < T."""
-    one, cap = b.scalar(1), b.scalar(chunk)
-    trips = b.op("Max", [b.op("Div", [b.op("Sub", [b.op("Add", [n, cap]), one]), cap]), one])
-    size = b.op("Max", [b.op("Div", [b.op("Sub", [b.op("Add", [n, trips]), one]), trips]), one])
-    return trips, size
-
-
-def chunk_candidates(model: onnx.ModelProto, chunk: int) -> onnx.ModelProto:
-    """The CPU form of a batched graph: every node that depends on a candidate input moves
-    into one Loop over T equal chunks of at most `chunk` candidates, so each iteration's
-    intermediates stay in cache; user-side nodes stay outside and are read in place.
-
-    The candidate inputs are padded to T·c with zeros (PAD items of user 0: valid indices
-    whatever the batch; their results are cut off), so every iteration has the same shape."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    g = out.graph
-    outer, inner = _split_by_candidates(g)
-    cand = sorted(set(CANDIDATE_INPUTS) & {i.name for i in g.input})
-    b = GraphBuilder("chunk")
-    n = b.dim("cand_user_index", 0)
-    trips, size = _chunk_count(b, n, chunk)
-    size1 = b.op("Unsqueeze", [size, b.i64(0)])
-    pad = b.op("Unsqueeze", [b.op("Sub", [b.op("Mul", [trips, size]), n]), b.i64(0)])
-    pads = b.op("Concat", [b.i64(0), pad], axis=0)
-    padded = {name: b.op("Pad", [name, pads], mode="constant") for name in cand}
-
-    body = GraphBuilder("chunk/body")
-    counter = body.fresh("iter")
-    start = body.op("Mul", [body.op("Unsqueeze", [counter, body.i64(0)]), size1])
-    stop = body.op("Add", [start, size1])
-    rename = {
-        name: body.op("Slice", [padded[name], start, stop, body.i64(0)], hint=name) for name in cand
-    }
-    outs = [o.name for o in g.output]
-    rename.update({o: f"{o}/chunk" for o in outs})  # no body name may shadow an outer one
-    _rename_into(body, inner, rename)
-    results = [
-        helper.make_tensor_value_info(f"{o.name}/chunk", o.type.tensor_type.elem_type, None)
-        for o in g.output
-    ]
-    graph = loop_body(body, counter, [], results)
-    stacked = [f"{o}/stacked" for o in outs]
-    b.op("Loop", [trips, ""], stacked, body=graph)
-    for o, s in zip(outs, stacked, strict=True):
-        flat = b.op("Reshape", [s, b.i64(-1)])  # [T·c]
-        b.op("Slice", [flat, b.i64(0), b.op("Unsqueeze", [n, b.i64(0)]), b.i64(0)], [o])
-    del g.node[:]
-    g.node.extend(outer + b.nodes)
-    del g.value_info[:]
     return out
 
 
