@@ -9,12 +9,14 @@ on two shared cores, and prunes inputs a model ignores. It is deprecated upstrea
 decides whether its file is kept.
 
 What a serving graph computes (every graph returns probabilities, never logits):
-* behaviour models: `model.forward_slates` + sigmoid on the slate-shared ragged layout
-  (`runtime.feeds`): the user side runs once per user inside the graph and its outputs are
-  gathered per candidate with `cand_user_index`. Output `scores` [N] is pCTR; a multi-task
-  model (`tasks=("ctr", "cvr")`, `models.nets.multitask`) adds `conversion_scores` [N] (pCVR) and
-  `ctcvr_scores` [N] (pCTR·pCVR, formed in the graph so every client multiplies the same
-  float32 numbers). A conversion-only model is an offline baseline and is not exported.
+* behaviour models: `SlateScoringGraph` on the ragged signature (`runtime.feeds`): the user
+  side runs once per user inside the graph; by default its outputs are gathered per candidate
+  with `cand_user_index` (`model.forward_slates` + sigmoid), and the serving layouts
+  (`exporters.layouts`) lay the per-candidate work out so that it runs in cache. Output
+  `scores` [N] is pCTR; a multi-task model (`tasks=("ctr", "cvr")`, `models.nets.multitask`)
+  adds `conversion_scores` [N] (pCVR) and `ctcvr_scores` [N] (pCTR·pCVR, formed in the graph
+  so every client multiplies the same float32 numbers). A conversion-only model is an
+  offline baseline and is not exported.
 * slate models (NCM family): see `exporters.slate_export`.
 
 Models are exported in `eval()` (Dice uses its running statistics) and, where a model offers
