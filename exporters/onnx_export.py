@@ -130,8 +130,22 @@ class SlateScoringGraph(nn.Module):
         for one user per call left as it is ([1, ...], broadcast by the ops that read it)."""
         return user_side if self.per_user else user_side.index_select(0, idx)
 
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
-        return task_probabilities(self.logits(SlateInputs(*inputs)), self.tasks)
+    def forward(
+        self,
+        user: Tensor,
+        hist_items: Tensor,
+        hist_cats: Tensor,
+        context: Tensor,
+        cand_items: Tensor,
+        cand_cats: Tensor,
+        cand_user_index: Tensor,
+    ) -> tuple[Tensor, ...]:
+        # Named parameters, not *inputs: torch.export (the dynamo exporter) keys its dynamic
+        # shapes by them.
+        x = SlateInputs(
+            user, hist_items, hist_cats, context, cand_items, cand_cats, cand_user_index
+        )
+        return task_probabilities(self.logits(x), self.tasks)
 
     def logits(self, x: SlateInputs) -> Tensor:
         """-> logits [N, T]."""
