@@ -20,9 +20,16 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
-	touch $(STAMP)
+	touch $(STAMP) $(ORTOPS)
 
-venv: $(STAMP)
+# The editable install also compiles the custom-op library (runtime/ortops, setup.py); this
+# rebuilds it alone when its C sources change, without recreating the venv.
+ORTOPS := $(VENV)/.ortops
+$(ORTOPS): $(STAMP) setup.py $(wildcard runtime/ortops/src/*)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(ORTOPS)
+
+venv: $(STAMP) $(ORTOPS)
 
 lint: venv
 	$(BIN)/ruff check .
