@@ -45,7 +45,7 @@ from runtime.feeds import (
     encode_behavior,
     slate_sizes,
 )
-from runtime.ortops import library_path
+from runtime.ortops import DOMAIN_VERSION, library_path, library_version
 from runtime.repository import ModelIntegrityError, graph_entries, read_manifest, verify_files
 from runtime.slate_feeds import SlateContract, encode_slates, flatten_slate_scores
 
@@ -239,11 +239,16 @@ class LoadedModel:
 NO_LIBRARY = "the custom-op library is not built here or is disabled (SLATECTR_ORTOPS)"
 
 
-def register_ops(options: ort.SessionOptions) -> str | None:
-    """Registers the custom-op library on `options`; None, or why it cannot be used."""
+def register_ops(options: ort.SessionOptions, version: int = DOMAIN_VERSION) -> str | None:
+    """Registers the custom-op library on `options`; None, or why it cannot be used (`version`:
+    the op-set version the graph was exported for)."""
     library = library_path()
     if library is None:
         return NO_LIBRARY
+    found = library_version(library)
+    if found != version:
+        what = "is no slatectr library" if found is None else f"implements op set {found}"
+        return f"{library} {what}; the graph needs op set {version}"
     try:
         options.register_custom_ops_library(str(library))
     except Exception as exc:  # a wrong file, a missing symbol, an older ORT: the next graph
@@ -266,7 +271,7 @@ class _Opener:
         path = self.directory / entry["file"]
         if not entry["requires"]:
             return _create_session(path, options, providers, self.quiet)
-        why = register_ops(options)
+        why = register_ops(options, int(entry["requires"].get("custom_op_version", 1)))
         if why is not None:
             return why
         try:

@@ -226,6 +226,18 @@ def test_the_loader_falls_back_to_pure_onnx_without_the_library(
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True)) <= 1e-5
 
 
+def test_a_graph_for_another_op_set_version_is_not_opened(repo: Path, tmp_path: Path) -> None:
+    """ORT does not compare custom-domain versions; the loader does (runtime.ortops)."""
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    for path in repo.iterdir():
+        (newer / path.name).write_bytes(path.read_bytes())
+    manifest = json.loads((newer / "manifest.json").read_text())
+    manifest["graphs"][0]["requires"]["custom_op_version"] = 2
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    assert open_model(newer, providers=["CPUExecutionProvider"]).layout == LOOP
+
+
 def test_the_loader_picks_the_graph_of_the_provider(
     repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

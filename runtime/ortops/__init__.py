@@ -20,6 +20,7 @@ Torch-free (the serving path imports it).
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 from pathlib import Path
@@ -30,7 +31,7 @@ DOMAIN = "slatectr"
 DOMAIN_VERSION = 1  # the opset a graph imports for DOMAIN; bumped with any op's semantics
 EXTENSION = "runtime.ortops._slatectr_ops"
 
-__all__ = ["DOMAIN", "DOMAIN_VERSION", "ISA_ENV", "LIBRARY_ENV", "library_path"]
+__all__ = ["DOMAIN", "DOMAIN_VERSION", "ISA_ENV", "LIBRARY_ENV", "library_path", "library_version"]
 
 
 def library_path() -> Path | None:
@@ -50,3 +51,15 @@ def library_path() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     return Path(spec.origin)
+
+
+def library_version(path: Path) -> int | None:
+    """The `slatectr` op-set version the library at `path` implements, or None when the file
+    is no such library (not loadable, or without the `slatectr_ops_domain_version` symbol).
+    ORT does not compare custom-domain versions itself, so the loader does."""
+    try:
+        entry = ctypes.CDLL(str(path)).slatectr_ops_domain_version
+    except (OSError, AttributeError):
+        return None
+    entry.restype = ctypes.c_int
+    return int(entry())

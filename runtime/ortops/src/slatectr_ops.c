@@ -414,3 +414,11 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
 
 /* For the loader: which kernel this machine runs (0 = baseline, 1 = AVX2+FMA). */
 __attribute__((visibility("default"))) int slatectr_ops_isa(void) { return use_avx2(); }
+
+/* For the loader: the version of the "slatectr" op set these kernels implement, compared with
+ * the one a graph was exported for (runtime.ortops.DOMAIN_VERSION; bumped with any op's
+ * inputs or semantics, since ORT itself does not check custom-domain versions). */
+#define SLATECTR_DOMAIN_VERSION 1
+__attribute__((visibility("default"))) int slatectr_ops_domain_version(void) {
+  return SLATECTR_DOMAIN_VERSION;
+}
