@@ -19,6 +19,8 @@ ARG APP_UID=10001
 # ---------------------------------------------------------------------------------------------
 # serve-builder: a virtual environment with the serving dependencies, built on the same base as
 # the runtime stage so that the venv's interpreter (/usr/bin/python3.12) exists there too.
+# gcc compiles the ONNX Runtime custom-op library (runtime/ortops, the cpu-fused graphs); only
+# this stage has a compiler: the serve stage copies the venv, library included.
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS serve-builder
 ARG ORT_VERSION
@@ -26,7 +28,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -42,7 +44,8 @@ RUN pip install --require-hashes --no-deps -r /tmp/requirements.txt \
 # The project itself (what .dockerignore lets through), without its dependencies again.
 COPY . .
 RUN pip install --no-deps --no-build-isolation . \
-    && python -c "import service.http.api, sys; assert 'torch' not in sys.modules, 'serving imports torch'"
+    && python -c "import service.http.api, sys; assert 'torch' not in sys.modules, 'serving imports torch'" \
+    && python -c "from runtime.ortops import library_path as p; assert p(), 'custom-op library not built'"
 
 # ---------------------------------------------------------------------------------------------
 # serve: the scoring service. Non-root, read-only friendly (writes nothing outside /tmp).
@@ -90,7 +93,11 @@ ARG APP_UID
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1
-RUN groupadd --system --gid ${APP_UID} ctr \
+# gcc: pip install compiles the custom-op library, whose graphs `ctr export` checks and writes.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid ${APP_UID} ctr \
     && useradd --system --uid ${APP_UID} --gid ${APP_UID} --create-home --home-dir /home/ctr ctr
 WORKDIR /src
 # From the lock (requirements/train.txt: the base + the `train` and `serve` extras and torch

@@ -21,9 +21,16 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(BIN)/python -m pip check
-	touch $(STAMP)
+	touch $(STAMP) $(ORTOPS)
 
-venv: $(STAMP)
+# The editable install also compiles the custom-op library (runtime/ortops, setup.py); this
+# rebuilds it alone when its C sources change, without recreating the venv.
+ORTOPS := $(VENV)/.ortops
+$(ORTOPS): $(STAMP) setup.py $(wildcard runtime/ortops/src/*)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(ORTOPS)
+
+venv: $(STAMP) $(ORTOPS)
 
 # promtool checks and unit-tests the Prometheus rules (tests/test_alerts.py). It comes from
 # Debian's `prometheus` package, unpacked here without installing it: `apt-get download` needs

@@ -9,12 +9,14 @@ on two shared cores, and prunes inputs a model ignores. It is deprecated upstrea
 decides whether its file is kept.
 
 What a serving graph computes (every graph returns probabilities, never logits):
-* behaviour models: `model.forward_slates` + sigmoid on the slate-shared ragged layout
-  (`runtime.feeds`): the user side runs once per user inside the graph and its outputs are
-  gathered per candidate with `cand_user_index`. Output `scores` [N] is pCTR; a multi-task
-  model (`tasks=("ctr", "cvr")`, `models.nets.multitask`) adds `conversion_scores` [N] (pCVR) and
-  `ctcvr_scores` [N] (pCTR·pCVR, formed in the graph so every client multiplies the same
-  float32 numbers). A conversion-only model is an offline baseline and is not exported.
+* behaviour models: `SlateScoringGraph` on the ragged signature (`runtime.feeds`): the user
+  side runs once per user inside the graph; by default its outputs are gathered per candidate
+  with `cand_user_index` (`model.forward_slates` + sigmoid), and the serving layouts
+  (`exporters.layouts`) lay the per-candidate work out so that it runs in cache. Output
+  `scores` [N] is pCTR; a multi-task model (`tasks=("ctr", "cvr")`, `models.nets.multitask`)
+  adds `conversion_scores` [N] (pCVR) and `ctcvr_scores` [N] (pCTR·pCVR, formed in the graph
+  so every client multiplies the same float32 numbers). A conversion-only model is an
+  offline baseline and is not exported.
 * slate models (NCM family): see `exporters.slate_export`.
 
 Models are exported in `eval()` (Dice uses its running statistics) and, where a model offers
@@ -29,7 +31,7 @@ import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import onnx
 import torch
@@ -97,15 +99,36 @@ def task_probabilities(logits: Tensor, tasks: tuple[str, ...]) -> tuple[Tensor, 
     return (probs[:, 0],)
 
 
+class SlateInputs(NamedTuple):
+    """The slate-shared feeds (`runtime.feeds.BEHAVIOR_INPUTS`), as one value."""
+
+    user: Tensor  # [U]
+    hist_items: Tensor  # [U, L]
+    hist_cats: Tensor  # [U, L]
+    context: Tensor  # [U, C]
+    cand_items: Tensor  # [N]
+    cand_cats: Tensor  # [N]
+    cand_user_index: Tensor  # [N]
+
+
 class SlateScoringGraph(nn.Module):
     """The behaviour models' serving graph: ragged slates in, probabilities [N] out (one
-    tensor per output of `behavior_graph(model.tasks)`)."""
+    tensor per output of `behavior_graph(model.tasks)`). `logits` is the model's own
+    `forward_slates`; the serving layouts (`exporters.layouts`) lay it out otherwise."""
 
-    def __init__(self, model: BehaviorModel) -> None:
+    def __init__(self, model: BehaviorModel, per_user: bool = False) -> None:
         super().__init__()
         self.model = model
         self.tasks = model.tasks
+        # One user per call (U = 1; `exporters.layouts.onnx_graph.per_user_loop` loops over
+        # users around such a graph): user-side tensors broadcast, never gathered.
+        self.per_user = per_user
         self.eval()
+
+    def for_candidates(self, user_side: Tensor, idx: Tensor) -> Tensor:
+        """A user-side tensor [U, ...] row-aligned with the candidates: gathered [N, ...], or
+        for one user per call left as it is ([1, ...], broadcast by the ops that read it)."""
+        return user_side if self.per_user else user_side.index_select(0, idx)
 
     def forward(
         self,
@@ -117,10 +140,16 @@ class SlateScoringGraph(nn.Module):
         cand_cats: Tensor,
         cand_user_index: Tensor,
     ) -> tuple[Tensor, ...]:
-        logits = self.model.forward_slates(
+        # Named parameters, not *inputs: torch.export (the dynamo exporter) keys its dynamic
+        # shapes by them.
+        x = SlateInputs(
             user, hist_items, hist_cats, context, cand_items, cand_cats, cand_user_index
         )
-        return task_probabilities(logits, self.tasks)
+        return task_probabilities(self.logits(x), self.tasks)
+
+    def logits(self, x: SlateInputs) -> Tensor:
+        """-> logits [N, T]."""
+        return self.model.forward_slates(*x)
 
 
 def serving_copy(model: nn.Module) -> nn.Module:
@@ -132,14 +161,20 @@ def serving_copy(model: nn.Module) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def example_behavior_inputs(num_context: int) -> tuple[Tensor, ...]:
-    """Tracing inputs: U=3, L=5, N=7, all distinct and > 1 so no dynamic axis is specialised.
+def example_behavior_inputs(num_context: int, one_user: bool = False) -> tuple[Tensor, ...]:
+    """Tracing inputs: U=3, L=5, N=7, all distinct and > 1 so no dynamic axis is specialised
+    (`one_user`: U=1, every candidate of user 0, for a `per_user` serving module).
 
     Ids are OOV (1) and PAD (0), the only indices every table has; the values do not shape
     the trace (no data-dependent control flow), the parity check covers real ids.
     """
     hist = torch.ones(3, 5, dtype=torch.long)
     hist[0, 3:] = 0  # one padded row so the mask path is traced with data
+    if one_user:
+        zeros = torch.zeros(7, dtype=torch.long)
+        return (torch.ones(1, dtype=torch.long), hist[:1], hist[:1].clone(),
+                torch.ones(1, num_context, dtype=torch.long), torch.ones(7, dtype=torch.long),
+                torch.ones(7, dtype=torch.long), zeros)  # fmt: skip
     return (
         torch.ones(3, dtype=torch.long),  # user [U]
         hist,  # hist_items [U, L]
@@ -171,8 +206,12 @@ def export_graph(
     spec: GraphSpec,
     exporter: Exporter = "torchscript",
     opset: int = OPSET,
+    custom_opsets: dict[str, int] | None = None,
 ) -> int:
-    """Writes one self-contained .onnx file (weights inline) and checks it; returns the opset."""
+    """Writes one self-contained .onnx file (weights inline) and checks it; returns the opset.
+
+    `custom_opsets` declares the domains of custom-op placeholder nodes (TorchScript only;
+    `onnx.checker` accepts such nodes, it cannot infer their shapes)."""
     path = Path(path)
     # The exporter restores the module's *own* mode afterwards, recursively: a wrapper left in
     # training mode would switch the wrapped model (Dice!) to batch statistics after export.
@@ -193,6 +232,7 @@ def export_graph(
                 output_names=list(spec.outputs),
                 dynamic_axes=spec.dynamic_axes,
                 do_constant_folding=True,
+                custom_opsets=custom_opsets,
             )
         elif exporter == "dynamo":
             opset = max(opset, DYNAMO_OPSET)
@@ -211,16 +251,6 @@ def export_graph(
             raise ValueError(f"unknown exporter {exporter!r}: torchscript or dynamo")
     onnx.checker.check_model(str(path), full_check=True)
     return opset
-
-
-def export_behavior(
-    model: BehaviorModel, path: Path, num_context: int, exporter: Exporter = "torchscript"
-) -> tuple[nn.Module, int]:
-    """Exports a behaviour model's slate-shared graph; returns (the traced module, opset)."""
-    spec = behavior_graph(model.tasks)
-    graph = SlateScoringGraph(serving_copy(model))  # type: ignore[arg-type]
-    opset = export_graph(graph, example_behavior_inputs(num_context), path, spec, exporter)
-    return graph, opset
 
 
 def describe_graph(path: Path) -> dict[str, list[dict[str, Any]]]:

@@ -1,8 +1,11 @@
 """`ctr export`: a training run -> a verified, versioned model directory (torch).
 
 Order of work, all inside the repository's temporary directory so a failure publishes nothing:
-feature spec + vocabularies -> ONNX graph -> parity gate (fp32, 1e-5) -> optional fp16 variant
-and its gate -> manifest (sha256 of every file) -> atomic rename to `REPO/<name>/<version>`.
+feature spec + vocabularies -> ONNX graphs (every serving layout of the model,
+`exporters.layouts`) -> parity gate of each graph (fp32, 1e-5) -> optional fp16 variant of
+`model.onnx` and its gate -> manifest (`graphs` in order of preference, sha256 of every file)
+-> atomic rename to `REPO/<name>/<version>`. A `cpu-fused` graph is written only where the
+custom-op library is built, since its parity cannot be checked without it.
 Afterwards the published directory is opened once through the torch-free loader, so the file
 the service will read is the file that was checked.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,11 @@ import onnx
 import onnxruntime as ort
 import pandas as pd
 import torch
-from torch import nn
 
 from exporters import cases as case_lib
 from exporters import fp16
-from exporters.onnx_export import Exporter, describe_graph, export_behavior
+from exporters.layouts import SLATE, GraphFile, export_layouts, has_fused_layout
+from exporters.onnx_export import Exporter, describe_graph
 from exporters.parity import FP32_TOLERANCE, Encoder, Flatten, ParityReport, check_parity
 from exporters.slate_export import export_slate
 from models.data.schema import load_behavior, load_slates
@@ -34,7 +37,8 @@ from models.registry import ALL_MODELS, is_slate_model
 from models.training.checkpoint import LoadedRun, load_run
 from runtime.features import DEFAULT_HISTORY_LEN
 from runtime.feeds import BEHAVIOR_INPUTS, ScoringRequest, encode_behavior
-from runtime.loader import DEFAULT_SESSION_OPTIONS, open_model, session_options
+from runtime.loader import DEFAULT_SESSION_OPTIONS, open_model, register_ops, session_options
+from runtime.ortops import library_path
 from runtime.repository import (
     MODEL_FILE,
     ModelIntegrityError,
@@ -69,17 +73,21 @@ class ExportResult:
     directory: Path
     name: str
     version: int
-    parity: ParityReport
+    parity: ParityReport  # model.onnx's
     fp16: dict[str, Any] | None
     warnings: list[str]  # for stderr: what changes for clients once this version is served
+    graphs: list[dict[str, Any]] = field(default_factory=list)  # the manifest's `graphs`
 
     def summary(self) -> dict[str, Any]:
+        """`max_abs_diff`: the worst graph's; `layouts`: each graph's, in order of preference."""
+        layouts = {g["layout"]: g["parity"]["max_abs_diff"] for g in self.graphs}
         return {
             "name": self.name,
             "version": self.version,
             "dir": str(self.directory),
-            "max_abs_diff": self.parity.max_abs_diff,
+            "max_abs_diff": max([self.parity.max_abs_diff, *layouts.values()]),
             "tolerance": self.parity.tolerance,
+            "layouts": layouts,
             "fp16": self.fp16,
         }
 
@@ -136,11 +144,20 @@ def _load_frame(run: LoadedRun, path: Path | None, rows: int) -> pd.DataFrame | 
     return frame.head(rows)
 
 
-def _export(run: LoadedRun, plan: _Plan, path: Path, exporter: Exporter) -> tuple[nn.Module, int]:
+def _export(run: LoadedRun, plan: _Plan, directory: Path, exporter: Exporter) -> list[GraphFile]:
+    """Every serving graph of the run, written into `directory`, in order of preference."""
     if plan.contract is not None:
-        return export_slate(run.model, path, plan.contract, exporter)
+        module, _ = export_slate(run.model, directory / MODEL_FILE, plan.contract, exporter)
+        return [GraphFile(SLATE, MODEL_FILE, module)]
     assert isinstance(run.model, BehaviorModel)
-    return export_behavior(run.model, path, len(run.spec.context_fields), exporter)
+    fused = library_path() is not None
+    return export_layouts(run.model, directory, len(run.spec.context_fields), exporter, fused)
+
+
+def _opset(path: Path) -> int:
+    """The default-domain opset a written graph imports."""
+    imports = onnx.load(str(path), load_external_data=False).opset_import
+    return next(o.version for o in imports if o.domain in ("", "ai.onnx"))
 
 
 def export_run(run_dir: Path, repo: Path, options: ExportOptions | None = None) -> ExportResult:
@@ -157,7 +174,7 @@ def export_run(run_dir: Path, repo: Path, options: ExportOptions | None = None) 
     before = _latest_outputs(repo, name)
     directory, version = publish(repo, name, options.version, job.write)
     _smoke_test(directory, cases)
-    assert job.parity is not None
+    assert job.parity is not None and job.graphs is not None
     after = _output_names(read_manifest(directory))
     return ExportResult(
         directory,
@@ -165,7 +182,8 @@ def export_run(run_dir: Path, repo: Path, options: ExportOptions | None = None) 
         version,
         job.parity,
         job.fp16,
-        _output_change(name, before, (version, after)),
+        job.notes + _output_change(name, before, (version, after)),
+        job.graphs,
     )
 
 
@@ -213,8 +231,10 @@ class _Job:
     options: ExportOptions
     plan: _Plan
     cases: case_lib.Cases
-    parity: ParityReport | None = None
+    parity: ParityReport | None = None  # model.onnx's (the manifest's top-level `parity`)
+    graphs: list[dict[str, Any]] | None = None  # the manifest's `graphs`, each with its parity
     fp16: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)  # for stderr
 
     @property
     def session_options(self) -> dict[str, Any]:
@@ -222,19 +242,32 @@ class _Job:
 
     def write(self, tmp: Path, version: int) -> None:
         self.run.spec.save(tmp, self.run.vocabs)
-        graph, opset = _export(self.run, self.plan, tmp / MODEL_FILE, self.options.exporter)
-        self.parity = self._check_parity(tmp / MODEL_FILE, graph)
-        variants = {"fp16": self._fp16_variant(tmp)} if self.options.fp16 else {}
+        graphs = _export(self.run, self.plan, tmp, self.options.exporter)
+        if not any(g.needs_ops for g in graphs) and has_fused_layout(self.run.model):
+            self.notes.append(
+                "the custom-op library is not built here (no C compiler at install, or "
+                "SLATECTR_ORTOPS): the model directory has no cpu-fused graph"
+            )
+        reports = [self._check_parity(tmp / g.file, g) for g in graphs]
+        self.graphs = [_graph_entry(g, r) for g, r in zip(graphs, reports, strict=True)]
+        self.parity = reports[[g.file for g in graphs].index(MODEL_FILE)]
+        variants = {}
+        if self.options.fp16:  # of model.onnx: the portable layout, which the GPU runs
+            layout = {"layout": graphs[-1].layout}
+            variants["fp16"] = {**self._fp16_variant(tmp), **layout}
         self.fp16 = variants.get("fp16")
+        opset = _opset(tmp / MODEL_FILE)
         write_manifest(tmp, self._manifest(version, opset, variants, tmp / MODEL_FILE))
 
-    def _check_parity(self, path: Path, graph: nn.Module) -> ParityReport:
+    def _check_parity(self, path: Path, graph: GraphFile) -> ParityReport:
         options = session_options(self.session_options)
+        if graph.needs_ops and (why := register_ops(options)) is not None:
+            raise RuntimeError(f"{path.name}: {why}")
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         pairwise = self.run.model if isinstance(self.run.model, BehaviorModel) else None
         report = check_parity(
             session,
-            graph,
+            graph.module,
             self.plan.inputs,
             self.cases,
             self.plan.encode,
@@ -301,11 +334,23 @@ class _Job:
                 **self.parity.to_json(),
                 "data": str(options.data) if options.data else None,
             },
+            "graphs": self.graphs,
             "variants": variants,
         }
         if plan.contract is not None:
             manifest["slate"] = plan.contract.to_manifest()
         return manifest
+
+
+def _graph_entry(graph: GraphFile, report: ParityReport) -> dict[str, Any]:
+    """One `graphs` entry of the manifest (runtime.repository.graph_entries reads it)."""
+    return {
+        "file": graph.file,
+        "layout": graph.layout,
+        "providers": list(graph.providers),
+        "requires": graph.requires(),
+        "parity": report.to_json(),
+    }
 
 
 def _onnx_info(path: Path, opset: int, exporter: str) -> dict[str, Any]:

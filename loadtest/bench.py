@@ -240,8 +240,8 @@ def export_section(config: SuiteConfig) -> dict[str, Any]:
     bench = BenchConfig(
         models=config.export_models,
         users=config.users_per_call,
-        slate=config.slate,
-        history=config.history,
+        slates=[config.slate],
+        histories=[config.history],
         repeats=config.export_repeats,
     )
     rows = run_bench(bench)

@@ -6,6 +6,15 @@ ONNX Runtime session exists (a truncated or altered model is refused with
 exporter recorded in the manifest. `LoadedModel.score(requests)` maps raw string ids to
 indices, runs the graph and splits the flat scores back per request.
 
+Which graph: a model directory may hold several layouts of the same weights (manifest
+`graphs`, in order of preference; `runtime.repository.graph_entries`). The loader opens the
+first one that lists the session's first provider and whose requirements this process meets:
+a `cpu-fused` graph needs the custom-op library (`runtime.ortops.library_path()`) to register
+and its session to open; otherwise the next entry is taken, so the same directory serves with
+the pure-ONNX graph when the library is absent, disabled or broken. When CUDA was asked for
+and the session came back without it (a GPU build without CUDA libraries), the choice is made
+again for the providers that remain. `LoadedModel.layout` says which graph runs.
+
 Outputs: every model has `scores` (the click probability); a multi-task model adds
 `conversion_scores` (pCVR) and `ctcvr_scores` (pCTCVR = pCTR x pCVR, computed in the graph).
 `LoadedModel.output_names` lists them, `scores` first, and `run`/`score` return one column per
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -35,7 +45,8 @@ from runtime.feeds import (
     encode_behavior,
     slate_sizes,
 )
-from runtime.repository import MODEL_FILE, ModelIntegrityError, read_manifest, verify_files
+from runtime.ortops import DOMAIN_VERSION, library_path, library_version
+from runtime.repository import ModelIntegrityError, graph_entries, read_manifest, verify_files
 from runtime.slate_feeds import SlateContract, encode_slates, flatten_slate_scores
 
 __all__ = [
@@ -98,20 +109,21 @@ def default_providers() -> list[str]:
 
 
 def _create_session(
-    path: Path, options: ort.SessionOptions, providers: Sequence[str] | None
+    path: Path, options: ort.SessionOptions, providers: list[str], quiet: bool = False
 ) -> ort.InferenceSession:
-    chosen = list(providers) if providers is not None else default_providers()
-    if providers is None and CUDA in chosen:
+    """An ORT session; `ModelIntegrityError` when ORT cannot load the file. `quiet`: the
+    providers were not asked for, so CUDA is only tried (see below)."""
+    if quiet:
         # A GPU build on a host without CUDA libraries logs a loud error before falling back
         # to the CPU; that fallback is expected here and reported once through `logging`.
         ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=chosen)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for corrupt protobufs
         raise ModelIntegrityError(f"ONNX Runtime cannot load {path}: {exc}") from exc
     finally:
         ort.set_default_logger_severity(2)
-    if CUDA in chosen and CUDA not in session.get_providers():
+    if CUDA in providers and CUDA not in session.get_providers():
         log.warning("CUDA execution provider unavailable; %s runs on the CPU", path)
     return session
 
@@ -164,11 +176,16 @@ class LoadedModel:
     """One served model version: ORT session + vocabularies + the request encoder."""
 
     def __init__(
-        self, directory: Path, manifest: dict[str, Any], session: ort.InferenceSession
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        session: ort.InferenceSession,
+        layout: str = "slate-shared",
     ) -> None:
         self.directory = directory
         self.manifest = manifest
         self.session = session
+        self.layout = layout  # the serving layout this session runs (manifest `graphs`)
         self.name: str = manifest["name"]
         self.version: int = int(manifest["version"])
         self.kind: Literal["behavior", "slate"] = manifest["kind"]
@@ -219,25 +236,107 @@ class LoadedModel:
         return self.split(requests, self.run(self.encode(requests)))
 
 
+NO_LIBRARY = "the custom-op library is not built here or is disabled (SLATECTR_ORTOPS)"
+
+
+def register_ops(options: ort.SessionOptions, version: int = DOMAIN_VERSION) -> str | None:
+    """Registers the custom-op library on `options`; None, or why it cannot be used (`version`:
+    the op-set version the graph was exported for)."""
+    library = library_path()
+    if library is None:
+        return NO_LIBRARY
+    found = library_version(library)
+    if found != version:
+        what = "is no slatectr library" if found is None else f"implements op set {found}"
+        return f"{library} {what}; the graph needs op set {version}"
+    try:
+        options.register_custom_ops_library(str(library))
+    except Exception as exc:  # a wrong file, a missing symbol, an older ORT: the next graph
+        return f"cannot register {library}: {exc}"
+    return None
+
+
+@dataclass
+class _Opener:
+    """What every candidate graph of one `open_model` call is opened with."""
+
+    directory: Path
+    recorded: dict[str, Any]  # the manifest's session options (+ a variant's overrides)
+    intra_op_threads: int | None
+    quiet: bool  # providers were not asked for (see `_create_session`)
+
+    def open(self, entry: dict[str, Any], providers: list[str]) -> ort.InferenceSession | str:
+        """The session of one `graphs` entry, or why this process cannot run it."""
+        options = session_options(self.recorded, self.intra_op_threads)
+        path = self.directory / entry["file"]
+        if not entry["requires"]:
+            return _create_session(path, options, providers, self.quiet)
+        why = register_ops(options, int(entry["requires"].get("custom_op_version", 1)))
+        if why is not None:
+            return why
+        try:
+            return _create_session(path, options, providers, self.quiet)
+        except ModelIntegrityError as exc:  # e.g. a library without the graph's op
+            return f"its session failed: {str(exc)[:300]}"
+
+    def choose(
+        self, entries: list[dict[str, Any]], providers: list[str]
+    ) -> tuple[ort.InferenceSession, dict[str, Any]]:
+        """The first entry for `providers[0]` that opens (see the module docstring)."""
+        if providers[1:] and not any(providers[0] in e["providers"] for e in entries):
+            return self.choose(entries, providers[1:])  # e.g. TensorRT first: no graph is for it
+        skipped = []
+        for entry in entries:
+            if providers[0] not in entry["providers"]:
+                continue
+            opened = self.open(entry, providers)
+            if isinstance(opened, str):
+                level = logging.INFO if opened == NO_LIBRARY else logging.WARNING
+                log.log(
+                    level,
+                    "%s: skipped %s (%s): %s",
+                    self.directory,
+                    entry["file"],
+                    entry["layout"],
+                    opened,
+                )
+                skipped.append(f"{entry['file']} ({entry['layout']}): {opened}")
+                continue
+            if providers[0] == CUDA and CUDA not in opened.get_providers() and providers[1:]:
+                # A GPU build on a host without CUDA libraries ran the GPU layout on the
+                # CPU; the CPU may have a better graph of its own.
+                return self.choose(entries, providers[1:])
+            log.info("%s: serving %s (%s)", self.directory, entry["file"], entry["layout"])
+            return opened, entry
+        raise ModelIntegrityError(
+            f"{self.directory}: no graph runs on {providers[0]}: "
+            f"{'; '.join(skipped) or 'none is listed for it'}"
+        )
+
+
 def open_model(
     model_dir: Path,
     providers: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
     precision: Literal["fp32", "fp16"] = "fp32",
 ) -> LoadedModel:
-    """Verifies and opens `model_dir`. `precision="fp16"` opens the fp16 variant (for GPUs),
-    with the session options its manifest entry overrides."""
+    """Verifies and opens `model_dir`, choosing its graph for `providers` (default: CUDA when
+    this ORT build has it, then the CPU). `precision="fp16"` opens the fp16 variant (for GPUs:
+    it is the `model.onnx` layout converted), with the session options its entry overrides."""
     directory = Path(model_dir)
     manifest = read_manifest(directory)
     recorded = dict(manifest.get("session_options") or {})
-    model_file = manifest.get("onnx", {}).get("file", MODEL_FILE)
+    verify_files(directory, manifest)  # before the session: ORT must never parse an altered file
+    entries = graph_entries(manifest, directory)
     if precision != "fp32":
         variant = manifest.get("variants", {}).get(precision)
         if variant is None:
             raise ModelIntegrityError(f"{directory} has no {precision} variant")
-        model_file = variant["file"]
         recorded.update(variant.get("session_options", {}))
-    verify_files(directory, manifest)  # before the session: ORT must never parse an altered file
-    options = session_options(recorded, intra_op_threads)
-    session = _create_session(directory / model_file, options, providers)
-    return LoadedModel(directory, manifest, session)
+        layout = variant.get("layout", entries[-1]["layout"])  # the layout it converts
+        entries = [{"file": variant["file"], "layout": layout, "providers": [CUDA, CPU]}]
+        entries[0]["requires"] = {}
+    chosen = list(providers) if providers is not None else default_providers()
+    opener = _Opener(directory, recorded, intra_op_threads, providers is None and CUDA in chosen)
+    session, entry = opener.choose(entries, chosen)
+    return LoadedModel(directory, manifest, session, entry["layout"])

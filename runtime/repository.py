@@ -32,7 +32,9 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 # 2: `history_len` (was `max_history`) and `slate.slate_size` (was `max_slate_size`); format 1
 # manifests are read under the new names (`_rename_legacy_keys`).
-MANIFEST_FORMAT = 2
+# 3: `graphs`, the serving layouts in order of preference (`graph_entries`); a format 1 or 2
+# manifest has none and serves `model.onnx` (its `onnx.file`) as one slate-shared graph.
+MANIFEST_FORMAT = 3
 _TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
 
@@ -144,7 +146,32 @@ def read_manifest(directory: Path) -> dict[str, Any]:
         raise ModelIntegrityError(f"{path} lacks required fields: {', '.join(missing)}")
     if not isinstance(manifest["files"], dict) or MODEL_FILE not in manifest["files"]:
         raise ModelIntegrityError(f"{path} does not list {MODEL_FILE} with its sha256")
+    graph_entries(manifest, path)  # a malformed `graphs` is refused here, not at first use
     return dict(manifest)
+
+
+def graph_entries(manifest: dict[str, Any], where: Path | str = MANIFEST) -> list[dict[str, Any]]:
+    """The serving graphs, in order of preference: each `{"file", "layout", "providers",
+    "requires", "parity"}`. A manifest without `graphs` (format 1 and 2) has one: its
+    `onnx.file` (`model.onnx`) for every provider, the slate-shared layout it was written in.
+    Every file must be listed in `files` (so its sha256 is checked before ORT reads it)."""
+    graphs = manifest.get("graphs")
+    if graphs is None:
+        layout = "slate" if manifest.get("kind") == "slate" else "slate-shared"
+        file_name = manifest.get("onnx", {}).get("file", MODEL_FILE)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [{"file": file_name, "layout": layout, "providers": providers, "requires": {}}]
+    if not isinstance(graphs, list) or not graphs:
+        raise ModelIntegrityError(f"{where}: 'graphs' must be a non-empty list")
+    for entry in graphs:
+        ok = isinstance(entry, dict) and isinstance(entry.get("layout"), str)
+        ok = ok and isinstance(entry.get("providers"), list) and entry.get("providers")
+        if not ok or entry.get("file") not in manifest["files"]:
+            raise ModelIntegrityError(
+                f"{where}: a 'graphs' entry needs a layout, providers and a file listed in "
+                f"'files': {entry!r}"
+            )
+    return [{"requires": {}, **entry} for entry in graphs]
 
 
 def _rename_legacy_keys(manifest: dict[str, Any]) -> None:

@@ -132,6 +132,7 @@ class VersionStatus(BaseModel):
     version: str
     current: bool  # serves requests that pin no version
     provider: str
+    layout: str = "slate-shared"  # which of the version's graphs runs (docs/export.md, layouts)
     queue_depth: int
     shadow_queue_depth: int  # shadow requests waiting or running on this version
     # What this version's /v1/score bodies carry: ["scores"], or with a multi-task model

@@ -96,6 +96,7 @@ def _version(handle: Handle, current: int | None) -> VersionStatus:
         version=str(m.version),
         current=m.version == current,
         provider=m.providers[0],
+        layout=m.layout,
         queue_depth=handle.runner.depth,
         shadow_queue_depth=handle.shadow.depth if handle.shadow is not None else 0,
         outputs=list(m.output_names),

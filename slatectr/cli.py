@@ -349,6 +349,9 @@ def bench_models(
     history_len: Annotated[int, _HISTORY_LEN_OPTION] = DEFAULT_HISTORY_LEN,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
+    ablations: Annotated[
+        bool, typer.Option(help="Also train the SARN ablations (without its auxiliary losses).")
+    ] = True,
 ) -> None:
     """Test AUC/LogLoss and training samples/s of every behaviour model beside the oracle."""
     from models.bench.quality import VARIANTS, format_table, run_model_bench
@@ -356,6 +359,7 @@ def bench_models(
 
     keep = {m.strip() for m in only.split(",")} if only else None
     variants = [v for v in VARIANTS if keep is None or v.model in keep]
+    variants = [v for v in variants if ablations or not v.overrides]
 
     def config_for(name: str) -> TrainConfig:
         return train_config_for(
@@ -414,22 +418,30 @@ def _seed_list(text: str) -> list[int]:
 
 @bench_app.command("export")
 def bench_export(
-    models: Annotated[str, typer.Option(help="Comma-separated behaviour models.")] = "sarn,fat",
-    users: Annotated[str, typer.Option(help="Users per call, comma-separated.")] = "1,8,32",
-    slate: Annotated[int, typer.Option(help="Candidates per user (K).")] = 100,
-    history: Annotated[int, typer.Option(help="History length per user (L).")] = 50,
-    repeats: Annotated[int, typer.Option(help="Timed calls per cell (best is kept).")] = 5,
+    models: Annotated[
+        str, typer.Option(help="Comma-separated behaviour models.")
+    ] = "sarn,din,fat,gru,wdl",
+    users: Annotated[str, typer.Option(help="Users per call, comma-separated.")] = "1",
+    slate: Annotated[
+        str, typer.Option(help="Candidates per user (K), comma-separated.")
+    ] = "100,500",
+    history: Annotated[str, typer.Option(help="History lengths (L), comma-separated.")] = "30,50",
+    repeats: Annotated[int, typer.Option(help="Interleaved timed calls per form (median).")] = 15,
     threads: Annotated[int, typer.Option(help="Threads for ORT and torch.")] = 1,
-    out: Annotated[Path | None, typer.Option(help="Also write the table as JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
 ) -> None:
-    """Candidates/s of slate-shared ONNX vs pairwise ONNX vs PyTorch eager (CPU)."""
+    """Per-candidate cost of every serving layout vs the slate-shared reference graph, the
+    pairwise graph and PyTorch eager (CPU; thread CPU time and wall time, medians)."""
     from exporters.bench import BenchConfig, format_table, run_bench
+
+    def ints(text: str) -> list[int]:
+        return [int(v) for v in text.split(",") if v.strip()]
 
     config = BenchConfig(
         models=[m.strip() for m in models.split(",") if m.strip()],
-        users=[int(u) for u in users.split(",")],
-        slate=slate,
-        history=history,
+        users=ints(users),
+        slates=ints(slate),
+        histories=ints(history),
         repeats=repeats,
         threads=threads,
     )

@@ -116,17 +116,19 @@ def corrupt(directory: Path) -> None:
 
 
 def nan_weights(directory: Path) -> None:
-    """Every float initializer becomes NaN: a model that loads but cannot warm up."""
+    """Every float initializer of every graph (each serving layout) becomes NaN: a model that
+    loads but cannot warm up, whichever graph the loader picks."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(directory / "model.onnx"))
-    for init in model.graph.initializer:
-        values = numpy_helper.to_array(init)
-        if values.dtype == np.float32:
-            init.CopyFrom(numpy_helper.from_array(np.full_like(values, np.nan), init.name))
-    onnx.save(model, str(directory / "model.onnx"))
+    for path in directory.glob("*.onnx"):
+        model = onnx.load(str(path))
+        for init in model.graph.initializer:
+            values = numpy_helper.to_array(init)
+            if values.dtype == np.float32:
+                init.CopyFrom(numpy_helper.from_array(np.full_like(values, np.nan), init.name))
+        onnx.save(model, str(path))
 
 
 @dataclass

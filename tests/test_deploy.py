@@ -159,6 +159,14 @@ def test_serving_image_runs_ctr_serve_as_a_fixed_non_root_user(get_routes: GetRo
     assert "/healthz" in get_routes
 
 
+def test_the_custom_op_library_is_compiled_in_the_builder_stage_only() -> None:
+    dockerfile = parse_dockerfile()
+    builder = " ".join(dockerfile.stage("serve-builder").all("RUN"))
+    assert " gcc " in builder and "library_path" in builder  # built, and checked to be there
+    assert "gcc" not in " ".join(dockerfile.stage("serve").all("RUN"))  # no compiler served
+    assert "**/*.so" in (ROOT / ".dockerignore").read_text()  # never a locally built one
+
+
 def test_models_are_baked_from_a_build_argument_or_mounted() -> None:
     dockerfile = parse_dockerfile()
     serve = dockerfile.stage("serve")

@@ -1,4 +1,4 @@
-"""`ctr bench export` on a tiny configuration: the three forms agree and the table is written.
+"""`ctr bench export` on a tiny configuration: every form agrees and the table is written.
 
 Speed itself is measured by the benchmark, never asserted here.
 """
@@ -11,24 +11,29 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from exporters.bench import BenchConfig, run_bench
+from exporters.bench import REFERENCE, BenchConfig, run_bench
 from slatectr.cli import app
 
 
-def test_the_three_forms_agree_on_every_cell() -> None:
+def test_every_form_agrees_on_every_cell() -> None:
     config = BenchConfig(
-        models=["din", "fat"], users=[1, 3], slate=4, history=5, repeats=1, items=50, categories=5
+        models=["sarn", "din"],
+        users=[2],
+        slates=[3],
+        histories=[4, 5],
+        repeats=1,
+        items=50,
+        categories=5,
     )
     rows = run_bench(config)
-    assert [(r.model, r.users, r.candidates) for r in rows] == [
-        ("din", 1, 4),
-        ("din", 3, 12),
-        ("fat", 1, 4),
-        ("fat", 3, 12),
+    forms = ["cpu-fused", "cpu-loop", "batched", REFERENCE, "pairwise", "eager"]
+    assert [(r.model, r.history, r.form) for r in rows] == [
+        (model, history, form) for model in ("sarn", "din") for history in (4, 5) for form in forms
     ]
     for row in rows:
-        assert row.max_abs_diff <= 1e-5
-        assert min(row.shared_cps, row.pairwise_cps, row.eager_cps) > 0
+        assert row.max_abs_diff <= 1e-5 and row.candidates == 6
+        assert min(row.cpu_ms, row.wall_ms, row.cpu_ratio, row.wall_ratio) > 0
+    assert all(r.cpu_ratio == 1.0 for r in rows if r.form == REFERENCE)
 
 
 def test_only_behaviour_models_are_benchmarked() -> None:
@@ -38,26 +43,11 @@ def test_only_behaviour_models_are_benchmarked() -> None:
 
 def test_the_cli_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(
-        app,
-        [
-            "bench",
-            "export",
-            "--models",
-            "wdl",
-            "--users",
-            "2",
-            "--slate",
-            "3",
-            "--history",
-            "4",
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
-        ],
-    )
+    args = ["bench", "export", "--models", "wdl", "--users", "2", "--slate", "3"]
+    args += ["--history", "4", "--repeats", "1", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "| wdl | 2 | 6 |" in result.output
+    assert f"| wdl | 2×3 | 4 | {REFERENCE} |" in result.output
     rows = json.loads(out.read_text())
-    assert rows[0]["candidates"] == 6 and rows[0]["speedup_vs_pairwise"] > 0
+    assert [r["form"] for r in rows] == [REFERENCE, "pairwise", "eager"]
+    assert rows[0]["candidates"] == 6 and rows[0]["us_per_candidate"] > 0

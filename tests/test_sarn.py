@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from sarn_literal import literal_sarn
 
+from exporters.layouts.sarn import SARNSlateShared
 from models.data.batch import BehaviorBatch
 from models.nets.layers import AffineNorm
 from models.nets.sarn import SARN, SARNConfig
@@ -166,7 +167,9 @@ def test_eval_scores_equal_the_literal_formulas(config: SARNConfig) -> None:
         assert torch.allclose(model(batch), pairwise, atol=1e-5, rtol=0)
         expected = literal_sarn(model, rows, torch.arange(6)).logits
         assert torch.allclose(model.forward_slates(*slates), expected, atol=1e-5, rtol=0)
-        assert torch.allclose(model.forward_slates_expanded(*slates), expected, atol=1e-5, rtol=0)
+        # the slate-shared serving layout (cube expanded per user, gathered per candidate)
+        shared = SARNSlateShared(model)(*slates)[0]  # pCTR [N]
+        assert torch.allclose(shared, torch.sigmoid(expected[:, 0]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript exporter

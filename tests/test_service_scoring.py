@@ -86,6 +86,8 @@ def test_a_pinned_slate_model_scores_like_its_loader(
         assert set(by_name) == {"sarn", "ncm", "gru-mt"}
         assert by_name["ncm"]["kind"] == "slate"
         assert by_name["sarn"]["provider"] == reference("sarn").providers[0]
+        assert by_name["sarn"]["versions"][0]["layout"] == reference("sarn").layout  # cpu-fused
+        assert by_name["ncm"]["versions"][0]["layout"] == "slate"
         assert unknown.status_code == 404
 
     run(scenario())

@@ -14,8 +14,8 @@ projections, W G_ij = R_ij·(W x_i) + (W x_j) (`sarn_ops.pairwise`): the gate's 
 first layers are formed from [.., L, H] tensors and R, and the auxiliary loss' mean_i G_ij =
 (Rᵀ X)_j / L + x_j needs no cube at all. The cells that must be visited one by one (ReLU
 layers, the attentive max-pooling) run in `sarn_ops` kernels with cheap backward passes.
-The exported serving graph (`SARN.forward_slates_expanded`) instead expands each user's cube
-and gate pre-activations once and gathers them per candidate, which ONNX Runtime runs fastest.
+The serving graphs lay the same computation out for ONNX Runtime (exporters/layouts/sarn.py):
+the model's own forward stays one computation.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ class SARNState(NamedTuple):
     """The user side, computed once per user and shared by all of that user's candidates.
 
     Only [U, L, L] and [U, L, ·] tensors: `score_candidates` forms each relation cell from R
-    and X (`sarn_ops`), so nothing of size L·L·D is stored or gathered per candidate (the
-    exported graph, `SARN.forward_slates_expanded`, expands it per user instead).
+    and X (`sarn_ops`), so nothing of size L·L·D is stored per user (the serving layouts,
+    exporters/layouts/sarn.py, decide how the cells are visited in ONNX Runtime).
     """
 
     x: Tensor  # [U, L, D] history embeddings, padded rows exactly 0
@@ -309,52 +309,6 @@ class SARN(BehaviorModel):
         weight = gate * s.mask[:, :, None]  # [N, L, L] a_ij·m_i, padded sources 0
         u = pairwise_max_pool(weight, s.relation, s.x).clamp_min(0.0)  # [N, D]
         return self._output(t, u, s.mean, s.max, s.context)
-
-    def forward_slates(
-        self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        context: Tensor,
-        cand_items: Tensor,
-        cand_cats: Tensor,
-        cand_user_index: Tensor,
-    ) -> Tensor:
-        """Eager: the base class' gather of the small user state + `score_candidates`.
-        ONNX export: `forward_slates_expanded`. Each is the faster one on its runtime: at
-        K = 100, L = 50 on one CPU thread the expanded form ran ~2.5× faster in ONNX Runtime
-        and ~3.5× slower in eager torch (whose fresh [N, L, L, D] buffers page-fault). The
-        export parity check (ONNX vs eager) therefore also checks the two against each other.
-        """
-        args = (user, hist_items, hist_cats, context, cand_items, cand_cats, cand_user_index)
-        if torch.onnx.is_in_onnx_export():  # a trace-time flag, not a tensor value
-            return self.forward_slates_expanded(*args)
-        return super().forward_slates(*args)
-
-    def forward_slates_expanded(
-        self,
-        user: Tensor,
-        hist_items: Tensor,
-        hist_cats: Tensor,
-        context: Tensor,
-        cand_items: Tensor,
-        cand_cats: Tensor,
-        cand_user_index: Tensor,
-    ) -> Tensor:
-        """`forward_slates` with each user's cube G and gate pre-activations W1_G G + b1
-        expanded once, channels first, and gathered per candidate: a candidate then only adds
-        W1_t t, applies ReLU, contracts and pools, each one broadcast over L·L-long planes."""
-        s = self.encode_user(user, hist_items, hist_cats, context)
-        cube = pairwise_channels_first(s.relation, s.x, s.x)  # [U, D, L, L]
-        gate_pre = self.gate.user_part(s.relation, s.gate_proj)  # [U, H, L, L]
-        t = self._embed(cand_items, cand_cats)  # [N, D]
-        gate = self.gate.from_user_part(gate_pre.index_select(0, cand_user_index), t)
-        mask = s.mask.index_select(0, cand_user_index)  # [N, L]
-        weight = (gate * mask[:, :, None]).unsqueeze(1)  # [N, 1, L, L] a_ij·m_i
-        cells = weight * cube.index_select(0, cand_user_index)  # [N, D, L, L]
-        u = cells.amax(dim=(2, 3)).clamp_min(0.0)  # [N, D]
-        mean, mx, ctx = (v.index_select(0, cand_user_index) for v in (s.mean, s.max, s.context))
-        return self._output(t, u, mean, mx, ctx)
 
     def _output(self, t: Tensor, u: Tensor, mean: Tensor, mx: Tensor, ctx: Tensor) -> Tensor:
         z = torch.cat([t, u, t * mean, mx, mean, ctx], dim=-1)  # [N, z_dim]
