@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ class LocalCluster:
         assert done.returncode == 0, done.stdout + done.stderr
         for node in self.nodes:
             node.node_id = node.client().execute_command("CLUSTER MYID").decode()
-        self.wait_healthy(timeout_s)
+        self.wait_healthy(timeout_s, replicated=True)
         return self
 
     @property
@@ -155,9 +156,11 @@ class LocalCluster:
                 return next(n for n in self.nodes if n.port == master[1])
         raise AssertionError(f"slot {slot} is not served")
 
-    def wait_healthy(self, timeout_s: float = 30.0) -> None:
+    def wait_healthy(self, timeout_s: float = 30.0, replicated: bool = False) -> None:
         """Every live node says `cluster_state:ok`, there are `masters` masters serving all
-        slots, and each replica's link to its master is up."""
+        slots, and each replica's link to its master is up. `replicated`: every master has a
+        replica in the view too (right after `create`, gossip may not have told every node;
+        after a failover the promoted master has none)."""
 
         def healthy() -> bool:
             try:
@@ -170,7 +173,7 @@ class LocalCluster:
                 return all(
                     self.replica_of(m).client().info("replication")["master_link_status"] == "up"
                     for m in masters
-                    if any(r["master_id"] == m.node_id for r in self.view())
+                    if replicated or any(r["master_id"] == m.node_id for r in self.view())
                 )
             except (redis.RedisError, StopIteration):
                 return False
@@ -179,10 +182,12 @@ class LocalCluster:
 
     # --- faults ---------------------------------------------------------------------------
 
-    def migrate_slot(self, slot: int, target: Node, hold_s: float = 0.0) -> None:
+    def migrate_slot(
+        self, slot: int, target: Node, hold_s: float = 0.0, until: Callable[[], bool] | None = None
+    ) -> None:
         """Moves `slot` and its keys to `target`, as `redis-cli --cluster reshard` does. The
         slot stays half-moved (keys already on the target, the source answering ASK) for
-        `hold_s`, so that traffic meets the redirects."""
+        `hold_s`, and then until `until()` holds, so that traffic meets the redirects."""
         source = self.owner(slot)
         src, dst = source.client(), target.client()
         dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source.node_id)
@@ -190,6 +195,8 @@ class LocalCluster:
         while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
             src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
         time.sleep(hold_s)
+        if until is not None:
+            wait_until(until, 30, interval_s=0.02, what=f"traffic on half-moved slot {slot}")
         for node in (target, source, *self.live_masters()):
             node.client().execute_command("CLUSTER SETSLOT", slot, "NODE", target.node_id)
 

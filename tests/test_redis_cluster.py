@@ -195,13 +195,21 @@ def test_scoring_and_ingest_ride_out_resharding_and_a_master_failover(
     try:
         wait_until(lambda: len(traffic.ingested) >= 3 * len(users), 30, what="first events")
         # Resharding: two users' slots move from master A to master B (each left half-moved,
-        # answering ASK, for 0.3 s), while events and scores keep coming.
+        # answering ASK, for 0.3 s and until one of the user's events was accepted and its
+        # history read), while events and scores keep coming.
         (_, a_users), (b, b_users) = list(by_master.items())[:2]
         target = cluster.node(b)
         migrations = []
         for user in a_users[:2]:
             started = time.monotonic()
-            cluster.migrate_slot(user_slot(user), target, hold_s=0.3)
+            cluster.migrate_slot(
+                user_slot(user),
+                target,
+                hold_s=0.3,
+                until=lambda u=user, t=started: (
+                    traffic.accepted_since(u, t) and traffic.read_since(u, t)
+                ),
+            )
             migrations.append((user, started, time.monotonic()))
             assert cluster.owner(user_slot(user)) is target
         moved_at = time.monotonic()

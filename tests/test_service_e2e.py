@@ -190,7 +190,10 @@ def test_sigterm_drains_then_exits(service_model_repo: Path, tmp_path: Path) -> 
     threads = [threading.Thread(target=load) for _ in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(0.5)
+    # Serving before the signal (a fixed sleep was not enough on a busy box: the first slates
+    # were still queued behind the parser when SIGTERM came, and all got the drain's 503).
+    wait_until(lambda: any(s == 200 for _, s in outcomes), 30, what="a first answered slate")
+    time.sleep(0.2)
     signalled = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
