@@ -165,14 +165,19 @@ class ScoringEngine:
             await asyncio.to_thread(self._redis.close)
 
     def readiness(self) -> tuple[bool, list[str]]:
-        """(ready, reasons it is not). Redis is deliberately not part of readiness."""
-        reasons = [f"model {name} failed to load" for name in self.registry.failures]
+        """(ready, reasons it is not). Redis is deliberately not part of readiness. Updates
+        the gauges that say the same to an alert (`ctr_ready`, `ctr_model_load_failed`)."""
+        failed = self.registry.failures
+        for name in {*failed, *self.registry.models}:
+            self.metrics.model_load_failed.labels(name).set(1 if name in failed else 0)
+        reasons = [f"model {name} failed to load" for name in failed]
         if self.registry.default not in self.registry.models:
             reasons.append("default model not loaded")
         if self.settings.require_gpu:
             reasons += [f"model {n} is not on the GPU" for n in self.registry.gpu_missing()]
         if self._draining:
             reasons.append("draining")
+        self.metrics.ready.set(0 if reasons else 1)
         return not reasons, reasons
 
     def status(self) -> ModelsResponse:
@@ -356,6 +361,7 @@ class ScoringEngine:
         elapsed = time.perf_counter() - start
         self.metrics.store_duration.labels(operation, outcome).observe(elapsed)
         self.metrics.dependency_up.labels("redis").set(1 if outcome == "ok" else 0)
+        self.metrics.redis_breaker_open.set(self.store.breaker.state != "closed")
 
 
 def _start_embedded_redis() -> RedisServer:

@@ -162,6 +162,20 @@ class ServiceMetrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        # State an alert needs while the replica still answers its scrape: `up` cannot say that
+        # a replica is not ready (it takes no traffic) or that its breaker skips Redis.
+        self.ready = Gauge(
+            "ctr_ready",
+            "1 when GET /readyz answers 200 (refreshed by every probe and scrape).",
+            multiprocess_mode="livemin",
+            registry=r,
+        )
+        self.redis_breaker_open = Gauge(
+            "ctr_redis_breaker_open",
+            "1 while the circuit breaker skips Redis (open or half-open), 0 once a call succeeds.",
+            multiprocess_mode="livemax",
+            registry=r,
+        )
         self.inflight = Gauge(
             "ctr_inflight_requests",
             "HTTP requests being handled.",
@@ -234,6 +248,13 @@ class ServiceMetrics:
             "ctr_model_reload_failures_total",
             "Model versions that failed to load or warm up; the old version kept serving.",
             ["model", "stage"],
+            registry=r,
+        )
+        self.model_load_failed = Gauge(
+            "ctr_model_load_failed",
+            "1 for a configured model that has no version serving (it failed to load).",
+            ["model"],
+            multiprocess_mode="livemax",
             registry=r,
         )
         self.model_version_refused = Gauge(

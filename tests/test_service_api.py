@@ -68,6 +68,7 @@ def test_liveness_is_up_and_readiness_says_why_not(client: TestClient) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert ready.json() == {"status": "not_ready", "reasons": ["default model not loaded"]}
+    assert "\nctr_ready 0.0\n" in client.get("/metrics").text  # what an alert sees
 
 
 def test_scoring_without_a_model_is_a_503_not_a_crash(client: TestClient) -> None:

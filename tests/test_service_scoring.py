@@ -7,6 +7,7 @@ The reference for every score is the torch-free loader (`runtime.loader.open_mod
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -122,6 +123,41 @@ def test_hung_redis_falls_back_within_the_deadline_and_recovers(
         assert 'ctr_history_source_total{source="fallback"} 1.0' in metrics
         assert 'ctr_history_source_total{source="redis"} 1.0' in metrics
         assert ready.status_code == 200
+        assert "\nctr_ready 1.0\n" in metrics
+
+    run(scenario())
+
+
+def test_the_breaker_gauge_follows_a_redis_outage(
+    make_app: AppFactory, redis_server: RedisServer
+) -> None:
+    """`ctr_redis_breaker_open` is what the Redis alert reads: 1 once the breaker skips Redis,
+    0 again after the first read that succeeds."""
+
+    async def gauge(client: Any) -> str:
+        text = (await client.get("/metrics")).text
+        return str(text.split("\nctr_redis_breaker_open ")[1].split("\n")[0])
+
+    async def scenario() -> None:
+        app = make_app(redis_read_timeout_ms=20.0, breaker_failures=2, breaker_reset_s=0.2)
+        async with running(app) as client:
+            await client.post("/v1/score", json=score_body())
+            healthy = await gauge(client)
+            os.kill(redis_server.pid, signal.SIGSTOP)
+            try:
+                sources = [
+                    (await client.post("/v1/score", json=score_body())).json()["history_source"]
+                    for _ in range(3)
+                ]
+                during = await gauge(client)
+            finally:
+                os.kill(redis_server.pid, signal.SIGCONT)
+            await asyncio.sleep(0.3)  # past breaker_reset_s: the next read is the trial
+            recovered = (await client.post("/v1/score", json=score_body())).json()
+            after = await gauge(client)
+        assert sources == ["fallback"] * 3
+        assert (healthy, during, after) == ("0.0", "1.0", "0.0")
+        assert recovered["history_source"] == "redis"
 
     run(scenario())
 
@@ -210,7 +246,11 @@ def test_a_corrupt_model_is_refused_and_the_others_serve(
             sarn = await client.post("/v1/score", json=score_body())
             ncm = await client.post("/v1/score", json=score_body(model="ncm"))
             alive = await client.get("/healthz")
+            metrics = (await client.get("/metrics")).text
         assert ready.status_code == 503
+        assert "\nctr_ready 0.0\n" in metrics
+        assert 'ctr_model_load_failed{model="sarn"} 1.0' in metrics
+        assert 'ctr_model_load_failed{model="ncm"} 0.0' in metrics
         assert "model sarn failed to load" in ready.json()["reasons"]
         assert models["sarn"]["status"] == "failed"
         assert sarn.status_code == 503

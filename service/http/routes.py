@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Path, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import WithJsonSchema
 
@@ -143,10 +144,12 @@ async def readyz(engine: EngineDep) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(request: Request) -> Response:
+async def metrics(request: Request, engine: EngineDep) -> Response:
     """Prometheus text format (aggregated across processes in multiprocess mode)."""
+    engine.readiness()  # on the loop: ctr_ready is current at every scrape, not only per probe
     service_metrics = request.app.state.metrics
-    return Response(service_metrics.render(), media_type=service_metrics.content_type)
+    exposition = await run_in_threadpool(service_metrics.render)  # reads files when multiprocess
+    return Response(exposition, media_type=service_metrics.content_type)
 
 
 async def _call(function: Callable[[], None]) -> None:
