@@ -298,6 +298,19 @@ def test_the_openapi_document_uses_json_schema_keywords(client: TestClient) -> N
     assert all("400" in responses for path, responses in posts if "routing" not in path)
 
 
+def test_the_document_refuses_what_the_service_refuses(client: TestClient) -> None:
+    """Found by the API fuzz test: `patternProperties` alone let any other context key through
+    in JSON Schema, and nothing told a client about the clock-skew bound of `ts`."""
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    context = schemas["ScoreRequest"]["properties"]["context"]
+    assert context["additionalProperties"] is False and context["patternProperties"]
+    body = {"user_id": "u1", "candidates": [{"item_id": "i1", "category_id": "c1"}]}
+    answer = client.post("/v1/score", json={**body, "context": {"not a key": "x"}})
+    _assert_error(answer, 422, "invalid_request")
+    assert "CTR_EVENT_MAX_FUTURE_S" in schemas["EventIn"]["properties"]["ts"]["description"]
+    assert "ts" in schemas["EventIn"]["required"]
+
+
 def test_a_body_that_is_not_text_is_a_400(client: TestClient) -> None:
     answer = client.post(
         "/v1/score",

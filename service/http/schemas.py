@@ -55,7 +55,13 @@ class ScoreRequest(_Strict):
     request_id: LongId | None = None
     user_id: Id
     candidates: list[ItemRef] = Field(min_length=1, max_length=HARD_MAX_CANDIDATES)
-    context: dict[Id, ContextValue] = Field(default_factory=dict, max_length=MAX_CONTEXT_FIELDS)
+    # additionalProperties false: pydantic writes the key pattern as `patternProperties`, which
+    # alone lets any other key through in JSON Schema; the model refuses such keys.
+    context: dict[Id, ContextValue] = Field(
+        default_factory=dict,
+        max_length=MAX_CONTEXT_FIELDS,
+        json_schema_extra={"additionalProperties": False},
+    )
     history: list[ItemRef] | None = Field(
         None, max_length=HARD_MAX_HISTORY, description="Oldest first; replaces stored history."
     )
@@ -108,7 +114,12 @@ class EventIn(_Strict):
     user_id: Id
     item_id: Id
     category_id: Id
-    ts: Timestamp
+    # The clock-skew bound is no JSON Schema keyword (it moves with the clock): the description
+    # is where a client learns it.
+    ts: Timestamp = Field(
+        description="Unix seconds; at most CTR_EVENT_MAX_FUTURE_S (default 300) ahead of the "
+        "service's clock, else 422."
+    )
     event_id: LongId | None = None
     type: Id | None = None
 
