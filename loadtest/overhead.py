@@ -277,7 +277,12 @@ def run_overhead(config: OverheadConfig, progress: Callable[[str], None] = print
         progress("burst")
         result["burst"] = burst(config, url, population)
         progress("saturation")
-        peak = saturation(url, population, config.slate, config.clients, config.step_seconds)
+        # The better of two: one short window on a shared box can catch a neighbour's burst,
+        # and the steps below are multiples of it.
+        peak = max(
+            saturation(url, population, config.slate, config.clients, config.step_seconds)
+            for _ in range(2)
+        )
         result["saturation_per_s"] = peak
         result["steps"] = []
         for factor in LOAD_STEPS:
@@ -345,7 +350,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Burst of {config['burst_requests']} × {config['burst_slate']} candidates from "
         f"{config['burst_clients']} clients: {result['burst']}",
         "",
-        f"Saturation (closed loop, {config['clients']} clients): "
+        f"Saturation (closed loop, {config['clients']} clients, the better of two windows): "
         f"{result['saturation_per_s']:.1f} answered/s",
         "",
         "| load | offered/s | goodput/s | 429+503 | 504 | refusal p99 ms | 200 p99 ms |",

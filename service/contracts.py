@@ -193,7 +193,7 @@ class Engine(Protocol):
     def readiness(self) -> tuple[bool, list[str]]: ...
 
     def admits_any(self, deadline: float) -> bool:
-        """Whether some loaded model version could answer a one-candidate request by
+        """Whether some loaded model version could answer a request of its usual size by
         `deadline` (checked before a scoring request's body is read)."""
         ...
 

@@ -196,7 +196,7 @@ class ScoringEngine:
     def admits_any(self, deadline: float) -> bool:
         """True also with no model loaded: then the route's own answer (404, 503) says why."""
         runners = [h.runner for h in self.pool.handles.values()]
-        return not runners or any(r.can_meet(1, deadline) for r in runners)
+        return not runners or any(r.can_meet_typical(deadline) for r in runners)
 
     def queue_depth(self, model: str) -> int:
         """Requests waiting for `model`'s next batch at its current version (0 if unknown)."""

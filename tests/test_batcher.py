@@ -21,6 +21,7 @@ from service.scoring.batcher import (
     CostModel,
     DeadlineExceeded,
     Draining,
+    Lateness,
     Overloaded,
     QueueFull,
 )
@@ -451,3 +452,61 @@ def test_the_cost_estimate_stays_within_four_times_its_calibration() -> None:
     free = CostModel()  # uncalibrated: follows what it sees
     free.learn(seconds=0.5, candidates=10)
     assert free.b == pytest.approx(0.05) and not free.calibrated
+
+
+def test_answers_later_than_estimated_tighten_admission_until_the_evidence_fades() -> None:
+    """What the cost model cannot see (a host whose cores are taken by others, a lagging loop)
+    shows as answers coming back later than estimated; admission then refuses what would be
+    late, and forgets it once the evidence is old."""
+
+    async def scenario() -> None:
+        model = PerCandidate()  # 10 ms per candidate, whatever the estimate says
+        cost = CostModel(a=0.0005, b=0.0005)  # 20x too optimistic; learning stops at 4x
+        batcher = Batcher("m", model.infer, Prepares(), BatcherConfig(), None, cost)
+        batcher.start()
+        assert batcher.can_meet(1, _later(0.008))  # the estimate alone: about 4 ms
+        for _ in range(15):  # every answer comes back ~6 ms later than estimated
+            assert await batcher.submit(1, 1, _later(0.5)) == 1
+        assert batcher.lateness.value() > 0.003
+        with pytest.raises(Overloaded):  # would have been admitted, and then been late
+            await batcher.submit(1, 1, _later(0.008))
+        faded = time.monotonic()
+        while batcher.lateness.value() > 0.002:  # no answers: the evidence fades by itself
+            assert time.monotonic() - faded < 15
+            await asyncio.sleep(0.1)
+        assert batcher.can_meet(1, _later(0.008))
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_lateness_is_an_average_floored_at_zero_that_halves_every_half_life() -> None:
+    now = [0.0]
+    lateness = Lateness(weight=0.5, half_life_s=1.0, clock=lambda: now[0])
+    lateness.observe(0.010)
+    lateness.observe(0.010)
+    assert lateness.value() == pytest.approx(0.0075)  # 0.5 * 10 ms, then halfway to 10 ms
+    now[0] = 2.0
+    assert lateness.value() == pytest.approx(0.0075 / 4)
+    lateness.observe(0.0)  # on time: halfway down
+    assert lateness.value() == pytest.approx(0.0075 / 8)
+    lateness.observe(-1.0)  # far earlier than estimated: never a negative correction
+    assert lateness.value() == 0.0
+
+
+def test_the_check_before_parsing_assumes_a_request_of_the_usual_size() -> None:
+    async def scenario() -> None:
+        model = PerCandidate()
+        cost = CostModel(a=0.0, b=PerCandidate.seconds_per_candidate)
+        batcher = Batcher("m", model.infer, Prepares(), BatcherConfig(), None, cost)
+        batcher.start()
+        for _ in range(3):
+            assert await batcher.submit(5, 5, _later()) == 5  # this model gets 5 candidates
+        # 5 candidates need 50 ms: a 30 ms deadline is refused before the body is read, though
+        # a one-candidate request (10 ms) would fit.
+        assert not batcher.can_meet_typical(_later(0.03))
+        assert batcher.can_meet(1, _later(0.03))
+        assert batcher.can_meet_typical(_later(0.2))
+        await batcher.stop()
+
+    asyncio.run(scenario())

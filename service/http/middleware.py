@@ -4,8 +4,10 @@ histogram, in-flight gauge and one JSON access line.
 The arrival time (`scope["state"]["arrival"]`, monotonic) starts a scoring request's deadline:
 time spent before the handler (body read, validation) counts against it. Before the body is
 even read, a `POST /v1/score` is refused with 429 `overloaded` when no loaded model could
-answer a one-candidate request by its deadline (`Engine.admits_any`): under overload a refusal
-then costs a header look-up, not a body parse on the event loop that every other request needs.
+answer a request of its usual size by the deadline (`Engine.admits_any`): under overload a
+refusal then costs a header look-up, not a body parse on the event loop that every other
+request needs. (Checking for a one-candidate request, as first built, let nearly every
+request through to be parsed and refused after all: refusals waited behind parses.)
 
 A pure ASGI middleware (no BaseHTTPMiddleware: it would copy the body stream and add a task per
 request). The request id is the client's `X-Request-ID` when it is a sane token, otherwise a

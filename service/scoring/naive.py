@@ -54,6 +54,9 @@ class UnbatchedRunner(Generic[Req, Prep, Res]):
         """No estimate: the baseline admits whatever arrives."""
         return True
 
+    def can_meet_typical(self, deadline: float) -> bool:
+        return True
+
     async def stop(self, timeout_s: float = 5.0) -> None:
         self.begin_drain()
 
