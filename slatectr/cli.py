@@ -39,6 +39,14 @@ def simulate(
     pair_strength: Annotated[
         float, typer.Option(help="Weight of the relational (history-pair) truth term.")
     ] = 3.0,
+    parts: Annotated[
+        int,
+        typer.Option(
+            help="Simulate and write the users in this many groups: each split becomes a "
+            "directory of part files and memory holds one part (large worlds).",
+            min=1,
+        ),
+    ] = 1,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -59,6 +67,7 @@ def simulate(
         seed=seed,
         events_per_user=events_per_user,
         pair_strength=pair_strength,
+        parts=parts,
     )
     try:
         config = with_overrides(base, set_ or [])
