@@ -20,14 +20,14 @@ from torch import Tensor, nn
 
 from models.data.batch import BehaviorBatch
 from models.data.dataset import (
-    CONTEXT_PREFIX,
-    BehaviorArrays,
     NegativeSampler,
     encode_behavior,
     fit_vocabularies,
     iterate_batches,
 )
+from models.data.encode import BehaviorArrays
 from models.data.schema import DataError, load_behavior
+from models.data.vocab import CONTEXT_PREFIX
 from models.nets.base import BehaviorModel
 from models.nets.multitask import (
     CVR,
