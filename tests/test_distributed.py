@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from models.simulate import simulate_world
 from models.simulate.config import SimulationConfig
+from models.training.checkpoint import WEIGHTS
 
 CTR = Path(sys.executable).parent / "ctr"  # the console script installed beside this Python
 TIMING = {"train_seconds", "train_samples_per_s"}  # wall-clock figures: not repeatable
@@ -80,9 +83,15 @@ def wait_for_checkpoint(
 
 def checkpoint_position(run: Path) -> tuple[int, int]:
     """(epoch, batches done in it) of the run's newest checkpoint."""
-    name = json.loads((run / "resume" / "latest.json").read_text())["snapshot"]
-    loop = json.loads((run / "resume" / name / "state.json").read_text())["loop"]
+    loop = checkpoint_state(run)["loop"]
     return loop["epoch"], loop["step"]
+
+
+def checkpoint_state(run: Path) -> dict[str, Any]:
+    """The JSON half of the run's newest checkpoint."""
+    name = json.loads((run / "resume" / "latest.json").read_text())["snapshot"]
+    state: dict[str, Any] = json.loads((run / "resume" / name / "state.json").read_text())
+    return state
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +133,9 @@ def test_a_run_stopped_by_sigterm_then_by_a_killed_rank_ends_as_an_uninterrupted
     assert "--resume continues" in err
     stopped_at = checkpoint_position(run)
     assert stopped_at[0] == 1 and stopped_at[1] > 0  # mid-epoch, a checkpoint at that batch
+    # One checkpoint, written by rank 0, holding both ranks' random streams and epoch sums.
+    assert [len(checkpoint_state(run)["ranks"])] == [2]
+    assert {r["sums"]["samples"] for r in checkpoint_state(run)["ranks"]} == {16 * stopped_at[1]}
     # Another run is never resumed: one process with another batch size is told what differs.
     refused = ctr(train_args(world, run, "--resume", "--batch-size", "64", nproc=1), expect=2)
     assert "batch_size: was 16, now 64" in refused.stderr
@@ -139,6 +151,10 @@ def test_a_run_stopped_by_sigterm_then_by_a_killed_rank_ends_as_an_uninterrupted
 
     ctr(train_args(world, run, "--resume"))  # from the last periodic checkpoint
     assert epochs(run) == epochs(reference)  # the same batches, weights and random draws
+    # Repeatable for a seed and a world size: the very weights of the uninterrupted run.
+    weights, expected = load_file(run / WEIGHTS), load_file(reference / WEIGHTS)
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
 
 def test_resume_needs_a_checkpoint(reference: Path, world: Path) -> None:

@@ -228,8 +228,15 @@ def test_a_resumed_epoch_continues_with_the_batches_it_would_have_had(
 
 
 def test_memory_holds_one_window_of_rows(numbered: tuple[Shards, int]) -> None:
-    _, rows = numbered
+    shards, rows = numbered
     order = EpochOrder(rows, seed=0, world=2, rank=0, block_rows=16, window_rows=64)
     windows = list(order.windows(epoch=1))
     assert len(windows) == 8  # 500 rows of this rank in windows of 64
     assert all(sum(stop - start for start, stop in runs) <= 64 for runs, _ in windows)
+    # The batches shuffle within a window and never across two: each run of 64 trained rows
+    # is exactly the rows of one window, in an order that is not the order read.
+    trained = _flat(_epoch(shards, order, epoch=1))
+    for k, (runs, _) in enumerate(windows):
+        read = [row for start, stop in runs for row in range(start, stop)]
+        assert sorted(trained[64 * k : 64 * (k + 1)]) == sorted(read)
+        assert trained[64 * k : 64 * (k + 1)] != read or len(read) < 2
