@@ -170,6 +170,10 @@ def train(
         float | None,
         typer.Option(help="Training minutes between mid-epoch checkpoints (default 10).", min=0),
     ] = None,
+    steps_per_epoch: Annotated[
+        int | None,
+        typer.Option(help="At most this many batches an epoch (default: all of them).", min=1),
+    ] = None,
 ) -> None:
     """Train a model with early stopping; prints one JSON summary line, progress to stderr.
 
@@ -213,6 +217,7 @@ def train(
         min_count=min_count,
         shuffle_buffer=shuffle_buffer,
         checkpoint_minutes=checkpoint_minutes,
+        steps_per_epoch=steps_per_epoch,
     )
     try:
         resolve_device(device)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,22 @@ def test_a_tie_is_not_an_improvement_and_the_first_best_epoch_is_kept() -> None:
     assert result["best_epoch"] == crossing
     assert len(weights) == crossing + config.patience
     assert model.weight.item() == pytest.approx(weights[crossing - 1])
+
+
+def test_steps_per_epoch_trains_the_first_batches_of_every_epoch() -> None:
+    task = FlippingTask()
+    drawn: list[tuple[int, int]] = []
+
+    def five_batches(epoch: int, skip: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        for number in range(skip, 5):
+            drawn.append((epoch, number))
+            yield task.x, (task.x[:, 0] < 0).float()
+
+    task.train_batches = five_batches  # type: ignore[method-assign]
+    config = TrainConfig(epochs=2, lr=0.1, patience=5, device="cpu", steps_per_epoch=2)
+    result = fit(nn.Linear(1, 1, bias=False), task, config, progress=False)
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2]
+    assert drawn == [(1, 0), (1, 1), (2, 0), (2, 1)]  # no batch past the cap is even made
 
 
 def test_model_defaults_apply_unless_overridden() -> None:

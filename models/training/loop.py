@@ -28,11 +28,15 @@ of every epoch, every `checkpoint_minutes` of training (rank 0's clock, agreed a
 poll) and when a stop is requested (SIGTERM or SIGINT); then `fit` raises `Interrupted`.
 `Session.snapshot` continues a run from its checkpoint with the same weights, optimizer state,
 batch and random streams, so it ends where an uninterrupted run would have.
+
+`steps_per_epoch` cuts every epoch to its first batches (the rest of the epoch's order is
+skipped, validation is whole): for benchmarks and smoke runs on data too large to go through.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import sys
@@ -98,6 +102,7 @@ class TrainConfig:
     min_count: int = 1  # behaviour models: ids seen fewer times in training map to OOV
     shuffle_buffer: int = WINDOW_ROWS  # behaviour models: rows of the streaming shuffle window
     checkpoint_minutes: float = 10.0  # training time between mid-epoch checkpoints
+    steps_per_epoch: int | None = None  # at most this many batches an epoch (benchmarks, smoke)
 
 
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -249,8 +254,12 @@ class _Loop:
     def train_epoch(self) -> None:
         """Trains the rest of the current epoch (all of it unless resumed mid-epoch)."""
         self.model.train()
-        batches = self.task.train_batches(self.state.epoch, self.state.step)
+        batches: Iterable[Any] = self.task.train_batches(self.state.epoch, self.state.step)
         total = self.state.step + len(batches) if isinstance(batches, Sized) else None
+        cap = self.config.steps_per_epoch
+        if cap is not None:  # the epoch's first `cap` batches, in the epoch's own order
+            batches = itertools.islice(batches, max(cap - self.state.step, 0))
+            total = min(total, cap) if total is not None else cap
         bar = tqdm(
             batches,
             total=total,
