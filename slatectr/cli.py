@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,6 +40,14 @@ def simulate(
     pair_strength: Annotated[
         float, typer.Option(help="Weight of the relational (history-pair) truth term.")
     ] = 3.0,
+    parts: Annotated[
+        int,
+        typer.Option(
+            help="Simulate and write the users in this many groups: each split becomes a "
+            "directory of part files and memory holds one part (large worlds).",
+            min=1,
+        ),
+    ] = 1,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -59,6 +68,7 @@ def simulate(
         seed=seed,
         events_per_user=events_per_user,
         pair_strength=pair_strength,
+        parts=parts,
     )
     try:
         config = with_overrides(base, set_ or [])
@@ -93,9 +103,12 @@ _MODEL_HELP = "sarn, fat, din, gru, wdl, ncm, ncm-lr, ncm-gru, ncm-adv, scot or 
 
 @app.command()
 def train(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(help=_MODEL_HELP)],
-    train: Annotated[Path, typer.Option(help="Training samples (.parquet or .csv).")],
-    valid: Annotated[Path, typer.Option(help="Validation samples (early stopping).")],
+    train: Annotated[
+        Path, typer.Option(help="Training samples: a .parquet or .csv file, or a directory.")
+    ],
+    valid: Annotated[Path, typer.Option(help="Validation samples (early stopping), the same.")],
     out: Annotated[Path, typer.Option(help="Run directory the checkpoint is written to.")],
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs (default 10).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size (default 128).")] = None,
@@ -131,16 +144,53 @@ def train(
             help="Model config field NAME=VALUE (repeatable), e.g. --set auxiliary_loss=false.",
         ),
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            help="Processes on this machine, data-parallel under torchrun (gloo on CPU, NCCL "
+            "on GPUs); --batch-size is per process. Behaviour models only.",
+            min=1,
+        ),
+    ] = 1,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the interrupted run in --out (give the options it had)."),
+    ] = False,
+    min_count: Annotated[
+        int | None,
+        typer.Option(help="Ids seen fewer times in training map to OOV (default 1).", min=1),
+    ] = None,
+    shuffle_buffer: Annotated[
+        int | None,
+        typer.Option(
+            help="Rows in the shuffle window (default 131072); memory grows with it.", min=1
+        ),
+    ] = None,
+    checkpoint_minutes: Annotated[
+        float | None,
+        typer.Option(help="Training minutes between mid-epoch checkpoints (default 10).", min=0),
+    ] = None,
+    steps_per_epoch: Annotated[
+        int | None,
+        typer.Option(help="At most this many batches an epoch (default: all of them).", min=1),
+    ] = None,
 ) -> None:
-    """Train a model with early stopping; prints one JSON summary line, progress to stderr."""
-    from models.registry import ALL_MODELS
+    """Train a model with early stopping; prints one JSON summary line, progress to stderr.
+
+    Behaviour models stream their data (memory holds the shuffle window and the model, not
+    the data set); a run stopped by SIGTERM or Ctrl-C writes a checkpoint first, and the same
+    command with --resume continues it."""
+    from models.registry import ALL_MODELS, is_slate_model
 
     if model not in ALL_MODELS:
         known = ", ".join(sorted(ALL_MODELS))
         raise typer.BadParameter(f"choose one of: {known}", param_hint="--model")
+    if nproc > 1 and is_slate_model(model):
+        raise typer.BadParameter("slate click models train in one process", param_hint="--nproc")
     from models.nets.multitask import validate_tasks
     from models.overrides import parse_assignments
     from models.registry import model_class, multitask_models
+    from models.training.distributed.ranks import launched_world
     from models.training.loop import resolve_device, train_config_for
     from models.training.run import train_run
 
@@ -164,18 +214,51 @@ def train(
         device=device,
         lr=lr,
         patience=patience,
+        min_count=min_count,
+        shuffle_buffer=shuffle_buffer,
+        checkpoint_minutes=checkpoint_minutes,
+        steps_per_epoch=steps_per_epoch,
     )
     try:
         resolve_device(device)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--device") from None
+    if nproc > 1 and launched_world() == 1:
+        from slatectr.launch import launch
+
+        raise typer.Exit(launch(nproc, _command_without(ctx, "nproc")))
     with _user_errors():
         metrics = train_run(
-            model, train, valid, out, config, model_overrides=overrides, progress=not quiet
+            model,
+            train,
+            valid,
+            out,
+            config,
+            model_overrides=overrides,
+            progress=not quiet,
+            resume=resume,
         )
-    summary = {"model": model, "run": str(out), "best_epoch": metrics["best_epoch"]}
-    summary.update({f"valid_{k}": v for k, v in metrics["valid"].items()})
-    _echo_json(summary)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line: rank 0's
+        summary = {"model": model, "run": str(out), "best_epoch": metrics["best_epoch"]}
+        summary.update({f"valid_{k}": v for k, v in metrics["valid"].items()})
+        _echo_json(summary)
+
+
+def _command_without(ctx: typer.Context, skipped: str) -> list[str]:
+    """The command line of `ctx`, rebuilt from its parsed options, less option `skipped`."""
+    args = [str(ctx.info_name)]
+    for param in ctx.command.params:
+        value = ctx.params.get(str(param.name))
+        if param.name == skipped or value is None:
+            continue
+        if getattr(param, "is_flag", False):  # --quiet/--no-quiet: the one that was given
+            flags = [*param.opts, *getattr(param, "secondary_opts", [])]
+            args += [flags[0] if value else flags[-1]]
+        elif param.multiple:
+            args += [part for item in value for part in (param.opts[0], str(item))]
+        else:
+            args += [param.opts[0], str(value)]
+    return args
 
 
 def _checked_tasks(model: str, tasks: str, assignments: list[str]) -> str:
@@ -217,15 +300,21 @@ def evaluate(
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Bad input files and run directories end with a one-line message and exit code 2."""
+    """Bad input files and run directories end with a one-line message and exit code 2; a
+    training run stopped by a signal says how to resume it and exits as a signalled process."""
     from models.data.schema import DataError
     from models.training.checkpoint import CheckpointError
+    from models.training.distributed.signals import EXIT_INTERRUPTED, Interrupted
 
     try:
         yield
     except (DataError, CheckpointError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    except Interrupted as exc:
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(f"interrupted: {exc}; the same command with --resume continues", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 @app.command()

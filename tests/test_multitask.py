@@ -197,20 +197,20 @@ def test_the_conversion_baseline_trains_on_clicked_rows_only(
 ) -> None:
     frame = pd.read_parquet(files[0])
     clicked = int(frame["label"].sum())
-    _, task, _, _ = build_behavior_task(*files, TrainConfig(history_len=8), False, ("cvr",))
-    assert len(task.train) == clicked < 800
-    assert (task.train.label == 1).all() and (task.valid.label == 1).all()
-    _, mt_task, _, _ = build_behavior_task(*files, TrainConfig(history_len=8), False, MULTI)
-    assert len(mt_task.train) == 800  # the multi-task model sees every impression
+    config = TrainConfig(history_len=8)
+    _, task, _, _ = build_behavior_task(*files, config, False, ("cvr",), tmp_path / "cvr")
+    assert task.train.rows == clicked < 800
+    assert (task.train.column("label") == 1).all() and (task.valid.column("label") == 1).all()
+    _, mt_task, _, _ = build_behavior_task(*files, config, False, MULTI, tmp_path / "mt")
+    assert mt_task.train.rows == 800  # the multi-task model sees every impression
     # Its vocabularies come from the clicked rows too: a user who never clicks is unknown.
     frame.loc[frame["label"] == 0, "user_id"] = "never-clicks"
     write_table(frame, tmp_path / "train.parquet")
-    config = TrainConfig(history_len=8)
     _, _, _, cvr_vocabs = build_behavior_task(
-        tmp_path / "train.parquet", files[1], config, False, ("cvr",)
+        tmp_path / "train.parquet", files[1], config, False, ("cvr",), tmp_path / "cvr2"
     )
     _, _, _, mt_vocabs = build_behavior_task(
-        tmp_path / "train.parquet", files[1], config, False, MULTI
+        tmp_path / "train.parquet", files[1], config, False, MULTI, tmp_path / "mt2"
     )
     assert "never-clicks" in mt_vocabs["user"].tokens
     assert "never-clicks" not in cvr_vocabs["user"].tokens
@@ -226,6 +226,7 @@ def test_conversion_tasks_need_a_conversion_column(tmp_path: Path) -> None:
             TrainConfig(history_len=8),
             False,
             MULTI,
+            tmp_path / "run",
         )
 
 
@@ -247,7 +248,12 @@ def test_a_validation_file_that_cannot_rank_epochs_is_refused(
     write_table(pd.read_parquet(files[1]).assign(**change), tmp_path / "one-class.parquet")
     with pytest.raises(DataError, match="both classes") as caught:
         build_behavior_task(
-            files[0], tmp_path / "one-class.parquet", TrainConfig(history_len=8), False, tasks
+            files[0],
+            tmp_path / "one-class.parquet",
+            TrainConfig(history_len=8),
+            False,
+            tasks,
+            tmp_path / "run",
         )
     assert f"column '{column}'" in str(caught.value)
 

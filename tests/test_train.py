@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,14 @@ from models.training.checkpoint import CheckpointError, load_run, save_run
 from models.training.evaluate import evaluate_run
 from models.training.loop import TrainConfig, fit, train_config_for
 from models.training.metrics import auc, logloss
+from models.training.resume import (
+    EpochSums,
+    LoopState,
+    RankState,
+    Snapshot,
+    load_snapshot,
+    save_snapshot,
+)
 from models.training.run import train_run
 from runtime.features import FeatureSpec, Vocabulary, vocab_sizes
 
@@ -54,8 +62,8 @@ class FlippingTask:
     def __init__(self) -> None:
         self.x = torch.linspace(-1, 1, 20).unsqueeze(1)
 
-    def train_batches(self, epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
-        return [(self.x, (self.x[:, 0] < 0).float())]
+    def train_batches(self, epoch: int, skip: int = 0) -> Iterable[tuple[Tensor, Tensor]]:
+        return [(self.x, (self.x[:, 0] < 0).float())][skip:]
 
     def valid_batches(self) -> Iterable[tuple[Tensor, Tensor]]:
         return [(self.x, (self.x[:, 0] > 0).float())]
@@ -69,6 +77,12 @@ class FlippingTask:
         ((x, y),) = list(batches)
         weight = float(model.weight.item())  # type: ignore[operator]
         return {"auc": auc(y.numpy(), model(x).squeeze(1).numpy()), "weight": weight}
+
+    def rng_state(self) -> dict[str, Any]:
+        return {}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        pass
 
 
 def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch() -> None:
@@ -91,7 +105,7 @@ def test_a_tie_is_not_an_improvement_and_the_first_best_epoch_is_kept() -> None:
     model = nn.Linear(1, 1, bias=False)
     nn.init.constant_(model.weight, -1.0)  # wrong sign: training on "x > 0" labels fixes it
     task = FlippingTask()
-    task.train_batches = lambda epoch: task.valid_batches()  # type: ignore[method-assign]
+    task.train_batches = lambda epoch, skip=0: task.valid_batches()  # type: ignore[method-assign]
     config = TrainConfig(epochs=20, lr=0.3, patience=5, device="cpu")
     result = fit(model, task, config, progress=False)
     weights = [e["valid_weight"] for e in result["epochs"]]
@@ -100,6 +114,22 @@ def test_a_tie_is_not_an_improvement_and_the_first_best_epoch_is_kept() -> None:
     assert result["best_epoch"] == crossing
     assert len(weights) == crossing + config.patience
     assert model.weight.item() == pytest.approx(weights[crossing - 1])
+
+
+def test_steps_per_epoch_trains_the_first_batches_of_every_epoch() -> None:
+    task = FlippingTask()
+    drawn: list[tuple[int, int]] = []
+
+    def five_batches(epoch: int, skip: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        for number in range(skip, 5):
+            drawn.append((epoch, number))
+            yield task.x, (task.x[:, 0] < 0).float()
+
+    task.train_batches = five_batches  # type: ignore[method-assign]
+    config = TrainConfig(epochs=2, lr=0.1, patience=5, device="cpu", steps_per_epoch=2)
+    result = fit(nn.Linear(1, 1, bias=False), task, config, progress=False)
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2]
+    assert drawn == [(1, 0), (1, 1), (2, 0), (2, 1)]  # no batch past the cap is even made
 
 
 def test_model_defaults_apply_unless_overridden() -> None:
@@ -314,3 +344,44 @@ def _edit_config(run_dir: Path, **changes: Any) -> None:
     for key, value in changes.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) else value
     (run_dir / "config.json").write_text(json.dumps(config))
+
+
+def test_a_resume_checkpoint_is_safetensors_and_json_and_restores_adam_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, batch = saved_din(tmp_path / "din")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+
+    def step(net: nn.Module, adam: torch.optim.Optimizer) -> None:
+        adam.zero_grad()
+        net.train()(batch).sum().backward()
+        adam.step()
+
+    for _ in range(3):
+        step(model, optimizer)
+    loop = LoopState(epoch=2, step=7, history=[{"epoch": 1, "valid_auc": 0.6}], best_epoch=1)
+    rank = RankState(
+        torch.get_rng_state(), None, {"sampler": {"state": 1}}, EpochSums({"loss": 2.5}, 64, 1.5)
+    )
+    snapshot = Snapshot(
+        loop, model.state_dict(), None, optimizer.state_dict(), [rank], {"world": 1}
+    )
+    written = save_snapshot(tmp_path, snapshot)
+    assert sorted(p.name for p in written.iterdir()) == ["state.json", "state.safetensors"]
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("unpickling while loading a checkpoint")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    loaded = load_snapshot(tmp_path)
+    assert loaded is not None and loaded.loop == loop and loaded.ranks[0].sums == rank.sums
+    assert torch.equal(loaded.ranks[0].torch_rng, rank.torch_rng)
+    again = load_run(tmp_path / "din").model  # the same architecture, its saved weights
+    again.load_state_dict(loaded.model)
+    adam = torch.optim.Adam(again.parameters(), lr=0.01)
+    adam.load_state_dict(loaded.optimizer)
+    step(model, optimizer)  # the interrupted run's next step and the resumed run's first one
+    step(again, adam)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -1,30 +1,30 @@
-"""Behaviour samples -> integer arrays -> `BehaviorBatch`es (torch is used only for batches).
+"""In-memory behaviour samples -> integer arrays -> `BehaviorBatch`es (torch only for batches).
 
-The flow is `load_behavior` (models.data.schema) -> `fit_vocabularies` on the training split only ->
-`encode_behavior` for every split -> `iterate_batches`, optionally with a `NegativeSampler` for
-the auxiliary losses that need one negative item per history slot (DIEN/SARN).
-
-Histories are oldest first, truncated to their LAST `history_len` items and padded with PAD (0) at
-the end, so a row's real length is `(hist_items != PAD).sum()`. `context_fields` are the field
-names without the `context_` prefix: field `device` is column `context_device` and vocabulary
-`context_device`.
+The in-memory flow is `load_behavior` (models.data.schema) -> `fit_vocabularies` on the
+training split only -> `encode_behavior` for every split -> `iterate_batches`, optionally with
+a `NegativeSampler` for the auxiliary losses that need one negative item per history slot
+(DIEN/SARN). The counting and the encoding are those of the streaming path
+(`models.data.vocab`, `models.data.encode`), applied to a whole frame: both paths give the same
+vocabularies and the same arrays for the same rows. `make_batch` turns rows of either path into
+a `BehaviorBatch`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, fields, replace
-from itertools import chain
-from typing import Any
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from models.data.batch import BehaviorBatch
+from models.data.encode import BehaviorArrays, Encoder
+from models.data.vocab import CONTEXT_PREFIX, VocabularyCounter
 from runtime.features import OOV, PAD, Vocabulary
 
-CONTEXT_PREFIX = "context_"
+_ID_COLUMNS = ("user_id", "item_id", "category_id")
+_LIST_COLUMNS = ("hist_item_ids", "hist_category_ids")
 
 
 def fit_vocabularies(train: pd.DataFrame, context_fields: Sequence[str]) -> dict[str, Vocabulary]:
@@ -33,61 +33,51 @@ def fit_vocabularies(train: pd.DataFrame, context_fields: Sequence[str]) -> dict
     Pass the training split only: ids first seen in validation or at serving time must map to
     OOV exactly as they will in production.
     """
-    vocabs = {
-        "item": _fit(chain(train["item_id"], _flat(train["hist_item_ids"]))),
-        "category": _fit(chain(train["category_id"], _flat(train["hist_category_ids"]))),
-        "user": _fit(train["user_id"]),
-    }
-    for name in context_fields:
-        column = _context_column(train, name)
-        vocabs[column] = _fit(train[column])
-    return vocabs
-
-
-@dataclass
-class BehaviorArrays:
-    """An encoded behaviour split; row i of every array is sample i."""
-
-    user: np.ndarray  # [n] int64
-    hist_items: np.ndarray  # [n, L] int64, oldest first, PAD at the end
-    hist_cats: np.ndarray  # [n, L] int64
-    items: np.ndarray  # [n] int64
-    cats: np.ndarray  # [n] int64
-    context: np.ndarray  # [n, C] int64
-    label: np.ndarray  # [n] float32
-    conversion: np.ndarray | None = None  # [n] float32
-
-    def __len__(self) -> int:
-        return int(self.items.shape[0])
-
-    def take(self, index: np.ndarray) -> BehaviorArrays:
-        """The rows `index` (any integer index array or boolean mask), in that order."""
-        taken: dict[str, Any] = {f.name: _take(getattr(self, f.name), index) for f in fields(self)}
-        return replace(self, **taken)
+    counter = VocabularyCounter(context_fields)
+    counter.add(_arrow_columns(train, context_fields))
+    return counter.vocabularies()
 
 
 def encode_behavior(
     df: pd.DataFrame, vocabs: dict[str, Vocabulary], history_len: int, context_fields: Sequence[str]
 ) -> BehaviorArrays:
     """Maps a loaded behaviour frame to indices with trained vocabularies (unknown -> OOV)."""
-    if history_len < 1:
-        raise ValueError(f"history_len must be at least 1, got {history_len}")
-    context = [
-        _encode(vocabs[col], df[col])
-        for col in (_context_column(df, name) for name in context_fields)
-    ]
-    return BehaviorArrays(
-        user=_encode(vocabs["user"], df["user_id"]),
-        hist_items=_encode_histories(df["hist_item_ids"], vocabs["item"], history_len),
-        hist_cats=_encode_histories(df["hist_category_ids"], vocabs["category"], history_len),
-        items=_encode(vocabs["item"], df["item_id"]),
-        cats=_encode(vocabs["category"], df["category_id"]),
-        context=np.stack(context, axis=1) if context else np.zeros((len(df), 0), np.int64),
-        label=df["label"].to_numpy(dtype=np.float32),
-        conversion=(
-            df["conversion"].to_numpy(dtype=np.float32) if "conversion" in df.columns else None
-        ),
-    )
+    encoder = Encoder(vocabs, history_len, context_fields)
+    return encoder.encode(_arrow_columns(df, context_fields))
+
+
+def _arrow_columns(df: pd.DataFrame, context_fields: Sequence[str]) -> dict[str, pa.Array]:
+    """The frame's behaviour columns as the canonical Arrow columns the encoder reads."""
+    names = [*_ID_COLUMNS, *(_context_column(df, name) for name in context_fields)]
+    columns = {name: pa.array(df[name].to_numpy(dtype=object), pa.string()) for name in names}
+    for name in _LIST_COLUMNS:
+        columns[name] = pa.array(list(df[name]), pa.large_list(pa.string()))
+    for name in ("label", "conversion"):
+        if name in df.columns:
+            columns[name] = pa.array(df[name].to_numpy(dtype=np.int64))
+    return columns
+
+
+class ItemFrequencies:
+    """How often each item occurs among the positive targets and the history slots of encoded
+    rows, and its category: what `NegativeSampler` draws from. Added chunk by chunk, so the
+    streaming path builds it while it writes its shards."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(0, dtype=np.int64)  # [V] occurrences per item index
+        self.category = np.zeros(0, dtype=np.int64)  # [V] category index per item index
+
+    def add(self, arrays: BehaviorArrays) -> None:
+        positives = arrays.label > 0.5
+        items = np.concatenate([arrays.items[positives], arrays.hist_items.ravel()])
+        cats = np.concatenate([arrays.cats[positives], arrays.hist_cats.ravel()])
+        real = items > OOV  # PAD is padding; OOV is no particular item
+        items, cats = items[real].astype(np.int64), cats[real].astype(np.int64)
+        size = max(len(self.counts), int(items.max(initial=-1)) + 1)
+        self.counts = np.pad(self.counts, (0, size - len(self.counts)))
+        self.category = np.pad(self.category, (0, size - len(self.category)))
+        self.counts += np.bincount(items, minlength=size)
+        self.category[items] = cats
 
 
 class NegativeSampler:
@@ -97,21 +87,23 @@ class NegativeSampler:
     one entry per review in `reviews-info`; here: every occurrence of an item among the positive
     targets and the history slots of the training arrays), a draw equal to the positive in the
     same slot is drawn again, and the category of a drawn item is the one it has in the training
-    data. PAD slots stay PAD. Seeded: the same seed and calls give the same negatives.
+    data. PAD slots stay PAD. Seeded: the same seed and calls give the same negatives; `rng`'s
+    `bit_generator.state` is what a resumed run restores.
     """
 
-    def __init__(self, arrays: BehaviorArrays, seed: int = 0) -> None:
-        positives = arrays.label > 0.5
-        items = np.concatenate([arrays.items[positives], arrays.hist_items.ravel()])
-        cats = np.concatenate([arrays.cats[positives], arrays.hist_cats.ravel()])
-        real = items > OOV  # PAD is padding; OOV is no particular item
-        items, cats = items[real], cats[real]
-        self.pool, counts = np.unique(items, return_counts=True)
+    def __init__(
+        self, source: BehaviorArrays | ItemFrequencies, seed: int | np.random.SeedSequence = 0
+    ) -> None:
+        if isinstance(source, BehaviorArrays):
+            frequencies = ItemFrequencies()
+            frequencies.add(source)
+        else:
+            frequencies = source
+        self.pool = np.flatnonzero(frequencies.counts)  # items > OOV only: PAD/OOV never count
         if self.pool.size < 2:
             raise ValueError("negative sampling needs at least 2 distinct items in training")
-        self.cumulative = np.cumsum(counts, dtype=np.float64)
-        self.category = np.zeros(int(self.pool[-1]) + 1, dtype=np.int64)  # item -> its category
-        self.category[items] = cats
+        self.cumulative = np.cumsum(frequencies.counts[self.pool], dtype=np.float64)
+        self.category = frequencies.category  # item -> its category
         self.rng = np.random.default_rng(seed)
 
     def sample(self, hist_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,10 +141,13 @@ def iterate_batches(
     n = len(arrays)
     order = np.random.default_rng(seed).permutation(n) if shuffle else np.arange(n)
     for start in range(0, n, batch_size):
-        yield _make_batch(arrays.take(order[start : start + batch_size]), sampler, trim)
+        yield make_batch(arrays.take(order[start : start + batch_size]), sampler, trim)
 
 
-def _make_batch(rows: BehaviorArrays, sampler: NegativeSampler | None, trim: bool) -> BehaviorBatch:
+def make_batch(
+    rows: BehaviorArrays, sampler: NegativeSampler | None = None, trim: bool = True
+) -> BehaviorBatch:
+    """Rows as tensors (ids int64); `trim`: see `iterate_batches`."""
     hist_items, hist_cats = rows.hist_items, rows.hist_cats
     if trim:
         width = max(1, int((hist_items != PAD).sum(axis=1).max(initial=0)))
@@ -172,40 +167,6 @@ def _make_batch(rows: BehaviorArrays, sampler: NegativeSampler | None, trim: boo
     )
 
 
-def _encode_histories(lists: pd.Series, vocab: Vocabulary, history_len: int) -> np.ndarray:
-    """Lists of ids (oldest first) -> [n, history_len] int64 keeping the last history_len, PAD at end."""
-    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    codes = _encode(vocab, _flat(lists))
-    rows = np.repeat(np.arange(len(lengths)), lengths)
-    starts = np.cumsum(lengths) - lengths
-    position = np.arange(codes.size) - starts[rows]  # index inside its own list
-    slot = position - np.maximum(lengths - history_len, 0)[rows]  # shift drops the oldest items
-    keep = slot >= 0
-    out = np.full((len(lengths), history_len), PAD, dtype=np.int64)
-    out[rows[keep], slot[keep]] = codes[keep]
-    return out
-
-
-def _flat(lists: Iterable[Iterable[str]]) -> Iterator[str]:
-    return chain.from_iterable(lists)
-
-
-def _ids(values: Iterable[str]) -> np.ndarray:
-    return np.fromiter(values, dtype=object)
-
-
-def _fit(values: Iterable[str]) -> Vocabulary:
-    """`Vocabulary.fit` with the counting done by pandas (millions of ids)."""
-    counts = pd.Series(_ids(values), dtype=object).value_counts(sort=False)
-    return Vocabulary.from_counts(dict(zip(counts.index, counts.tolist(), strict=True)))
-
-
-def _encode(vocab: Vocabulary, values: Iterable[str]) -> np.ndarray:
-    """`vocab.encode` over the distinct ids only: hashing in pandas is ~4x faster at scale."""
-    codes, uniques = pd.factorize(_ids(values))
-    return vocab.encode(uniques)[codes].astype(np.int64)
-
-
 def _context_column(df: pd.DataFrame, name: str) -> str:
     column = CONTEXT_PREFIX + name
     if column not in df.columns:
@@ -213,9 +174,7 @@ def _context_column(df: pd.DataFrame, name: str) -> str:
     return column
 
 
-def _take(value: np.ndarray | None, index: np.ndarray) -> np.ndarray | None:
-    return None if value is None else value[index]
-
-
 def _tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array))
+    """int64 for ids (shards hold int32), float32 for labels."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.long() if not tensor.is_floating_point() else tensor

@@ -28,6 +28,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+
 from runtime.features import DEFAULT_HISTORY_LEN
 
 _REQUIRED = ("user_id", "item_id", "category_id", "ts")
@@ -74,7 +75,9 @@ def build_behavior_samples(
         is_test = _test_users(log.user[targets], test_fraction, rng_split)
     else:
         is_test = log.ts[targets] > _time_cut(log.ts, test_fraction)
-    frame = _samples_frame(log, targets, negatives, np.maximum(first[targets], targets - history_len))
+    frame = _samples_frame(
+        log, targets, negatives, np.maximum(first[targets], targets - history_len)
+    )
     is_test_rows = np.repeat(is_test, 2)
     train = frame[~is_test_rows].reset_index(drop=True)
     return train, frame[is_test_rows].reset_index(drop=True)

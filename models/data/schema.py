@@ -1,7 +1,8 @@
-"""Loaders and writers for the sample files of DESIGN.md ("Sample files"), Parquet or CSV.
+"""The sample files of DESIGN.md ("Sample files"), Parquet or CSV: which files a path names,
+reading them in validated chunks, loading them whole as pandas frames, and writing them.
 
-Every loader validates the whole file with vectorised checks and raises `DataError` whose
-message names the file, the 1-based data row, the column and what is wrong, e.g.
+Every reader validates with vectorised checks (`models.data.columns`) and raises `DataError`
+whose message names the file, the 1-based data row, the column and what is wrong, e.g.
 `train.csv: row 12, column 'label': 2 is not 0 or 1`. What a loader returns:
 
 * string columns (ids, `context_<name>`, `type`) in pandas' default string dtype; ids are
@@ -11,7 +12,17 @@ message names the file, the 1-based data row, the column and what is wrong, e.g.
   a null list in Parquet is the empty list too;
 * integer columns as int64;
 * only the columns the schema knows: its columns in schema order, then the `context_<name>`
-  columns in file order. Other columns are dropped.
+  columns in file order. Other columns are dropped (and, in Parquet, never read).
+
+A path may name one file or a directory: every `.parquet`, `.pq` and `.csv` file below it, in
+path order, is read (names starting with `.` or `_`, such as `_SUCCESS`, are skipped), so a
+Hive-style partitioned directory (`day=2024-01-01/part-0.parquet`) is read file by file; the
+partition values in folder names are not columns. An error names the file it is in; a file
+with no rows is an error on its own, a directory only when none of its files has a row.
+
+`read_chunks` is the streaming form (`models.data.stream` builds on it): Parquet is read one
+record batch at a time, so memory holds one chunk, not the file; CSV, the small-data format,
+is read whole and then handed out in chunks.
 
 Decisions: integer id columns in Parquet are accepted and read as their decimal text, so they
 equal the same ids read from CSV; float or boolean columns where integers are expected are
@@ -22,10 +33,10 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,22 +44,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-Kind = Literal["id", "text", "int", "flag", "ids", "flags"]
-_LIST_KINDS = ("ids", "flags")
-_INT_TEXT = r"[+-]?\d+"
+from models.data.columns import (
+    LIST_KINDS,
+    Kind,
+    Where,
+    list_lengths,
+    np_of,
+    one_chunk,
+    validate_column,
+)
+from models.data.columns import DataError as DataError
 
-
-class DataError(ValueError):
-    """Bad input data; the message says where (file, row, column) and what is wrong."""
-
-    def __init__(
-        self, file: str | Path, problem: str, *, row: int | None = None, column: str | None = None
-    ) -> None:
-        self.file, self.problem, self.row, self.column = str(file), problem, row, column
-        where = [f"row {row}"] if row is not None else []
-        where += [f"column {column!r}"] if column is not None else []
-        prefix = f"{self.file}: " + (", ".join(where) + ": " if where else "")
-        super().__init__(prefix + problem)
+SUFFIXES = (".parquet", ".pq", ".csv")
 
 
 @dataclass(frozen=True)
@@ -106,48 +113,47 @@ EVENTS = TableSchema(
 )
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Validated columns (canonical Arrow types, `models.data.columns`) of consecutive rows of
+    one file; `first_row` is the 0-based row of the file where the chunk starts."""
+
+    path: Path
+    first_row: int
+    columns: dict[str, pa.Array]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values())))
+
+
+# A table's rules across columns of a chunk (e.g. equal list lengths); they raise DataError.
+Rules = Callable[[Chunk], None]
+
+
 # ----------------------------------------------------------------------------- public API
 
 
 def load_behavior(path: Path) -> pd.DataFrame:
     """Behaviour CTR samples: one row per (history, target, label), in file order."""
-    path = Path(path)
-    df = _load(path, BEHAVIOR)
-    _check_same_lengths(path, df, "hist_item_ids", ["hist_category_ids"])
-    if "conversion" in df.columns:
-        bad = (df["conversion"].to_numpy() == 1) & (df["label"].to_numpy() == 0)
-        if bad.any():
-            raise DataError(
-                path,
-                "1 on a row whose label is 0 (a conversion needs a click)",
-                row=_first(bad),
-                column="conversion",
-            )
-    return df
+    return _load(Path(path), BEHAVIOR, behavior_rules)
 
 
 def load_slates(path: Path) -> pd.DataFrame:
     """Slate sessions, sorted by (user_id, session_id, slate_index)."""
     path = Path(path)
-    df = _load(path, SLATES)
-    lengths = _check_same_lengths(path, df, "item_ids", ["category_ids", "clicks"])
-    if (lengths == 0).any():
-        raise DataError(path, "empty slate", row=_first(lengths == 0), column="item_ids")
+    files, lengths, df = _load_files(path, SLATES, _slate_rules)
     keys = ["user_id", "session_id", "slate_index"]
     dup = df.duplicated(keys).to_numpy()
     if dup.any():
-        raise DataError(
-            path,
-            "this (user_id, session_id, slate_index) is in an earlier row",
-            row=_first(dup),
-            column="slate_index",
-        )
+        file, row = _place(files, lengths, int(np.flatnonzero(dup)[0]))
+        problem = "this (user_id, session_id, slate_index) is in an earlier row"
+        raise DataError(file, problem, row=row, column="slate_index")
     return df.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
 def load_events(path: Path) -> pd.DataFrame:
     """Raw event log: user_id, item_id, category_id, ts (unix seconds)[, event_id, type]."""
-    return _load(Path(path), EVENTS)
+    return _load(Path(path), EVENTS, None)
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
@@ -166,77 +172,142 @@ def write_table(df: pd.DataFrame, path: Path) -> None:
         _to_csv_frame(df, path).to_csv(path, index=False)
 
 
+def sample_files(path: Path) -> list[Path]:
+    """The files a path names: itself, or every sample file below a directory, in path order."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file not found")
+    if not path.is_dir():
+        _format_of(path)  # an unsupported suffix is an error before anything is read
+        return [path]
+    found = sorted(
+        p
+        for p in path.rglob("*")
+        if p.suffix.lower() in SUFFIXES
+        and p.is_file()
+        and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)
+    )
+    if not found:
+        raise DataError(path, f"the directory holds no {', '.join(SUFFIXES)} files")
+    return found
+
+
+def columns_of(path: Path, schema: TableSchema) -> list[str]:
+    """The columns read from one file: the schema's in schema order, then the prefixed ones in
+    file order. Reads the Parquet footer or the CSV header only."""
+    if _format_of(path) == "parquet":
+        present = _parquet_file(path).schema_arrow.names
+    else:
+        present = [str(c) for c in _read_csv_text(path, rows=0).columns]
+    return _column_order(path, schema, present)
+
+
+def read_chunks(path: Path, schema: TableSchema, rows: int, rules: Rules | None) -> Iterator[Chunk]:
+    """Validated chunks of at most `rows` rows of one file, in file order (module docstring)."""
+    names = columns_of(path, schema)
+    first = 0
+    for raw, from_text in _raw_chunks(path, names, rows):
+        chunk = _validate(path, schema, raw, from_text, first)
+        if rules is not None:
+            rules(chunk)
+        yield chunk
+        first += len(chunk)
+
+
+def behavior_rules(chunk: Chunk) -> None:
+    """Histories have one category per item; a conversion needs a click."""
+    _check_same_lengths(chunk, "hist_item_ids", ["hist_category_ids"])
+    if "conversion" in chunk.columns:
+        conversion = chunk.columns["conversion"].to_numpy()
+        bad = (conversion == 1) & (chunk.columns["label"].to_numpy() == 0)
+        problem = "1 on a row whose label is 0 (a conversion needs a click)"
+        Where(chunk.path, "conversion", chunk.first_row).reject(bad, problem)
+
+
+def _slate_rules(chunk: Chunk) -> None:
+    lengths = _check_same_lengths(chunk, "item_ids", ["category_ids", "clicks"])
+    Where(chunk.path, "item_ids", chunk.first_row).reject(lengths == 0, "empty slate")
+
+
 # ----------------------------------------------------------------------------- reading
 
 
-@dataclass(frozen=True)
-class _Where:
-    """The file and column being checked; builds the error for a 0-based row."""
-
-    path: Path
-    column: str
-
-    def fail(self, problem: str, row: int | None = None) -> DataError:
-        return DataError(
-            self.path, problem, row=None if row is None else row + 1, column=self.column
-        )
-
-    def reject(self, bad: np.ndarray, problem: str | Callable[[int], str]) -> None:
-        """Raises for the first True in `bad` (one entry per row)."""
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise self.fail(problem(row) if callable(problem) else problem, row)
-
-    def expect(self, ok: bool, what: str, arr: pa.Array) -> None:
-        if not ok:
-            valid = arr.is_valid().to_numpy(zero_copy_only=False)
-            row = int(np.flatnonzero(valid)[0]) if valid.any() else 0
-            raise self.fail(f"expected {what}, found {arr.type}", row)
+def _load(path: Path, schema: TableSchema, rules: Rules | None) -> pd.DataFrame:
+    return _load_files(path, schema, rules)[2]
 
 
-def _load(path: Path, schema: TableSchema) -> pd.DataFrame:
-    columns, from_text = _read(path)
-    names = _column_order(path, schema, list(columns))
-    if len(columns[names[0]]) == 0:
+def _load_files(
+    path: Path, schema: TableSchema, rules: Rules | None
+) -> tuple[list[Path], list[int], pd.DataFrame]:
+    """(files, rows per file, every file's rows in one frame): each file read whole."""
+    files = sample_files(path)
+    frames = [_frame(chunk) for file in files for chunk in read_chunks(file, schema, 0, rules)]
+    lengths = [len(frame) for frame in frames]
+    if sum(lengths) == 0:
         raise DataError(path, "no rows")
-    data: dict[str, object] = {}
-    for name in names:
-        kind = schema.kind_of(name)
-        assert kind is not None
-        where, arr = _Where(path, name), columns[name]
-        if kind in _LIST_KINDS:
-            data[name] = _lists(where, kind, arr, from_text)
-        else:
-            data[name] = _scalars(where, kind, arr, from_text)
-    return pd.DataFrame(data)
+    if len(frames) == 1:
+        return files, lengths, frames[0]
+    return files, lengths, pd.concat(frames, ignore_index=True)
 
 
-def _read(path: Path) -> tuple[dict[str, pa.Array], bool]:
-    """Column name -> Arrow array, and whether the values are CSV text to be parsed."""
-    fmt = _format_of(path)
+def _place(files: list[Path], lengths: list[int], index: int) -> tuple[Path, int]:
+    """(file, 1-based row) of row `index` of the frame that concatenates `files`."""
+    ends = np.cumsum(lengths)
+    which = int(np.searchsorted(ends, index, side="right"))
+    return files[which], index - int(ends[which] - lengths[which]) + 1
+
+
+def _raw_chunks(
+    path: Path, names: list[str], rows: int
+) -> Iterator[tuple[dict[str, pa.Array], bool]]:
+    """(column -> Arrow array, whether the values are CSV text) per chunk; rows=0: one chunk."""
+    if _format_of(path) == "parquet":
+        parquet = _parquet_file(path)
+        if rows == 0 or parquet.metadata.num_rows == 0:
+            table = _guarded(path, lambda: parquet.read(columns=names))
+            yield {n: one_chunk(table.column(n)) for n in names}, False
+            return
+        batches = parquet.iter_batches(batch_size=rows, columns=names)
+        while (batch := _guarded(path, lambda: next(batches, None))) is not None:
+            yield {n: batch.column(n) for n in names}, False
+        return
+    frame = _read_csv_text(path)
+    # Large CSVs come back from pandas in several Arrow chunks; checks expect one array.
+    columns = {n: one_chunk(pa.array(frame[n])) for n in names}
+    step = rows or max(len(frame), 1)
+    for start in range(0, max(len(frame), 1), step):
+        yield {n: arr.slice(start, step) for n, arr in columns.items()}, True
+
+
+def _guarded(path: Path, read: Callable[[], object]) -> Any:
+    try:
+        return read()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(path, f"cannot read as Parquet ({exc})") from exc
+
+
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    _check_readable(path)
+    result: pq.ParquetFile = _guarded(path, lambda: pq.ParquetFile(path))
+    return result
+
+
+def _check_readable(path: Path) -> None:
     if not path.exists():
         raise DataError(path, "file not found")
     if path.is_dir():
         raise DataError(path, "is a directory, not a file")
     if path.stat().st_size == 0:
         raise DataError(path, "empty file (no header, no rows)")
-    if fmt == "parquet":
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as exc:
-            raise DataError(path, f"cannot read as Parquet ({exc})") from exc
-        return {n: _one_chunk(table.column(n)) for n in table.column_names}, False
-    frame = _read_csv_text(path)
-    # Large CSVs come back from pandas in several Arrow chunks; checks expect one array.
-    return {str(n): _one_chunk(pa.array(frame[n])) for n in frame}, True
 
 
-def _read_csv_text(path: Path) -> pd.DataFrame:
+def _read_csv_text(path: Path, rows: int | None = None) -> pd.DataFrame:
+    _check_readable(path)
     try:
         with warnings.catch_warnings():
             # A first data row longer than the header would otherwise silently lose fields.
             warnings.simplefilter("error", pd.errors.ParserWarning)
-            return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+            return pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False, nrows=rows)
     except (pd.errors.ParserError, pd.errors.ParserWarning) as exc:
         line = re.search(r"line (\d+)", str(exc))
         row = int(line.group(1)) - 1 if line else None  # line 1 is the header
@@ -266,116 +337,55 @@ def _column_order(path: Path, schema: TableSchema, present: list[str]) -> list[s
     return names + [c for c in present if schema.kind_of(c) and c not in names]
 
 
-def _scalars(where: _Where, kind: Kind, arr: pa.Array, from_text: bool) -> pd.Series:
-    where.reject(_np(arr.is_null()), "missing value")
-    if kind in ("id", "text"):
-        if kind == "id" and pa.types.is_integer(arr.type):
-            arr = arr.cast(pa.string())
-        where.expect(_is_string(arr.type), "strings", arr)
-        if kind == "id":
-            where.reject(_np(pc.equal(arr, "")), "empty id")
-        return pd.Series(arr.to_numpy(zero_copy_only=False), dtype=str)
-    if from_text:
-        ok = _np(pc.match_substring_regex(arr, r"^-?[0-9]{1,18}$"))
-        where.reject(~ok, lambda r: f"{arr[r].as_py()!r} is not an integer")
-        arr = arr.cast(pa.int64())
-    where.expect(pa.types.is_integer(arr.type), "integers", arr)
-    values = arr.to_numpy().astype(np.int64)
-    if kind == "flag":
-        where.reject((values != 0) & (values != 1), lambda r: f"{values[r]} is not 0 or 1")
-    return pd.Series(values)
+def _validate(
+    path: Path, schema: TableSchema, raw: dict[str, pa.Array], from_text: bool, first_row: int
+) -> Chunk:
+    columns = {}
+    for name, arr in raw.items():
+        kind = schema.kind_of(name)
+        assert kind is not None
+        columns[name] = validate_column(Where(path, name, first_row), kind, arr, from_text)
+    return Chunk(path, first_row, columns)
 
 
-def _lists(where: _Where, kind: Kind, arr: pa.Array, from_text: bool) -> list[list[Any]]:
-    if from_text:
-        flat, rows, lengths = _split_text(arr)
+def _frame(chunk: Chunk) -> pd.DataFrame:
+    """A validated chunk as the pandas frame the loaders return (module docstring)."""
+    data: dict[str, object] = {}
+    for name, arr in chunk.columns.items():
+        if pa.types.is_large_list(arr.type):
+            data[name] = _python_lists(arr)
+        elif pa.types.is_string(arr.type):
+            data[name] = pd.Series(arr.to_numpy(zero_copy_only=False), dtype=str)
+        else:
+            data[name] = pd.Series(arr.to_numpy())
+    return pd.DataFrame(data)
+
+
+def _python_lists(arr: pa.Array) -> list[list[object]]:
+    flat = pc.list_flatten(arr)
+    if pa.types.is_string(flat.type):
+        # Dictionary-encode so that each distinct id is one Python string shared by every row.
+        encoded = pc.dictionary_encode(flat)
+        values = encoded.dictionary.to_numpy(zero_copy_only=False)[encoded.indices.to_numpy()]
     else:
-        where.expect(pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type), "lists", arr)
-        lengths = _np(pc.list_value_length(arr).fill_null(0)).astype(np.int64)
-        flat, rows = pc.list_flatten(arr), np.repeat(np.arange(len(arr)), lengths)
-    nulls = _np(flat.is_null())
-    if nulls.any():
-        raise where.fail("missing value inside the list", int(rows[np.flatnonzero(nulls)[0]]))
-    values = _list_ids(where, flat, rows) if kind == "ids" else _list_flags(where, flat, rows)
-    ends = np.cumsum(lengths).tolist()
-    starts = (np.cumsum(lengths) - lengths).tolist()
-    return [values[a:b].tolist() for a, b in zip(starts, ends, strict=True)]
-
-
-def _split_text(arr: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
-    """CSV cells -> (flat tokens, row of each token, tokens per row); blanks make no token."""
-    parts = pc.utf8_split_whitespace(arr)
-    flat, rows = pc.list_flatten(parts), _np(pc.list_parent_indices(parts))
-    keep = pc.greater(pc.utf8_length(flat), 0)
-    flat, rows = flat.filter(keep), rows[_np(keep)]
-    return flat, rows, np.bincount(rows, minlength=len(arr)).astype(np.int64)
-
-
-def _list_ids(where: _Where, flat: pa.Array, rows: np.ndarray) -> np.ndarray:
-    if pa.types.is_integer(flat.type):
-        flat = flat.cast(pa.string())
-    if not _is_string(flat.type):
-        raise where.fail(f"expected lists of strings, found list<{flat.type}>", int(rows[0]))
-    empty = _np(pc.equal(flat, ""))
-    if empty.any():
-        raise where.fail("empty id inside the list", int(rows[np.flatnonzero(empty)[0]]))
-    # Dictionary-encode so that each distinct id is one Python string shared by every row.
-    encoded = pc.dictionary_encode(flat)
-    return encoded.dictionary.to_numpy(zero_copy_only=False)[encoded.indices.to_numpy()]
-
-
-def _list_flags(where: _Where, flat: pa.Array, rows: np.ndarray) -> np.ndarray:
-    if _is_string(flat.type):
-        ok = _np(pc.is_in(flat, pa.array(["0", "1"])))
-        if not ok.all():
-            bad = int(np.flatnonzero(~ok)[0])
-            raise where.fail(f"{flat[bad].as_py()!r} inside the list is not 0 or 1", int(rows[bad]))
-        flat = flat.cast(pa.int64())
-    if not pa.types.is_integer(flat.type):
-        raise where.fail(f"expected lists of integers, found list<{flat.type}>", int(rows[0]))
-    values = flat.to_numpy().astype(np.int64)
-    bad_mask = (values != 0) & (values != 1)
-    if bad_mask.any():
-        bad = int(np.flatnonzero(bad_mask)[0])
-        raise where.fail(f"{values[bad]} inside the list is not 0 or 1", int(rows[bad]))
-    return values
-
-
-def _one_chunk(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
-
-
-def _np(arr: pa.Array) -> np.ndarray:
-    return np.asarray(arr.to_numpy(zero_copy_only=False))
-
-
-def _is_string(arrow_type: pa.DataType) -> bool:
-    return bool(pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type))
+        values = flat.to_numpy()
+    ends = np.cumsum(list_lengths(arr))
+    starts = ends - list_lengths(arr)
+    return [values[a:b].tolist() for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def _first(mask: np.ndarray) -> int:
-    """1-based row of the first True in `mask`."""
-    return int(np.flatnonzero(mask)[0]) + 1
-
-
-def _check_same_lengths(path: Path, df: pd.DataFrame, ref: str, others: list[str]) -> np.ndarray:
-    lengths = _lengths(df[ref])
+def _check_same_lengths(chunk: Chunk, ref: str, others: list[str]) -> np.ndarray:
+    lengths = list_lengths(chunk.columns[ref])
     for name in others:
-        other = _lengths(df[name])
-        bad = other != lengths
-        if bad.any():
-            r = _first(bad) - 1
-            raise DataError(
-                path, f"{other[r]} values but {ref!r} has {lengths[r]}", row=r + 1, column=name
-            )
+        other = list_lengths(chunk.columns[name])
+        bad = np.flatnonzero(other != lengths)
+        if bad.size:
+            problem = f"{other[bad[0]]} values but {ref!r} has {lengths[bad[0]]}"
+            raise Where(chunk.path, name, chunk.first_row).fail(problem, int(bad[0]))
     return lengths
-
-
-def _lengths(series: pd.Series) -> np.ndarray:
-    return np.fromiter(map(len, series), dtype=np.int64, count=len(series))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -404,7 +414,7 @@ def _to_arrow(df: pd.DataFrame) -> pa.Table:
     for name in df.columns:
         kind = _kind_anywhere(str(name))
         arrow_type = _ARROW_TYPES[kind] if kind else None
-        if kind in _LIST_KINDS:
+        if kind in LIST_KINDS:
             arrays.append(pa.array(list(df[name]), type=arrow_type))
         else:
             arrays.append(pa.array(df[name].to_numpy(), type=arrow_type, from_pandas=True))
@@ -415,13 +425,13 @@ def _to_csv_frame(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     out = df.copy()
     for name in df.columns:
         kind = _kind_anywhere(str(name))
-        if kind not in _LIST_KINDS:
+        if kind not in LIST_KINDS:
             continue
         lists = pa.array(list(df[name]), type=_ARROW_TYPES[kind]).cast(pa.list_(pa.string()))
         flat = pc.list_flatten(lists)
-        bad = _np(pc.or_(pc.equal(flat, ""), pc.match_substring_regex(flat, r"\s")))
+        bad = np_of(pc.or_(pc.equal(flat, ""), pc.match_substring_regex(flat, r"\s")))
         if bad.any():
-            row = int(_np(pc.list_parent_indices(lists))[np.flatnonzero(bad)[0]])
+            row = int(np_of(pc.list_parent_indices(lists))[np.flatnonzero(bad)[0]])
             raise DataError(
                 path,
                 "an id inside the list is empty or contains whitespace, which CSV cannot hold",

@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -53,11 +55,13 @@ class SlateTask:
     threshold_sessions: int = 2000  # training sessions the F1 threshold is fitted on
     _epoch: int = field(default=0, init=False, repr=False)  # 0-based, for forward_train
 
-    def train_batches(self, epoch: int) -> Iterator[SlateBatch]:
-        """`epoch` counts from 1 (the trainer's); models see it 0-based in `forward_train`."""
+    def train_batches(self, epoch: int, skip: int = 0) -> Iterator[SlateBatch]:
+        """`epoch` counts from 1 (the trainer's); models see it 0-based in `forward_train`.
+        A resumed epoch skips `skip` batches by building them (they draw no random numbers)."""
         self._epoch = epoch - 1
         seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-        return iter_batches(self.train, self.batch_size, evaluation=False, seed=seed)
+        batches = iter_batches(self.train, self.batch_size, evaluation=False, seed=seed)
+        return itertools.islice(batches, skip, None)
 
     def valid_batches(self) -> Iterator[SlateBatch]:
         return iter_batches(self.valid, self.eval_batch_size, evaluation=True)
@@ -71,6 +75,12 @@ class SlateTask:
         parts = {"bce": float(bce.detach())}
         parts.update({name: float(value.detach()) for name, value in out.aux_losses.items()})
         return total, parts
+
+    def rng_state(self) -> dict[str, Any]:
+        return {}  # its models draw from torch's generator, which the checkpoint holds
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        pass
 
     def evaluate(self, model: nn.Module, batches: Iterable[SlateBatch]) -> dict[str, float]:
         assert isinstance(model, SlateModel)

@@ -11,6 +11,8 @@ world in `models.simulate.world`, every knob in `SimulationConfig`. `simulate_wo
     out/events.parquet                  the raw click log of the behaviour stream
     out/oracle.json                     test metrics of the true probabilities + the config
 
+(`parts` > 1: each split is a directory of part files, `models.simulate.parts`).
+
 Determinism: one `numpy.random.SeedSequence(seed)` is split into independent streams for the
 world, the behaviour stream, the slates and the conversions, so the same config gives
 byte-identical files, changing a slate knob does not change the behaviour data, and changing a
@@ -30,21 +32,32 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from models.simulate.behavior import BehaviorLog, simulate_behavior
+from models.simulate.behavior import simulate_behavior
 from models.simulate.config import SimulationConfig
 from models.simulate.oracle import behavior_oracle, slate_oracle
-from models.simulate.slates import SlateLog, simulate_slates
-from models.simulate.world import World, build_world
-from models.simulate.writer import Names, write_behavior, write_events, write_slates
+from models.simulate.parts import simulate_parts
+from models.simulate.slates import simulate_slates
+from models.simulate.world import build_world
+from models.simulate.writer import Names, write_jobs
 
 __all__ = ["SimulationConfig", "simulate_world"]
 
 
 def simulate_world(config: SimulationConfig, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Simulates the world of `config` into `out` and returns the oracle (also oracle.json)."""
+    """Simulates the world of `config` into `out` and returns the oracle (also oracle.json).
+    With `config.parts` > 1 the world is simulated and written in parts (`parts.py`)."""
     config.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if config.parts > 1:
+        oracle = simulate_parts(config, out, progress)
+    else:
+        oracle = _simulate_whole(config, out, progress)
+    (out / "oracle.json").write_text(json.dumps(oracle, indent=2) + "\n")
+    return oracle
+
+
+def _simulate_whole(config: SimulationConfig, out: Path, progress: bool) -> dict[str, Any]:
     world_rng, behavior_rng, slate_rng, conversion_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(config.seed).spawn(4)
     )
@@ -53,73 +66,18 @@ def simulate_world(config: SimulationConfig, out: Path, progress: bool = True) -
     with tqdm(total=total, desc="simulate", unit="event", disable=not progress) as bar:
         log = simulate_behavior(world, config, behavior_rng, conversion_rng, on_clicks=bar.update)
     slates = simulate_slates(world, config, log.interests, slate_rng)
-    _write_all(out, config, world, log, slates, progress)
-    oracle = {
+    paths = {
+        "behavior/train": out / "behavior" / "train.parquet",
+        "behavior/test": out / "behavior" / "test.parquet",
+        "slates/train": out / "slates" / "train.parquet",
+        "slates/test": out / "slates" / "test.parquet",
+        "events": out / "events.parquet",
+    }
+    jobs = write_jobs(paths, config, world, log, slates, Names(config))
+    for job in tqdm(jobs, desc="write", unit="file", disable=not progress):
+        job()
+    return {
         "behavior": behavior_oracle(log, world.is_test),
         "slates": slate_oracle(slates, world.is_test, config),
         "config": asdict(config),
     }
-    (out / "oracle.json").write_text(json.dumps(oracle, indent=2) + "\n")
-    return oracle
-
-
-def _write_all(
-    out: Path,
-    config: SimulationConfig,
-    world: World,
-    log: BehaviorLog,
-    slates: SlateLog,
-    progress: bool,
-) -> None:
-    names = Names(config)
-    sample_test = world.is_test[log.user]
-    session_test = np.repeat(world.is_test, config.sessions_per_user)
-    jobs = [
-        (
-            "behavior/train",
-            lambda: write_behavior(
-                log,
-                world,
-                names,
-                np.flatnonzero(~sample_test),
-                config,
-                out / "behavior" / "train.parquet",
-            ),
-        ),
-        (
-            "behavior/test",
-            lambda: write_behavior(
-                log,
-                world,
-                names,
-                np.flatnonzero(sample_test),
-                config,
-                out / "behavior" / "test.parquet",
-            ),
-        ),
-        (
-            "slates/train",
-            lambda: write_slates(
-                slates,
-                world,
-                names,
-                np.flatnonzero(~session_test),
-                config,
-                out / "slates" / "train.parquet",
-            ),
-        ),
-        (
-            "slates/test",
-            lambda: write_slates(
-                slates,
-                world,
-                names,
-                np.flatnonzero(session_test),
-                config,
-                out / "slates" / "test.parquet",
-            ),
-        ),
-        ("events", lambda: write_events(log, world, names, out / "events.parquet")),
-    ]
-    for _, job in tqdm(jobs, desc="write", unit="file", disable=not progress):
-        job()

@@ -122,13 +122,16 @@ def simulate_behavior(
     rng: np.random.Generator,
     conversion_rng: np.random.Generator,
     on_clicks: Callable[[int], None] = lambda n: None,
+    cvr_bias: ConversionBias | None = None,
 ) -> BehaviorLog:
     """Runs the stream until every user is done; `on_clicks(n)` reports progress.
 
     `rng` drives the clicks, `conversion_rng` only the conversion truth (its biases, then one
     uniform per sample), so the click data are the same whatever the conversion knobs.
+    `cvr_bias`: biases drawn already (a world in parts draws them once for all its users).
     """
-    cvr_bias = draw_conversion_bias(world, config, conversion_rng)
+    if cvr_bias is None:
+        cvr_bias = draw_conversion_bias(world, config, conversion_rng)
     state = _initial_state(world, config, rng)
     records: list[tuple[np.ndarray, ...]] = []
     every = np.arange(config.n_users)

@@ -32,6 +32,7 @@ class SimulationConfig:
     n_users: int = 5000
     n_items: int = 2000
     seed: int = 0
+    parts: int = 1  # > 1: users simulated and written in this many groups (`parts.py`)
     n_categories: int = 50
     dim: int = 16  # latent dimension of items, categories and interests
 
@@ -111,6 +112,7 @@ class SimulationConfig:
             "slate_size",
             "sessions_per_user",
             "slates_per_session",
+            "parts",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -121,6 +123,8 @@ class SimulationConfig:
             raise ValueError("interests_per_user must be <= n_categories")
         if self.slates_per_session < 2:
             raise ValueError("slates_per_session must be >= 2 (context plus evaluated slates)")
+        if self.parts > self.n_users:
+            raise ValueError(f"parts ({self.parts}) must be at most n_users ({self.n_users})")
         if not 0.0 < self.test_fraction < 1.0 or self.n_users < 2:
             raise ValueError("need 0 < test_fraction < 1 and at least two users")
         for a, b, c in (

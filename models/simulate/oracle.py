@@ -34,21 +34,33 @@ def context_slates(config: SimulationConfig) -> int:
 
 def behavior_oracle(log: BehaviorLog, is_test: np.ndarray) -> dict[str, Any]:
     """AUC/LogLoss of the true probabilities on the test users' samples."""
+    return behavior_metrics(*held_out_truth(log, is_test))
+
+
+def held_out_truth(log: BehaviorLog, is_test: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(label, p, conversion, q) of the test users' samples."""
     test = is_test[log.user]
-    y, p = log.label[test], log.prob[test]
+    return log.label[test], log.prob[test], log.conversion[test], log.conversion_prob[test]
+
+
+def behavior_metrics(
+    y: np.ndarray, p: np.ndarray, conversion: np.ndarray, q: np.ndarray
+) -> dict[str, Any]:
+    """The behaviour oracle of test samples' labels, conversions and true probabilities."""
     return {
         "auc": auc(y, p),
         "logloss": logloss(y, p),
-        "n": int(test.sum()),
+        "n": len(y),
         "ctr": _rate(y),
-        **_conversion_oracle(log, test),
+        **_conversion_oracle(y, p, conversion, q),
     }
 
 
-def _conversion_oracle(log: BehaviorLog, test: np.ndarray) -> dict[str, Any]:
-    conversion, q = log.conversion[test], log.conversion_prob[test]
-    clicked = log.label[test] == 1
-    ctcvr_prob = log.prob[test] * q
+def _conversion_oracle(
+    y: np.ndarray, p: np.ndarray, conversion: np.ndarray, q: np.ndarray
+) -> dict[str, Any]:
+    clicked = y == 1
+    ctcvr_prob = p * q
     return {
         "cvr_auc": auc(conversion[clicked], q[clicked]),
         "ctcvr_auc": auc(conversion, ctcvr_prob),
@@ -67,12 +79,19 @@ def _rate(y: np.ndarray) -> float:
 def slate_oracle(log: SlateLog, is_test: np.ndarray, config: SimulationConfig) -> dict[str, Any]:
     """AUC/F1/accuracy of the true probabilities on the evaluated slates of test sessions."""
     session_test = np.repeat(is_test, config.sessions_per_user)  # [Q]
-    train_y = log.clicks[~session_test].ravel()
-    train_p = log.probs[~session_test].ravel()
+    return slate_metrics_of(log.clicks, log.probs, session_test, config)
+
+
+def slate_metrics_of(
+    clicks: np.ndarray, probs: np.ndarray, session_test: np.ndarray, config: SimulationConfig
+) -> dict[str, Any]:
+    """The slate oracle of sessions' clicks and true probabilities [Q, S, K], test mask [Q]."""
+    train_y = clicks[~session_test].ravel()
+    train_p = probs[~session_test].ravel()
     threshold = fit_threshold(train_y, train_p)
     evaluated = slice(context_slates(config), None)
-    y = log.clicks[session_test, evaluated].ravel()
-    p = log.probs[session_test, evaluated].ravel()
+    y = clicks[session_test, evaluated].ravel()
+    p = probs[session_test, evaluated].ravel()
     f1, accuracy = f1_accuracy(y, p, threshold)
     return {
         "auc": auc(y, p),

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -51,6 +51,16 @@ class World:
         drawn = np.searchsorted(cdf, rng.random(n) * cdf[-1], side="right")
         return np.minimum(drawn, len(cdf) - 1)
 
+    def for_users(self, users: np.ndarray) -> World:
+        """The same items, only `users` (renumbered 0..len(users)-1): a part of the world."""
+        return replace(
+            self,
+            interests=self.interests[users],
+            weights=self.weights[users],
+            user_bias=self.user_bias[users],
+            is_test=self.is_test[users],
+        )
+
     def nearest_categories(self, vecs: np.ndarray) -> np.ndarray:
         """Category whose centre is closest (cosine) to each vector of [..., d]."""
         return np.argmax(np.einsum("...d,cd->...c", vecs, self.centers), axis=-1)
@@ -62,6 +72,9 @@ class ConversionBias:
 
     item: np.ndarray  # [N] float64 c_i
     user: np.ndarray  # [U] float64 c_u
+
+    def for_users(self, users: np.ndarray) -> ConversionBias:
+        return ConversionBias(item=self.item, user=self.user[users])
 
 
 def draw_conversion_bias(

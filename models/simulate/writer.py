@@ -13,6 +13,8 @@ The conversion columns come last, so every column written before they existed is
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +36,18 @@ class Names:
         self.user = _ids("u", config.n_users)
         self.item = _ids("i", config.n_items)
         self.category = _ids("c", config.n_categories)
+        self.first_event = 0  # the number of the first event written (a part continues)
+
+    def for_part(self, users: np.ndarray, first_event: int) -> Names:
+        """The names of a part of the world whose user k is world user users[k] and whose
+        events are numbered from `first_event` on (event ids stay unique over the parts)."""
+        part = copy.copy(self)
+        part.user, part.first_event = self.user.take(users), first_event
+        return part
 
 
-def _ids(prefix: str, n: int) -> pa.Array:
-    return pa.array([f"{prefix}{i}" for i in range(n)], type=pa.string())
+def _ids(prefix: str, n: int, start: int = 0) -> pa.Array:
+    return pa.array([f"{prefix}{i}" for i in range(start, start + n)], type=pa.string())
 
 
 def _lists(values: pa.Array, lengths: np.ndarray) -> pa.Array:
@@ -93,6 +103,7 @@ def _behavior_table(
 
 def write_events(log: BehaviorLog, world: World, names: Names, path: Path) -> None:
     """Every click of the behaviour stream, user by user, in time order."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     mask = np.arange(log.clicks.shape[1])[None, :] < log.n_clicks[:, None]  # [U, E]
     user = np.nonzero(mask)[0]
     item = log.clicks[mask]
@@ -102,7 +113,7 @@ def write_events(log: BehaviorLog, world: World, names: Names, path: Path) -> No
             "item_id": names.item.take(item),
             "category_id": names.category.take(world.item_cat[item]),
             "ts": pa.array(log.click_ts[mask], type=pa.int64()),
-            "event_id": _ids("e", len(item)),
+            "event_id": _ids("e", len(item), names.first_event),
             "type": pa.array(["click"], type=pa.string()).take(np.zeros(len(item), dtype=np.int64)),
         }
     )
@@ -139,3 +150,32 @@ def write_slates(
         }
     )
     pq.write_table(table, path)
+
+
+def write_jobs(
+    paths: dict[str, Path],
+    config: SimulationConfig,
+    world: World,
+    log: BehaviorLog,
+    slates: SlateLog,
+    names: Names,
+) -> list[Callable[[], None]]:
+    """One writer call per file of `paths` (keys: behavior/train, behavior/test,
+    slates/train, slates/test, events)."""
+    sample_test = world.is_test[log.user]
+    session_test = np.repeat(world.is_test, config.sessions_per_user)
+    return [
+        lambda: write_behavior(
+            log, world, names, np.flatnonzero(~sample_test), config, paths["behavior/train"]
+        ),
+        lambda: write_behavior(
+            log, world, names, np.flatnonzero(sample_test), config, paths["behavior/test"]
+        ),
+        lambda: write_slates(
+            slates, world, names, np.flatnonzero(~session_test), config, paths["slates/train"]
+        ),
+        lambda: write_slates(
+            slates, world, names, np.flatnonzero(session_test), config, paths["slates/test"]
+        ),
+        lambda: write_events(log, world, names, paths["events"]),
+    ]

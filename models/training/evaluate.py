@@ -1,4 +1,4 @@
-"""`ctr evaluate`: a trained run directory scored on a sample file.
+"""`ctr evaluate`: a trained run directory scored on a sample file (or a directory of them).
 
 The metrics are those `ctr train` logs for validation (same batches, same code path), so
 evaluating on the validation file reproduces metrics.json's "valid" numbers. Behaviour models
@@ -18,7 +18,7 @@ from torch import nn
 
 from models.nets.base import BehaviorModel
 from models.registry import is_slate_model
-from models.training.behavior_task import eval_batches, evaluate_behavior, load_arrays
+from models.training.behavior_task import evaluate_behavior, file_batches
 from models.training.checkpoint import load_run
 from models.training.loop import TrainConfig, resolve_device
 
@@ -34,9 +34,10 @@ def evaluate_run(run_dir: Path, data_path: Path, device: str = "auto") -> dict[s
     else:
         batch_size = int(run.config["train_config"].get("eval_batch_size", _EVAL_BATCH))
         # the run's own tasks: a conversion model needs the file's conversions, and a file
-        # without them is a DataError here rather than silently fewer metrics
-        arrays = load_arrays(data_path, run.spec, run.vocabs, _tasks(run.model))
-        metrics = evaluate_behavior(run.model, eval_batches(arrays, batch_size))
+        # without them is a DataError here rather than silently fewer metrics. The file is
+        # streamed: memory holds a chunk and the predictions, not the file.
+        batches = file_batches(data_path, run.spec, run.vocabs, _tasks(run.model), batch_size)
+        metrics = evaluate_behavior(run.model, batches)
         metrics.pop("selection", None)  # the early-stopping criterion, not a test metric
     return {"model": run.name, **metrics}
 
