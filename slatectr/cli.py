@@ -128,7 +128,8 @@ def train(
         list[str] | None,
         typer.Option(
             "--set",
-            help="Model config field NAME=VALUE (repeatable), e.g. --set auxiliary_loss=false.",
+            help="Model config field NAME=VALUE (repeatable), e.g. --set auxiliary_loss=false; "
+            "also weight_decay (Adam) and embedding_l2 (loss term), e.g. --set embedding_l2=1e-6.",
         ),
     ] = None,
 ) -> None:
@@ -141,14 +142,17 @@ def train(
     from models.nets.multitask import validate_tasks
     from models.overrides import parse_assignments
     from models.registry import model_class, multitask_models
-    from models.training.loop import resolve_device, train_config_for
+    from models.training.loop import TRAIN_SET_FIELDS, TrainConfig, resolve_device, train_config_for
     from models.training.run import train_run
 
     if tasks is not None:
         tasks = _checked_tasks(model, tasks, set_ or [])
-    assignments = [*(set_ or []), *([f"tasks={tasks}"] if tasks is not None else [])]
+    for_training = [a for a in set_ or [] if _set_name(a) in TRAIN_SET_FIELDS]
+    assignments = [a for a in set_ or [] if _set_name(a) not in TRAIN_SET_FIELDS]
+    assignments += [f"tasks={tasks}"] if tasks is not None else []
     try:
         overrides = parse_assignments(model_class(model).config_class(), assignments)
+        regularisation = parse_assignments(TrainConfig(), for_training)
         chosen = validate_tasks(overrides.get("tasks", ("ctr",)))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--set") from None
@@ -164,6 +168,7 @@ def train(
         device=device,
         lr=lr,
         patience=patience,
+        **regularisation,
     )
     try:
         resolve_device(device)
@@ -176,6 +181,11 @@ def train(
     summary = {"model": model, "run": str(out), "best_epoch": metrics["best_epoch"]}
     summary.update({f"valid_{k}": v for k, v in metrics["valid"].items()})
     _echo_json(summary)
+
+
+def _set_name(assignment: str) -> str:
+    """The NAME of a --set NAME=VALUE, as `models.overrides` reads it."""
+    return assignment.partition("=")[0].strip().replace("-", "_")
 
 
 def _checked_tasks(model: str, tasks: str, assignments: list[str]) -> str:

@@ -87,6 +87,8 @@ class FATConfig:
     meta_std: float = 0.1
     pair_std: float = 0.01
     tasks: tuple[str, ...] = ("ctr",)  # ("ctr", "cvr"): a second tower on the pooled tokens
+    dropout: float = 0.0  # on the input tokens and on every attention / FFN branch (training)
+    user_token: bool = True  # the user-id token; False: no user field (see the docstring)
 
 
 def field_linear(x: Tensor, weight: Tensor) -> Tensor:
@@ -131,6 +133,7 @@ class FATBlock(nn.Module):
         heads: int,
         residual: Literal["single", "double"],
         pair_std: float,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if d % heads:
@@ -140,6 +143,7 @@ class FATBlock(nn.Module):
         self.norm_ffn = nn.LayerNorm(d)
         self.field_bias = nn.Parameter(torch.zeros(fields, d))  # b_f (§3.1), zero init
         self.attention = FieldAttention(fields, heads, pair_std)
+        self.dropout = _dropout(dropout)
 
     def _ffn(self, x: Tensor, w: FieldWeights) -> Tensor:
         return field_linear(nn.functional.silu(field_linear(x, w.ffn1)), w.ffn2)  # §3.3
@@ -147,10 +151,11 @@ class FATBlock(nn.Module):
     def forward(self, z: Tensor, w: FieldWeights) -> Tensor:
         """z [B, F, d] -> [B, F, d]."""
         attended = self.attention(self.norm_attention(z) + self.field_bias, w.q, w.k, w.v)
+        attended = self.dropout(attended)
         if self.residual == "single":  # impl A: Z + FFN(LN(Attn(LN(Z) + b)))
-            return z + self._ffn(self.norm_ffn(attended), w)
+            return z + self.dropout(self._ffn(self.norm_ffn(attended), w))
         z = z + attended
-        return z + self._ffn(self.norm_ffn(z), w)
+        return z + self.dropout(self._ffn(self.norm_ffn(z), w))
 
 
 class TargetAttentionPool(nn.Module):
@@ -176,6 +181,12 @@ def _tower(d: int, hidden: int) -> nn.Sequential:
     )
 
 
+def _dropout(p: float) -> nn.Module:
+    """nn.Dropout(p), or Identity at p = 0, so a model without dropout draws no random numbers
+    and trains exactly as before the option existed."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def _embedding(size: int, d: int, std: float) -> nn.Embedding:
     table = nn.Embedding(size, d, padding_idx=PAD)
     with torch.no_grad():
@@ -199,7 +210,8 @@ class FAT(BehaviorModel):
         self.config = cfg
         contexts = [name for name in sizes if name.startswith("context_")]
         recent = [f"recent_{i + 1}" for i in range(cfg.recent_tokens)]
-        self.field_names = ["user", *contexts, *recent, "history", "item", "category"]
+        user = ["user"] if cfg.user_token else []
+        self.field_names = [*user, *contexts, *recent, "history", "item", "category"]
         fields = len(self.field_names)
         d = cfg.d
 
@@ -222,8 +234,10 @@ class FAT(BehaviorModel):
             for _ in range(cfg.layers)
         )
         self.blocks = nn.ModuleList(
-            FATBlock(fields, d, cfg.heads, cfg.residual, cfg.pair_std) for _ in range(cfg.layers)
+            FATBlock(fields, d, cfg.heads, cfg.residual, cfg.pair_std, cfg.dropout)
+            for _ in range(cfg.layers)
         )
+        self.token_dropout = _dropout(cfg.dropout)
         self.output_projection = nn.Linear(d, d)
         self.tower = _tower(d, cfg.tower_hidden)
         self._add_towers(cfg.tasks, lambda: _tower(d, cfg.tower_hidden))
@@ -248,14 +262,16 @@ class FAT(BehaviorModel):
     ) -> UserState:
         mask = (hist_items != PAD).to(self.history_projection.weight.dtype)  # [U, L]
         hist = self._project_history(hist_items, hist_cats)  # [U, L, d]
-        tokens = [self.user_embedding(user).unsqueeze(1)]  # [U, 1, d] each
+        tokens = [self.user_embedding(user).unsqueeze(1)] if self.config.user_token else []
         tokens += [emb(context[:, c]).unsqueeze(1) for c, emb in enumerate(self.context_embeddings)]
         if self.config.recent_tokens:
             tokens.append(self._recent(hist, mask))  # [U, R, d]
         if self.target_pool is None:
             tokens.append(masked_mean(hist, mask).unsqueeze(1))
             return (torch.cat(tokens, dim=1),)
-        return torch.cat(tokens, dim=1), hist, mask
+        # no user token, context or recent items: a [U, 0, d] block keeps the state's shape
+        user_tokens = torch.cat(tokens, dim=1) if tokens else hist[:, :0]
+        return user_tokens, hist, mask
 
     # ------------------------------------------------------------ candidate side
     def score_candidates(self, state: UserState, items: Tensor, cats: Tensor) -> Tensor:
@@ -270,6 +286,7 @@ class FAT(BehaviorModel):
 
     def transform(self, z: Tensor) -> Tensor:
         """Tokens [N, F, d] (in `field_names` order) -> logits [N, T]."""
+        z = self.token_dropout(z)
         for weights, block in zip(self.field_weights, self.blocks, strict=True):
             z = block(z, weights(self.meta))
         pooled = self.output_projection(z.sum(dim=1))  # [N, d], what every tower reads

@@ -2,9 +2,10 @@
 
 The loss is the model's task losses (`models.nets.multitask.task_losses`: BCE of the click, plus
 the CTCVR term for a multi-task model) plus every auxiliary loss its `forward_train` returns
-(already weighted by the model, e.g. SARN's positional and interest losses). Negative history
-items are sampled only for models whose class sets `needs_negatives`. A conversion-only model
-(`tasks=("cvr",)`) trains and validates on the clicked rows alone.
+(already weighted by the model, e.g. SARN's positional and interest losses), plus
+`TrainConfig.embedding_l2` times the squared norm of the embedding tables when it is set.
+Negative history items are sampled only for models whose class sets `needs_negatives`. A
+conversion-only model (`tasks=("cvr",)`) trains and validates on the clicked rows alone.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class BehaviorTask:
     eval_batch_size: int = 1024
     seed: int = 0
     sampler: NegativeSampler | None = None  # set for models with `needs_negatives`
+    embedding_l2: float = 0.0  # TrainConfig.embedding_l2
 
     def train_batches(self, epoch: int) -> SizedBatches:
         # A different, reproducible shuffle every epoch.
@@ -70,6 +72,8 @@ class BehaviorTask:
             **task_losses(out.logits, batch.label, batch.conversion, model.tasks),
             **out.aux_losses,
         }
+        if self.embedding_l2 > 0:
+            terms["embedding_l2"] = self.embedding_l2 * embedding_norm(model)
         total = sum(terms.values(), torch.zeros((), device=out.logits.device))
         return total, {name: float(value.detach()) for name, value in terms.items()}
 
@@ -201,8 +205,16 @@ def build_behavior_task(
         eval_batch_size=config.eval_batch_size,
         seed=config.seed,
         sampler=NegativeSampler(train, config.seed) if negatives else None,
+        embedding_l2=config.embedding_l2,
     )
     return vocab_sizes(vocabs), task, spec, vocabs
+
+
+def embedding_norm(model: nn.Module) -> Tensor:
+    """Sum of the squared weights of every embedding table of `model` (whole tables, as
+    DeepCTR-Torch's `l2_reg_embedding` does; the padding rows stay 0 and add nothing)."""
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    return sum((w.pow(2).sum() for w in tables), torch.zeros((), device=_device_of(model)))
 
 
 def _device_of(model: nn.Module) -> torch.device:
