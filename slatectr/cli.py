@@ -381,29 +381,65 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("models")
 def bench_models(
-    world: Annotated[Path, typer.Option(help="World written by `ctr simulate`.")],
     out: Annotated[Path, typer.Option(help="Directory for runs, rows.jsonl and models.md.")],
+    world: Annotated[
+        Path | None, typer.Option(help="World written by `ctr simulate` (or give --data).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Directory with train/valid/test.parquet, e.g. `ctr data movielens`."),
+    ] = None,
     only: Annotated[
         str | None, typer.Option(help="Comma-separated --model names to keep (default all).")
     ] = None,
+    seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated (mean ± sd).")] = "0",
     epochs: Annotated[int, typer.Option(help="Maximum epochs per model.")] = 10,
+    patience: Annotated[
+        int | None, typer.Option(help="Epochs without a better valid AUC before stop (default 2).")
+    ] = None,
     history_len: Annotated[int, _HISTORY_LEN_OPTION] = DEFAULT_HISTORY_LEN,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
 ) -> None:
-    """Test AUC/LogLoss and training samples/s of every behaviour model beside the oracle."""
-    from models.bench.quality import VARIANTS, format_table, run_model_bench
+    """Test AUC/LogLoss and training samples/s of every behaviour model beside the world's
+    oracle (--world) or the data's popularity floor (--data)."""
+    from models.bench.quality import (
+        VARIANTS,
+        BenchFiles,
+        data_files,
+        format_table,
+        run_model_bench,
+        world_files,
+    )
     from models.training.loop import TrainConfig, train_config_for
 
+    if world is not None and data is not None:
+        raise typer.BadParameter("give --world or --data, not both", param_hint="--data")
     keep = {m.strip() for m in only.split(",")} if only else None
     variants = [v for v in VARIANTS if keep is None or v.model in keep]
+    seed_list = _seed_list(seeds)
 
-    def config_for(name: str) -> TrainConfig:
+    def config_for(name: str, seed: int) -> TrainConfig:
         return train_config_for(
-            name, epochs=epochs, history_len=history_len, batch_size=batch_size, device=device
+            name,
+            epochs=epochs,
+            history_len=history_len,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            patience=patience,
         )
 
-    table = format_table(run_model_bench(world, out, config_for, variants))
+    with _user_errors():
+        files: BenchFiles
+        if data is not None:
+            files = data_files(data)
+        elif world is not None:
+            files = world_files(world, out)
+        else:
+            raise typer.BadParameter("give --world or --data", param_hint="--world")
+        rows = run_model_bench(files, out, config_for, variants, seed_list)
+    table = format_table(rows)
     (out / "models.md").write_text(table + "\n")
     typer.echo(table)
 
