@@ -73,3 +73,30 @@ def test_the_table_gives_mean_and_sd_over_seeds_and_references_as_they_are() -> 
     assert "| DIN | 2 | 0.9100 ± 0.0141 |" in table
     assert "| floor | 1 | 0.8500 | 0.5000 |" in table
     assert "auc_sd" not in floor
+
+
+def test_bench_models_on_a_data_directory_runs_every_seed_and_adds_the_floor(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from slatectr.cli import app
+
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 400), ("valid", 200), ("test", 200)):
+        items = rng.integers(0, 20, n)
+        rows = [(f"i{i}", int(rng.random() < (0.8 if i < 10 else 0.2))) for i in items]
+        write_table(frame(rows), tmp_path / "data" / f"{name}.parquet")
+    out = tmp_path / "out"
+    command = ["bench", "models", "--data", str(tmp_path / "data"), "--out", str(out)]
+    options = ["--only", "wdl", "--seeds", "0,1", "--epochs", "1", "--history-len", "4"]
+    result = CliRunner().invoke(app, [*command, *options, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    logged = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert [(r["model"], r.get("seed")) for r in logged[:2]] == [("Wide&Deep", 0), ("Wide&Deep", 1)]
+    assert logged[2]["model"].startswith("popularity floor")
+    assert (out / "runs" / "wdl-seed0").is_dir() and (out / "runs" / "wdl-seed1").is_dir()
+    assert "| Wide&Deep | 2 |" in (out / "models.md").read_text()

@@ -31,10 +31,11 @@ the import, so `check_version` is never called and nothing is sent, and it also 
 `requests`' request functions with ones that raise (nothing here uses `requests`; if anything
 tried, the run fails loudly instead of calling out).
 
-DIEN: with DeepCTR's default `init_std=1e-4` some seeds end with every unit of the DNN's last
-hidden layer dead (constant predictions, AUC 0.5); `--init-std 0.01` avoided it in 20 of 20
-short screening runs. Every epoch logs the prediction sd (`valid_pred_sd`) so such a collapse
-shows in the output instead of being averaged into a mean.
+DIEN: with DeepCTR's default `init_std=1e-4` (far below Adam's first steps of about lr) some
+seeds end with every unit of the DNN's last hidden layer dead: constant predictions, AUC 0.5,
+the "one seed never left 0.5" of issue 21. `--init-std 0.01` (DeepCTR's own constructor
+argument) is the setting for DIEN runs. Every epoch logs the prediction sd (`valid_pred_sd`), so
+a collapse shows in the output instead of being averaged into a mean.
 """
 
 from __future__ import annotations
