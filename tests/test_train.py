@@ -327,11 +327,13 @@ def test_embedding_l2_adds_its_weighted_squared_table_norm_to_the_loss(
     batch = next(iter(task.train_batches(1)))
     total, parts = task.loss(model, batch)
     tables = sum(
-        float(m.weight.detach().pow(2).sum()) for m in model.modules() if isinstance(m, nn.Embedding)
+        float(m.weight.detach().pow(2).sum())
+        for m in model.modules()
+        if isinstance(m, nn.Embedding)
     )
-    assert float(embedding_norm(model)) == pytest.approx(tables, rel=1e-6)
+    assert float(embedding_norm(model).detach()) == pytest.approx(tables, rel=1e-6)
     assert parts["embedding_l2"] == pytest.approx(0.01 * tables, rel=1e-5)
-    assert float(total) == pytest.approx(sum(parts.values()), rel=1e-5)
+    assert float(total.detach()) == pytest.approx(sum(parts.values()), rel=1e-5)
     task.embedding_l2 = 0.0
     assert "embedding_l2" not in task.loss(model, batch)[1]
 
