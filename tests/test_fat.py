@@ -322,3 +322,30 @@ def test_basis_bank_composes_the_top_k_bases() -> None:
         alpha = z / z.sum()
         expected = alpha[0] * bank.bases[best[0]] + alpha[1] * bank.bases[best[1]]
         torch.testing.assert_close(got[f], expected.detach(), atol=1e-6, rtol=0)
+
+
+def test_dropout_acts_in_training_only_and_zero_dropout_adds_no_module() -> None:
+    torch.manual_seed(0)
+    model = FAT(SIZES, tiny(dropout=0.5))
+    batch = make_batch()
+    model.train()
+    assert not torch.equal(model(batch), model(batch))  # a fresh mask per call
+    model.eval()
+    torch.testing.assert_close(model(batch), model(batch), atol=0, rtol=0)
+    plain = FAT(SIZES, tiny())
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+
+
+@pytest.mark.parametrize("pooling", ["mean", "target_attention"])
+def test_without_the_user_token_the_user_id_changes_no_score(pooling: str) -> None:
+    sizes = {"item": 40, "category": 8, "user": 12}  # no context: the user side can be empty
+    torch.manual_seed(0)
+    model = FAT(sizes, tiny(history_pooling=pooling, user_token=False)).eval()
+    assert "user" not in model.field_names
+    batch = make_batch()
+    batch.context = batch.context[:, :0]
+    other = rows_of(batch, torch.arange(len(batch)))
+    other.user = (batch.user + 1) % sizes["user"]
+    torch.testing.assert_close(model(other), model(batch), atol=0, rtol=0)
+    with_user = FAT(sizes, tiny(history_pooling=pooling)).eval()
+    assert not torch.allclose(with_user(other), with_user(batch))  # the check is not vacuous

@@ -260,7 +260,7 @@ def _grads(model: AdvNCM, batch: SlateBatch, parts: tuple[str, ...]) -> dict[str
     }
 
 
-def test_adversarial_losses_move_disjoint_parameters() -> None:
+def test_discriminator_loss_moves_d_only_and_bce_plus_generator_term_move_the_generator() -> None:
     batch = make_batch()
     model = build("ncm-adv")
     assert isinstance(model, AdvNCM)

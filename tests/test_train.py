@@ -20,7 +20,7 @@ from models.data.batch import BehaviorBatch
 from models.data.schema import write_table
 from models.nets.baselines import DIN
 from models.registry import BEHAVIOR_MODELS, model_class
-from models.training.checkpoint import CheckpointError, load_run, save_run
+from models.training.checkpoint import CheckpointError, config_from_dict, load_run, save_run
 from models.training.evaluate import evaluate_run
 from models.training.loop import TrainConfig, fit, train_config_for
 from models.training.metrics import auc, logloss
@@ -385,3 +385,49 @@ def test_a_resume_checkpoint_is_safetensors_and_json_and_restores_adam_exactly(
     step(again, adam)
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_embedding_l2_adds_its_weighted_squared_table_norm_to_the_loss(
+    files: tuple[Path, Path],
+) -> None:
+    from models.training.behavior_task import build_behavior_task, embedding_norm
+
+    config = TrainConfig(history_len=8, batch_size=64, embedding_l2=0.01, device="cpu")
+    sizes, task, _, _ = build_behavior_task(*files, config, negatives=False)
+    model = DIN(sizes, config_from_dict(DIN.config_class, TINY_DIN))
+    batch = next(iter(task.train_batches(1)))
+    total, parts = task.loss(model, batch)
+    tables = sum(
+        float(m.weight.detach().pow(2).sum())
+        for m in model.modules()
+        if isinstance(m, nn.Embedding)
+    )
+    assert float(embedding_norm(model).detach()) == pytest.approx(tables, rel=1e-6)
+    assert parts["embedding_l2"] == pytest.approx(0.01 * tables, rel=1e-5)
+    assert float(total.detach()) == pytest.approx(sum(parts.values()), rel=1e-5)
+    task.embedding_l2 = 0.0
+    assert "embedding_l2" not in task.loss(model, batch)[1]
+
+
+def test_ctr_train_set_sends_regularisation_to_training_and_the_rest_to_the_model(
+    files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import models.training.run
+    from slatectr.cli import app
+
+    seen: dict[str, Any] = {}
+
+    def fake_train_run(model: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        seen["config"], seen["overrides"] = args[3], kwargs["model_overrides"]
+        return {"best_epoch": 1, "valid": {"auc": 0.5}}
+
+    monkeypatch.setattr(models.training.run, "train_run", fake_train_run)
+    train, valid = files
+    sets = ["--set", "weight_decay=1e-4", "--set", "embedding-l2=1e-6", "--set", "dropout=0.1"]
+    command = ["train", "--model", "fat", "--train", str(train), "--valid", str(valid)]
+    result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "run"), *sets])
+    assert result.exit_code == 0, result.output
+    assert (seen["config"].weight_decay, seen["config"].embedding_l2) == (1e-4, 1e-6)
+    assert seen["overrides"] == {"dropout": 0.1}

@@ -10,10 +10,12 @@ Decisions:
   than Sim4Rec's slate-wise GRU, so `ncm-adv` differs from `ncm` by the adversarial terms only,
   and its free-running readouts *are* the generated click sequence.
 * Gradients are zeroed correctly: the trainer clears them every step (the authors' loops never
-  call `zero_grad`, §3.5 ⚠), and the three losses touch disjoint parameters, so one backward
-  of their sum equals three separate steps: the discriminator loss sees detached generator
-  samples; the generator's adversarial loss runs the discriminator with detached parameters
-  (`torch.func.functional_call`), so it moves the generator only.
+  call `zero_grad`, §3.5 ⚠). The discriminator loss reaches the discriminator only (it sees
+  detached generator samples); the supervised BCE and the generator's adversarial loss reach
+  the generator only (the adversarial loss runs the discriminator with detached parameters,
+  `torch.func.functional_call`), and both update it: their gradients add on the same generator
+  parameters. So one backward of the sum equals a discriminator step on its loss plus a
+  generator step on BCE + adversarial loss (`tests/test_ncm_models.py` checks both sides).
 * Schedule scaled to short runs: supervised BCE always; discriminator loss
   BCE(D_real − D_fake, 1) on hard samples from epoch `disc_start_epoch` (authors: 10);
   generator loss BCE(D_fake − D_real, 1) on relaxed samples with detached embeddings from epoch

@@ -13,9 +13,11 @@ the whole validation set, the same on every rank.
 
 The loss is the model's task losses (`models.nets.multitask.task_losses`: BCE of the click, plus
 the CTCVR term for a multi-task model) plus every auxiliary loss its `forward_train` returns
-(already weighted by the model, e.g. SARN's positional and interest losses). Negative history
-items are sampled only for models whose class sets `needs_negatives`, by a sampler seeded per
-rank. A conversion-only model (`tasks=("cvr",)`) trains and validates on the clicked rows alone.
+(already weighted by the model, e.g. SARN's positional and interest losses), plus
+`TrainConfig.embedding_l2` times the squared norm of the embedding tables when it is set.
+Negative history items are sampled only for models whose class sets `needs_negatives`, by a
+sampler seeded per rank. A conversion-only model (`tasks=("cvr",)`) trains and validates on the
+clicked rows alone.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class BehaviorTask:
     eval_batch_size: int = 1024
     ranks: Ranks = field(default_factory=Ranks)
     sampler: NegativeSampler | None = None  # set for models with `needs_negatives`
+    embedding_l2: float = 0.0  # TrainConfig.embedding_l2
 
     def train_batches(self, epoch: int, skip: int = 0) -> SizedBatches:
         rows = train_rows(self.train, self.order, epoch, self.batch_size, skip)
@@ -75,6 +78,8 @@ class BehaviorTask:
             **task_losses(out.logits, batch.label, batch.conversion, inner.tasks),
             **out.aux_losses,
         }
+        if self.embedding_l2 > 0:
+            terms["embedding_l2"] = self.embedding_l2 * embedding_norm(model)
         total = sum(terms.values(), torch.zeros((), device=out.logits.device))
         return total, {name: float(value.detach()) for name, value in terms.items()}
 
@@ -238,8 +243,16 @@ def build_behavior_task(
         eval_batch_size=config.eval_batch_size,
         ranks=ranks,
         sampler=NegativeSampler(data.frequencies, seed) if negatives else None,
+        embedding_l2=config.embedding_l2,
     )
     return vocab_sizes(data.vocabs), task, data.spec, data.vocabs
+
+
+def embedding_norm(model: nn.Module) -> Tensor:
+    """Sum of the squared weights of every embedding table of `model` (whole tables, as
+    DeepCTR-Torch's `l2_reg_embedding` does; the padding rows stay 0 and add nothing)."""
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    return sum((w.pow(2).sum() for w in tables), torch.zeros((), device=_device_of(model)))
 
 
 def _device_of(model: nn.Module) -> torch.device:

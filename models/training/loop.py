@@ -92,7 +92,8 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128
     lr: float = 1e-3  # see MODEL_DEFAULTS for the per-model values `ctr train` uses
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # Adam's L2 term on every parameter (`ctr train --set`)
+    embedding_l2: float = 0.0  # extra loss: this × sum of squared embedding weights (--set)
     patience: int = 2  # epochs without a better validation AUC before stopping
     seed: int = 0
     device: str = "auto"  # "auto" takes CUDA when available, else "cpu" or "cuda"
@@ -109,6 +110,11 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
     "sarn": {"lr": 0.01},
     **{name: {"lr": 1e-3, "grad_clip": 1.0} for name in SLATE_MODELS},
 }
+
+
+# TrainConfig fields that `ctr train --set NAME=VALUE` reaches beside the model's config fields:
+# the standard regularisation every model can take (issue 21).
+TRAIN_SET_FIELDS = ("weight_decay", "embedding_l2")
 
 
 def train_config_for(model_name: str, **overrides: Any) -> TrainConfig:
