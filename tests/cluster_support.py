@@ -170,12 +170,18 @@ class LocalCluster:
                 masters = self.live_masters()
                 if len(masters) != self.masters:
                     return False
-                return all(
-                    self.replica_of(m).client().info("replication")["master_link_status"] == "up"
-                    for m in masters
-                    if replicated or any(r["master_id"] == m.node_id for r in self.view())
-                )
-            except (redis.RedisError, StopIteration):
+                view = self.view()
+                for master in masters:
+                    replica = next((r for r in view if r["master_id"] == master.node_id), None)
+                    if replica is None:
+                        if replicated:
+                            return False
+                        continue
+                    link = self.node(replica["node_id"]).client().info("replication")
+                    if link["master_link_status"] != "up":
+                        return False
+                return True
+            except redis.RedisError:
                 return False
 
         wait_until(healthy, timeout_s, interval_s=0.1, what="the Redis Cluster")

@@ -388,12 +388,14 @@ def test_a_resume_checkpoint_is_safetensors_and_json_and_restores_adam_exactly(
 
 
 def test_embedding_l2_adds_its_weighted_squared_table_norm_to_the_loss(
-    files: tuple[Path, Path],
+    files: tuple[Path, Path], tmp_path: Path
 ) -> None:
     from models.training.behavior_task import build_behavior_task, embedding_norm
 
     config = TrainConfig(history_len=8, batch_size=64, embedding_l2=0.01, device="cpu")
-    sizes, task, _, _ = build_behavior_task(*files, config, negatives=False)
+    sizes, task, _, _ = build_behavior_task(
+        *files, config, negatives=False, tasks=("ctr",), run_dir=tmp_path / "run"
+    )
     model = DIN(sizes, config_from_dict(DIN.config_class, TINY_DIN))
     batch = next(iter(task.train_batches(1)))
     total, parts = task.loss(model, batch)
