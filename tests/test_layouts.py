@@ -270,3 +270,33 @@ def test_an_empty_batch_never_reaches_a_graph(repo: Path) -> None:
     model = open_model(repo, providers=["CPUExecutionProvider"])
     feeds = model.encode([])
     assert model.run(feeds).shape == (0, 1)
+
+
+@pytest.mark.parametrize("contexts", [CONTEXTS, ()], ids=["with-context", "no-user-field"])
+def test_fat_without_a_user_token_passes_the_parity_gate(
+    contexts: tuple[str, ...], tmp_path: Path
+) -> None:
+    """`--set user_token=false` (FAT's docstring: the MovieLens runs) changes the field count;
+    without context fields the first block has no user field at all."""
+    cls = model_class("fat")
+    config = config_from_dict(cls.config_class, {**TINY["fat"], "user_token": False})
+    vocabs = {
+        key: vocab
+        for key, vocab in _vocabs().items()
+        if not key.startswith("context_") or key.removeprefix("context_") in contexts
+    }
+    torch.manual_seed(0)
+    model: BehaviorModel = cls({key: len(v) + 2 for key, v in vocabs.items()}, config)
+    perturb(model, seed=1, scale=0.2)
+    graphs = export_layouts(model.eval(), tmp_path, len(contexts))
+    spec = FeatureSpec(history_len=HISTORY, context_fields=list(contexts))
+    cases = edge_cases(spec, vocabs, HISTORY, max_slate=20)
+
+    def encode(requests: object) -> dict[str, np.ndarray]:
+        return encode_behavior(requests, spec, vocabs, HISTORY)  # type: ignore[arg-type]
+
+    assert [g.layout for g in graphs] == LAYOUTS["fat"]
+    for graph in graphs:
+        session = _session(tmp_path / graph.file, graph.needs_ops)
+        report = check_parity(session, graph.module, BEHAVIOR_INPUTS, cases, encode, None, model)
+        assert report.passed, (graph.layout, report.max_abs_diff)

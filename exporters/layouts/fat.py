@@ -130,12 +130,14 @@ class FATSplit(SlateScoringGraph):
         m, idx = self.model, x.cand_user_index
         mask = (x.hist_items != PAD).to(m.history_projection.weight.dtype)  # [U, L]
         hist = m._project_history(x.hist_items, x.hist_cats)  # [U, L, d]
-        users = [m.user_embedding(x.user)]  # [U, d] each, in field order
+        # [U, d] each, in field order; no user token with `user_token=False` (FAT's docstring)
+        users = [m.user_embedding(x.user)] if m.config.user_token else []
         users += [emb(x.context[:, c]) for c, emb in enumerate(m.context_embeddings)]
         pooled = self._pool(m._project_history(x.cand_items, x.cand_cats), hist, mask, idx)
         cands = [pooled, m.item_embedding(x.cand_items), m.category_embedding(x.cand_cats)]
         first, *rest = self._layers()
-        z = self._first_block(torch.stack(users), torch.stack(cands), idx, first)  # [F, N, d]
+        user_tokens = torch.stack(users) if users else hist[:, :0].transpose(0, 1)  # [F_u, U, d]
+        z = self._first_block(user_tokens, torch.stack(cands), idx, first)  # [F, N, d]
         for block, weights in rest:
             z = self._block(z, block, weights)
         out = m.output_projection(z.sum(dim=0))  # [N, d]
