@@ -282,7 +282,7 @@ def _checked_tasks(model: str, tasks: str, assignments: list[str]) -> str:
         message = "give the tasks once, with --tasks or with --set tasks=..., not both"
         raise typer.BadParameter(message, param_hint="--tasks")
     try:
-        return ",".join(validate_tasks([t.strip() for t in tasks.split(",") if t.strip()]))
+        return ",".join(validate_tasks(_names(tasks)))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--tasks") from None
 
@@ -507,7 +507,7 @@ def bench_models(
 
     if world is not None and data is not None:
         raise typer.BadParameter("give --world or --data, not both", param_hint="--data")
-    keep = {m.strip() for m in only.split(",")} if only else None
+    keep = set(_names(only)) if only else None
     variants = [v for v in VARIANTS if keep is None or v.model in keep]
     variants = [v for v in variants if ablations or not v.overrides]
     seed_list = _seed_list(seeds)
@@ -557,7 +557,7 @@ def bench_multitask(
             name, epochs=epochs, history_len=history_len, batch_size=batch_size, device=device
         )
 
-    chosen = [m.strip() for m in models.split(",") if m.strip()]
+    chosen = _names(models)
     try:
         check_models(chosen)
     except ValueError as exc:
@@ -572,10 +572,7 @@ def bench_multitask(
 
 def _seed_list(text: str) -> list[int]:
     """--seeds: distinct non-negative integers (a repeated seed would pose as a second run)."""
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"not integers: {text!r}", param_hint="--seeds") from None
+    seeds = _ints(text, "--seeds")
     if not seeds or min(seeds) < 0 or len(set(seeds)) < len(seeds):
         message = f"give distinct non-negative integers, e.g. 0,1,2; got {text!r}"
         raise typer.BadParameter(message, param_hint="--seeds")
@@ -600,14 +597,11 @@ def bench_export(
     pairwise graph and PyTorch eager (CPU; thread CPU time and wall time, medians)."""
     from exporters.bench import BenchConfig, format_table, run_bench
 
-    def ints(text: str) -> list[int]:
-        return [int(v) for v in text.split(",") if v.strip()]
-
     config = BenchConfig(
-        models=[m.strip() for m in models.split(",") if m.strip()],
-        users=ints(users),
-        slates=ints(slate),
-        histories=ints(history),
+        models=_names(models),
+        users=_ints(users, "--users"),
+        slates=_ints(slate, "--slate"),
+        histories=_ints(history, "--history"),
         repeats=repeats,
         threads=threads,
     )
@@ -666,12 +660,12 @@ def bench_suite(
         model=model,
         slate=slate,
         history=history,
-        users_per_call=[int(u) for u in users.split(",")],
+        users_per_call=_ints(users, "--users"),
         concurrency=concurrency,
         seconds=seconds,
         peer=peer,
         peer_python=peer_python,
-        export_models=[m.strip() for m in export_models.split(",") if m.strip()],
+        export_models=_names(export_models),
     )
     config.service_env.update(_key_values(serve_env))
     run_suite(config)
@@ -705,21 +699,24 @@ def bench_overhead(
         rounds=rounds,
         clients=clients,
         step_seconds=step_seconds,
-        workers=[int(w) for w in workers.split(",")],
+        workers=_ints(workers, "--workers"),
     )
     run_overhead(config, progress=lambda step: typer.echo(f"... {step}", err=True))
     typer.echo((out / "overhead.md").read_text())
 
 
-def _csv_ints(text: str | None, option: str) -> tuple[int, ...] | None:
-    """'1,8,32' -> (1, 8, 32); None stays None (option not given)."""
-    if text is None:
-        return None
+def _ints(text: str, option: str) -> list[int]:
+    """'1,8,32' -> [1, 8, 32]; anything else is a usage error naming `option`."""
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         message = f"expected integers like 1,8,32, got {text!r}"
         raise typer.BadParameter(message, param_hint=option) from None
+
+
+def _names(text: str) -> list[str]:
+    """'sarn, din,' -> ['sarn', 'din']."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 @bench_app.command("gpu")
@@ -769,9 +766,9 @@ def bench_gpu(
         work=work,
         repo=repo,
         world=world,
-        models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else None,
-        slates=_csv_ints(slates, "--slates"),
-        users=_csv_ints(users, "--users"),
+        models=tuple(_names(models)) if models else None,
+        slates=None if slates is None else tuple(_ints(slates, "--slates")),
+        users=None if users is None else tuple(_ints(users, "--users")),
         history=history,
         load_seconds=load_seconds,
         concurrency=concurrency,
