@@ -215,7 +215,10 @@ class BehaviorStore:
     async def _bounded(call: Awaitable[_T], timeout_s: float) -> _T:
         """Runs one Redis call under an outer deadline; every failure becomes StoreUnavailable."""
         try:
-            return await asyncio.wait_for(call, timeout_s)
+            # asyncio.timeout, not wait_for: wait_for (Python 3.11) wraps the call in a task of
+            # its own, a loop round trip more per read (`ctr bench overhead`'s history stage).
+            async with asyncio.timeout(timeout_s):
+                return await call
         except (RedisError, OSError, asyncio.TimeoutError) as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
 
