@@ -6,7 +6,11 @@ past saturation, in one run, on one model, on this machine.
    request (`LoadedModel.score`, history included); overhead = HTTP p50 − model p50, also
    given net of the `/healthz` floor. The client is `http.client` on a kept-alive connection:
    httpx alone adds 2 ms per request, which is the client's cost, not the service's. The mean
-   of every stage comes from the service's own `ctr_stage_duration_seconds`.
+   of every stage comes from the service's own `ctr_stage_duration_seconds`. Then the same in
+   CPU time: what one `/v1/score` and one `/healthz` cost the service's process (from
+   /proc/PID/stat, its threads together; the embedded redis-server is a child, not counted)
+   and what the model alone costs in-process on one thread, as the service's worker runs it.
+   CPU time hardly moves with neighbours on a shared host, where wall times swing 10×.
 2. A burst: `burst_requests` requests of `burst_slate` candidates from `burst_clients` threads
    at once, at the service's default deadline.
 3. Saturation (closed loop, `clients` threads) -> goodput μ; then open-loop Poisson arrivals at
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import statistics
 import threading
 import time
@@ -31,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -40,6 +45,9 @@ from loadtest.local_service import LocalService
 from loadtest.population import Population, read_events
 from loadtest.report import machine
 from loadtest.seed import seed_histories
+
+if TYPE_CHECKING:
+    from runtime.loader import LoadedModel
 
 STAGES = ("parse", "queue", "history", "encode", "infer", "respond")
 LOAD_STEPS = (0.5, 1.0, 1.5, 2.0)
@@ -104,14 +112,16 @@ def _p(values: list[float], q: float) -> float:
     return float(np.quantile(values, q)) if values else float("nan")
 
 
-def concurrency_one(config: OverheadConfig, url: str, population: Population) -> dict[str, Any]:
-    """Interleaved rounds of HTTP, /healthz and the model alone; stage means from /metrics."""
+def concurrency_one(
+    config: OverheadConfig, url: str, pid: int, population: Population
+) -> dict[str, Any]:
+    """Interleaved rounds of HTTP, /healthz and the model alone; stage means from /metrics;
+    then the CPU costs (`cpu_costs`) of the service process `pid`."""
     from runtime.loader import ScoringRequest, open_model
     from runtime.repository import latest_version, model_dir
 
-    model = open_model(
-        model_dir(config.repo, config.model, latest_version(config.repo, config.model))
-    )
+    directory = model_dir(config.repo, config.model, latest_version(config.repo, config.model))
+    model = open_model(directory, intra_op_threads=1)
     sampler = population.sampler(1)
     client, http_s, health_s, model_s = Client(url), [], [], []
     before = _stage_sums(url)
@@ -126,8 +136,9 @@ def concurrency_one(config: OverheadConfig, url: str, population: Population) ->
         start = time.perf_counter()
         model.score([request])
         model_s.append(time.perf_counter() - start)
-    client.close()
     stages = _stage_means(before, _stage_sums(url))
+    cpu = cpu_costs(config, client, pid, population, model)
+    client.close()
     http_p50, model_p50, health_p50 = (statistics.median(v) for v in (http_s, model_s, health_s))
     return {
         "answered": len(http_s),
@@ -137,7 +148,46 @@ def concurrency_one(config: OverheadConfig, url: str, population: Population) ->
         "overhead_ms": (http_p50 - model_p50) * 1e3,
         "overhead_net_of_healthz_ms": (http_p50 - model_p50 - health_p50) * 1e3,
         "stage_mean_ms": stages,
+        "cpu_ms": cpu,
     }
+
+
+def cpu_costs(
+    config: OverheadConfig, client: Client, pid: int, population: Population, model: LoadedModel
+) -> dict[str, float]:
+    """CPU ms per request: the service's process for `/v1/score` and for `/healthz`, the model
+    alone in this process (nothing else runs here meanwhile), and their difference."""
+    from runtime.loader import ScoringRequest
+
+    sampler = population.sampler(4)
+    users = [sampler.user() for _ in range(config.rounds)]
+    slates = [sampler.candidates(config.slate) for _ in users]
+    bodies = [_body(user, slate) for user, slate in zip(users, slates, strict=True)]
+    requests = [
+        ScoringRequest(user, sampler.history(user, config.history), slate)
+        for user, slate in zip(users, slates, strict=True)
+    ]
+
+    def service_ms(call: Callable[[int], Answer]) -> float:
+        before = process_cpu_seconds(pid)
+        for i in range(len(bodies)):
+            call(i)
+        return (process_cpu_seconds(pid) - before) / len(bodies) * 1e3
+
+    score = service_ms(lambda i: client.post("/v1/score", bodies[i]))
+    health = service_ms(lambda _: client.get("/healthz"))
+    start = time.process_time()
+    for request in requests:
+        model.score([request])
+    alone = (time.process_time() - start) / len(requests) * 1e3
+    return {"score": score, "healthz": health, "model": alone, "overhead": score - alone}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc; its threads together)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stage_sums(url: str) -> dict[str, tuple[float, float]]:
@@ -257,9 +307,9 @@ def open_loop(
 
 
 @contextmanager
-def _service(config: OverheadConfig, log: Path, **env: str) -> Iterator[str]:
+def _service(config: OverheadConfig, log: Path, **env: str) -> Iterator[LocalService]:
     with LocalService(config.repo, log, {"CTR_MODELS": config.model, **env}) as service:
-        yield service.url
+        yield service
 
 
 def run_overhead(config: OverheadConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
@@ -270,10 +320,12 @@ def run_overhead(config: OverheadConfig, progress: Callable[[str], None] = print
     frame = read_events(config.world)
     frame = frame[frame["user_id"].isin(set(population.users))]
     result: dict[str, Any] = {"config": _jsonable(asdict(config)), "machine": machine()}
-    with _service(config, config.out / "service.log") as url:
+    with _service(config, config.out / "service.log") as service:
+        url = service.url
+        assert service.process is not None
         seed_histories(url, frame, config.history)
         progress("concurrency 1")
-        result["concurrency_1"] = concurrency_one(config, url, population)
+        result["concurrency_1"] = concurrency_one(config, url, service.process.pid, population)
         progress("burst")
         result["burst"] = burst(config, url, population)
         progress("saturation")
@@ -293,9 +345,11 @@ def run_overhead(config: OverheadConfig, progress: Callable[[str], None] = print
     for workers in config.workers:
         progress(f"saturation with {workers} inference worker(s)")
         log = config.out / f"service-workers-{workers}.log"
-        with _service(config, log, CTR_INFER_WORKERS=str(workers)) as url:
-            seed_histories(url, frame, config.history)
-            rate = saturation(url, population, config.slate, config.clients, config.step_seconds)
+        with _service(config, log, CTR_INFER_WORKERS=str(workers)) as service:
+            seed_histories(service.url, frame, config.history)
+            rate = saturation(
+                service.url, population, config.slate, config.clients, config.step_seconds
+            )
         result["workers"].append({"workers": workers, "goodput_per_s": rate})
     (config.out / "overhead.json").write_text(json.dumps(result, indent=2))
     (config.out / "overhead.md").write_text(markdown(result))
@@ -346,6 +400,18 @@ def markdown(result: dict[str, Any]) -> str:
             )
         ),
         *(f"| stage {stage} (mean) | {ms:.3f} |" for stage, ms in c1["stage_mean_ms"].items()),
+        "",
+        "| CPU per request (service process; model alone in-process, one thread) | ms |",
+        "|---|---|",
+        *(
+            f"| {name} | {c1['cpu_ms'][key]:.2f} |"
+            for name, key in (
+                ("/v1/score, service", "score"),
+                ("model alone", "model"),
+                ("**service CPU overhead** (score − model)", "overhead"),
+                ("/healthz, service", "healthz"),
+            )
+        ),
         "",
         f"Burst of {config['burst_requests']} × {config['burst_slate']} candidates from "
         f"{config['burst_clients']} clients: {result['burst']}",

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import pandas as pd
 import pytest
 
 from loadtest.local_service import LocalService
+from loadtest.overhead import process_cpu_seconds
 from loadtest.population import Population, parse_range, zipf_weights
 from loadtest.report import Slo
 from loadtest.seed import event_batches
@@ -281,3 +283,14 @@ def test_population_draws_zipf_users_and_bounded_inputs() -> None:
     batches = event_batches(frame.sort_values(["user_id", "ts"]), per_user=2, batch=2)
     assert [len(b) for b in batches] == [2, 1]
     assert [e["item_id"] for b in batches for e in b] == ["i3", "i1", "i4"]
+
+
+def test_the_overhead_bench_reads_a_process_cpu_time_as_the_process_own_clock_does() -> None:
+    """`ctr bench overhead` charges the service's CPU from /proc/PID/stat; checked here against
+    this process's own `time.process_time` over a busy loop (ticks are 10 ms)."""
+    pid = os.getpid()
+    before, clock = process_cpu_seconds(pid), time.process_time()
+    while time.process_time() - clock < 0.3:
+        sum(range(1000))
+    spent = process_cpu_seconds(pid) - before
+    assert abs(spent - (time.process_time() - clock)) <= 0.05
