@@ -189,20 +189,16 @@ def train(
     if nproc > 1 and is_slate_model(model):
         raise typer.BadParameter("slate click models train in one process", param_hint="--nproc")
     from models.nets.multitask import validate_tasks
-    from models.overrides import parse_assignments
-    from models.registry import model_class, multitask_models
+    from models.registry import multitask_models
     from models.training.distributed.ranks import launched_world
-    from models.training.loop import TRAIN_SET_FIELDS, TrainConfig, resolve_device, train_config_for
+    from models.training.loop import resolve_device, train_config_for
     from models.training.run import train_run
 
     if tasks is not None:
         tasks = _checked_tasks(model, tasks, set_ or [])
-    for_training = [a for a in set_ or [] if _set_name(a) in TRAIN_SET_FIELDS]
-    assignments = [a for a in set_ or [] if _set_name(a) not in TRAIN_SET_FIELDS]
-    assignments += [f"tasks={tasks}"] if tasks is not None else []
+    assignments = [*(set_ or []), *([f"tasks={tasks}"] if tasks is not None else [])]
+    overrides, regularisation = _parsed_sets(model, assignments)
     try:
-        overrides = parse_assignments(model_class(model).config_class(), assignments)
-        regularisation = parse_assignments(TrainConfig(), for_training)
         chosen = validate_tasks(overrides.get("tasks", ("ctr",)))
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--set") from None
@@ -264,6 +260,22 @@ def _command_without(ctx: typer.Context, skipped: str) -> list[str]:
         else:
             args += [param.opts[0], str(value)]
     return args
+
+
+def _parsed_sets(model: str, assignments: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--set NAME=VALUE assignments for `model`, typed: (its config fields, the training ones
+    such as weight_decay); BadParameter names the known fields."""
+    from models.overrides import parse_assignments
+    from models.registry import model_class
+    from models.training.loop import TRAIN_SET_FIELDS, TrainConfig
+
+    for_training = [a for a in assignments if _set_name(a) in TRAIN_SET_FIELDS]
+    for_model = [a for a in assignments if _set_name(a) not in TRAIN_SET_FIELDS]
+    try:
+        overrides = parse_assignments(model_class(model).config_class(), for_model)
+        return overrides, parse_assignments(TrainConfig(), for_training)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--set") from None
 
 
 def _set_name(assignment: str) -> str:
@@ -492,6 +504,17 @@ def bench_models(
     ablations: Annotated[
         bool, typer.Option(help="Also train the SARN ablations (without its auxiliary losses).")
     ] = True,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate of every model (default: its own).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="NAME=VALUE for every chosen model, as `ctr train --set` (repeatable); pick "
+            "the models it fits with --only, e.g. --only fat --set user_token=false.",
+        ),
+    ] = None,
 ) -> None:
     """Test AUC/LogLoss and training samples/s of every behaviour model beside the world's
     oracle (--world) or the data's popularity floor (--data)."""
@@ -511,6 +534,9 @@ def bench_models(
     variants = [v for v in VARIANTS if keep is None or v.model in keep]
     variants = [v for v in variants if ablations or not v.overrides]
     seed_list = _seed_list(seeds)
+    parsed = {v.model: _parsed_sets(v.model, set_ or []) for v in variants}
+    if set_:
+        variants = [v.with_overrides(parsed[v.model][0], ", ".join(set_)) for v in variants]
 
     def config_for(name: str, seed: int) -> TrainConfig:
         return train_config_for(
@@ -521,6 +547,8 @@ def bench_models(
             device=device,
             seed=seed,
             patience=patience,
+            lr=lr,
+            **parsed[name][1],
         )
 
     with _user_errors():

@@ -75,21 +75,27 @@ def test_the_table_gives_mean_and_sd_over_seeds_and_references_as_they_are() -> 
     assert "auc_sd" not in floor
 
 
-def test_bench_models_on_a_data_directory_runs_every_seed_and_adds_the_floor(
-    tmp_path: Path,
-) -> None:
-    import json
-
+def write_data(directory: Path) -> None:
+    """Train/valid/test where items i0-i9 are clicked 80% of the time, i10-i19 20%."""
     import numpy as np
-    from typer.testing import CliRunner
-
-    from slatectr.cli import app
 
     rng = np.random.default_rng(0)
     for name, n in (("train", 400), ("valid", 200), ("test", 200)):
         items = rng.integers(0, 20, n)
         rows = [(f"i{i}", int(rng.random() < (0.8 if i < 10 else 0.2))) for i in items]
-        write_table(frame(rows), tmp_path / "data" / f"{name}.parquet")
+        write_table(frame(rows), directory / f"{name}.parquet")
+
+
+def test_bench_models_on_a_data_directory_runs_every_seed_and_adds_the_floor(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from slatectr.cli import app
+
+    write_data(tmp_path / "data")
     out = tmp_path / "out"
     command = ["bench", "models", "--data", str(tmp_path / "data"), "--out", str(out)]
     options = ["--only", "wdl", "--seeds", "0,1", "--epochs", "1", "--history-len", "4"]
@@ -100,3 +106,31 @@ def test_bench_models_on_a_data_directory_runs_every_seed_and_adds_the_floor(
     assert logged[2]["model"].startswith("popularity floor")
     assert (out / "runs" / "wdl-seed0").is_dir() and (out / "runs" / "wdl-seed1").is_dir()
     assert "| Wide&Deep | 2 |" in (out / "models.md").read_text()
+
+
+def test_bench_models_trains_with_the_learning_rate_and_settings_it_is_given(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from slatectr.cli import app
+
+    write_data(tmp_path / "data")
+    out = tmp_path / "out"
+    command = ["bench", "models", "--data", str(tmp_path / "data"), "--out", str(out)]
+    options = ["--only", "wdl", "--epochs", "1", "--history-len", "4", "--device", "cpu"]
+    settings = ["--lr", "0.005", "--set", "embed_dim=4", "--set", "weight_decay=0.001"]
+    result = CliRunner().invoke(app, [*command, *options, *settings])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "runs" / "wdl-embed_dim-4-seed0" / "config.json").read_text())
+    assert config["model_config"]["embed_dim"] == 4
+    assert config["train_config"]["lr"] == 0.005
+    assert config["train_config"]["weight_decay"] == 0.001
+    first = json.loads((out / "rows.jsonl").read_text().splitlines()[0])
+    assert first["model"] == "Wide&Deep (embed_dim=4, weight_decay=0.001)"
+
+    wrong = CliRunner().invoke(app, [*command, *options, "--set", "user_token=false"])
+    assert wrong.exit_code == 2  # a usage error that lists the fields, before any training
+    assert "embed_dim" in wrong.output and not (out / "runs" / "wdl-seed0").exists()

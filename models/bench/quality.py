@@ -35,6 +35,10 @@ class Variant:
     model: str
     overrides: dict[str, Any] = field(default_factory=dict)
 
+    def with_overrides(self, overrides: dict[str, Any], note: str) -> Variant:
+        """This variant with more config overrides (`--set`), `note` shown in its label."""
+        return Variant(f"{self.label} ({note})", self.model, {**self.overrides, **overrides})
+
     @property
     def slug(self) -> str:
         extra = "-".join(f"{k}-{v}" for k, v in sorted(self.overrides.items()))
