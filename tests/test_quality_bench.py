@@ -3,13 +3,17 @@ directory and the seed summary of the table."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from models.bench.quality import format_table, popularity_floor, summarize
 from models.data.schema import write_table
+from slatectr.cli import app
 
 
 def frame(rows: list[tuple[str, int]]) -> pd.DataFrame:
@@ -75,29 +79,22 @@ def test_the_table_gives_mean_and_sd_over_seeds_and_references_as_they_are() -> 
     assert "auc_sd" not in floor
 
 
-def write_data(directory: Path) -> None:
-    """Train/valid/test where items i0-i9 are clicked 80% of the time, i10-i19 20%."""
-    import numpy as np
-
+def bench_on_data(tmp_path: Path) -> tuple[list[str], Path]:
+    """`ctr bench models` on train/valid/test where items i0-i9 are clicked 80% of the time,
+    i10-i19 20%: the command's start and its --out."""
     rng = np.random.default_rng(0)
     for name, n in (("train", 400), ("valid", 200), ("test", 200)):
         items = rng.integers(0, 20, n)
         rows = [(f"i{i}", int(rng.random() < (0.8 if i < 10 else 0.2))) for i in items]
-        write_table(frame(rows), directory / f"{name}.parquet")
+        write_table(frame(rows), tmp_path / "data" / f"{name}.parquet")
+    out = tmp_path / "out"
+    return ["bench", "models", "--data", str(tmp_path / "data"), "--out", str(out)], out
 
 
 def test_bench_models_on_a_data_directory_runs_every_seed_and_adds_the_floor(
     tmp_path: Path,
 ) -> None:
-    import json
-
-    from typer.testing import CliRunner
-
-    from slatectr.cli import app
-
-    write_data(tmp_path / "data")
-    out = tmp_path / "out"
-    command = ["bench", "models", "--data", str(tmp_path / "data"), "--out", str(out)]
+    command, out = bench_on_data(tmp_path)
     options = ["--only", "wdl", "--seeds", "0,1", "--epochs", "1", "--history-len", "4"]
     result = CliRunner().invoke(app, [*command, *options, "--device", "cpu"])
     assert result.exit_code == 0, result.output
@@ -111,15 +108,7 @@ def test_bench_models_on_a_data_directory_runs_every_seed_and_adds_the_floor(
 def test_bench_models_trains_with_the_learning_rate_and_settings_it_is_given(
     tmp_path: Path,
 ) -> None:
-    import json
-
-    from typer.testing import CliRunner
-
-    from slatectr.cli import app
-
-    write_data(tmp_path / "data")
-    out = tmp_path / "out"
-    command = ["bench", "models", "--data", str(tmp_path / "data"), "--out", str(out)]
+    command, out = bench_on_data(tmp_path)
     options = ["--only", "wdl", "--epochs", "1", "--history-len", "4", "--device", "cpu"]
     settings = ["--lr", "0.005", "--set", "embed_dim=4", "--set", "weight_decay=0.001"]
     result = CliRunner().invoke(app, [*command, *options, *settings])
