@@ -510,3 +510,49 @@ def test_the_check_before_parsing_assumes_a_request_of_the_usual_size() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_request_the_batch_would_finish_too_late_for_gets_its_504_before_the_run() -> None:
+    """The read (prepare, 60 ms here) delays the run past one request's deadline: that request
+    is answered 504 at once and left out, instead of riding along and expiring in flight."""
+
+    async def scenario() -> None:
+        model, observer = PerCandidate(), Counts()
+        cost = CostModel(a=0.0, b=PerCandidate.seconds_per_candidate)  # calibrated: 10 ms each
+        batcher = Batcher("m", model.infer, Prepares(0.06), BatcherConfig(), observer, cost)
+        batcher.start()
+        # Admitted together (one batch, ~110 ms of run): the small one's 0.14 s deadline
+        # passes before the end the batch reaches once its 60 ms read is done.
+        start = time.monotonic()
+        big = asyncio.ensure_future(batcher.submit(10, 10, _later()))
+        small = asyncio.ensure_future(batcher.submit(1, 1, _later(0.14)))
+        with pytest.raises(DeadlineExceeded):
+            await small
+        assert time.monotonic() - start < 0.12  # at the end of the read, not at the deadline
+        assert await big == 10
+        assert model.batches == [[10]]  # the small request never ran
+        assert observer.rejects == ["deadline"]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_admission_counts_the_read_each_batch_waits_for() -> None:
+    """After batches whose read took 50 ms, a request whose deadline leaves room for its run
+    but not for its read is refused (429) at once."""
+
+    async def scenario() -> None:
+        model = PerCandidate()
+        cost = CostModel(a=0.0, b=PerCandidate.seconds_per_candidate)
+        batcher = Batcher("m", model.infer, Prepares(0.05), BatcherConfig(), None, cost)
+        batcher.start()
+        for _ in range(8):  # the read's average is 50 ms from the first batch on
+            await batcher.submit(1, 1, _later())
+        assert batcher.can_meet(1, _later(0.1))
+        # 10 ms of run, a 3 ms margin and the lateness of answers (what the estimate missed,
+        # ~25 ms if it left the read out) fit in 50 ms; with the 50 ms read they do not.
+        with pytest.raises(Overloaded):
+            await batcher.submit(1, 1, _later(0.05))
+        await batcher.stop()
+
+    asyncio.run(scenario())

@@ -14,20 +14,24 @@ Overload is refused at admission, never queued without bound: a full queue raise
 (429/503 + Retry-After), a draining batcher `Draining` (503), and a request that cannot finish
 by its deadline `Overloaded` (429) at once, before any work is spent on it. A request whose
 deadline passes anyway before its inference starts gets `DeadlineExceeded` (504) and is never
-run; so does one that, at dispatch, could no longer finish in time even if it ran alone.
+run; so does one that, once its batch is read, could no longer finish by the batch's estimated
+end: it is left out at once rather than expire in flight, slowing the batch it rides in.
 
 The estimate (`estimated_finish`) is the work ahead shared over the workers plus the
 request's own run: with `a` the fixed cost of a batch and `b` the cost per candidate
 (`CostModel`, calibrated by the engine at start-up on the real model and refined from every
 batch), the work ahead is what the running batches have left, `b` for every queued
 candidate and `a` for every batch those candidates will form (`m`, the mean batch size,
-says how many). A small slack proportional to the wait and a fixed margin (the answer's own
-path) absorb estimator noise, and `Lateness` what the estimate misses on a busy host: how
-much later than estimated the answers have recently come back to their waiting tasks
-(contention for the cores, a lagging event loop), added to every estimate until it fades.
-Before this model, one "seconds per candidate" absorbed the
-fixed costs and the thread hops: it admitted 1,200-candidate batches that ran past their
-deadlines and, once inflated, refused everything (docs/performance.md).
+says how many); and every batch, the request's own included, waits for its read (`prepare`,
+an average of the recent ones: 0.7 ms at concurrency 1, 8.6 ms per batch on a loop contended
+at 2x saturation, where leaving it out let admitted requests expire: docs/performance.md). A
+small slack proportional to the wait and a fixed margin (the answer's own path) absorb
+estimator noise, and `Lateness` what the estimate misses on a busy host: how much later than
+estimated the answers have recently come back to their waiting tasks (contention for the
+cores, a lagging event loop), added to every estimate until it fades. Before this model, one
+"seconds per candidate" absorbed the fixed costs and the thread hops: it admitted
+1,200-candidate batches that ran past their deadlines and, once inflated, refused everything
+(docs/performance.md).
 """
 
 from __future__ import annotations
@@ -202,6 +206,7 @@ class Batcher(Generic[Req, Prep, Res]):
         self._has_work = asyncio.Event()
         self._free = asyncio.Semaphore(self.config.workers)
         self._running: dict[int, float] = {}  # batch id -> its estimated end (monotonic)
+        self._prepare_s = 0.0  # a batch's prepare (history read), exponential average
         self._batches = 0
         self._draining = False
         self._dispatches: set[asyncio.Task[None]] = set()
@@ -279,8 +284,11 @@ class Batcher(Generic[Req, Prep, Res]):
         left = sum(max(0.0, end - now) for end in self._running.values())
         queued = self._queued_candidates
         batches = math.ceil(queued / max(cost.mean_batch, 1.0)) if queued else 0
-        ahead = (left + cost.b * queued + cost.a * batches) / config.workers
-        return now + ahead * (1 + config.slack) + cost.batch(size) + config.margin_s
+        # Each batch also waits for its read (`prepare`) before it runs, on the worker it holds.
+        per_batch = cost.a + self._prepare_s
+        ahead = (left + cost.b * queued + per_batch * batches) / config.workers
+        own = self._prepare_s + cost.batch(size)
+        return now + ahead * (1 + config.slack) + own + config.margin_s
 
     def can_meet(self, size: int, deadline: float) -> bool:
         """Whether a request of `size` candidates could be answered by `deadline` now."""
@@ -327,12 +335,13 @@ class Batcher(Generic[Req, Prep, Res]):
         batch: list[_Pending[Req, Res]] = []
         budget = self.config.max_batch_candidates
         candidates, earliest = 0, math.inf
+        start = time.monotonic() + self._prepare_s  # the batch runs once its read is done
         while self._queue:
             head = self._queue[0]
             if not self._alive(head):
                 self._pop()
                 continue
-            end = time.monotonic() + self.cost.batch(candidates + head.size)
+            end = start + self.cost.batch(candidates + head.size)
             if batch and (head.size > budget or end > min(earliest, head.deadline)):
                 break
             batch.append(self._pop())
@@ -363,10 +372,12 @@ class Batcher(Generic[Req, Prep, Res]):
             for p in batch:
                 self._fail(p, exc)
             return
-        live = [(p, x) for p, x in zip(batch, prepared, strict=True) if self._alive(p)]
+        start = time.monotonic()
+        read_s = start - taken
+        self._prepare_s += 0.2 * (read_s - self._prepare_s) if self._prepare_s else read_s
+        live = self._runnable(list(zip(batch, prepared, strict=True)))
         if not live:
             return
-        start = time.monotonic()
         candidates = sum(p.size for p, _ in live)
         self._observer.on_batch(len(live), candidates)
         self._batches += 1
@@ -386,6 +397,21 @@ class Batcher(Generic[Req, Prep, Res]):
                 self._fail(p, result)
             elif not p.future.done():
                 p.future.set_result(result)
+
+    def _runnable(
+        self, batch: list[tuple[_Pending[Req, Res], Prep]]
+    ) -> list[tuple[_Pending[Req, Res], Prep]]:
+        """The batch's requests that its run can still answer in time. A request whose deadline
+        falls before the batch's estimated end gets its 504 now, not after the run it would
+        only slow down (under overload, most 504s were requests that expired in flight)."""
+        live = [(p, x) for p, x in batch if self._alive(p)]
+        if not self.cost.calibrated:
+            return live
+        end = time.monotonic() + self.cost.batch(sum(p.size for p, _ in live))
+        for p, _ in live:
+            if p.deadline < end:
+                self._fail(p, DeadlineExceeded())
+        return [(p, x) for p, x in live if not p.future.done()]
 
     def _timed_infer(
         self, live: list[tuple[_Pending[Req, Res], Prep]]
