@@ -40,7 +40,7 @@ PEERS_STAMP := $(PEERS_VENV)/.installed
 $(PEERS_STAMP): requirements/peers-deepctr.txt
 	$(PYTHON) -m venv --clear $(PEERS_VENV)
 	$(PEERS_VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(PEERS_VENV)/bin/python -m pip install -q -r requirements/peers-deepctr.txt
+	$(PEERS_VENV)/bin/python -m pip install -q --require-hashes -r requirements/peers-deepctr.txt
 	$(PEERS_VENV)/bin/python -m pip check
 	touch $(PEERS_STAMP)
 
@@ -105,7 +105,9 @@ UV_COMPILE = $(BIN)/uv pip compile --quiet --universal --python-version 3.10 --g
 	--index-url https://pypi.org/simple --custom-compile-command "make lock" $(UV_FLAGS)
 
 LOCKS := requirements/dev.txt requirements/serve.txt requirements/train.txt \
-	requirements/gpu-check.txt
+	requirements/gpu-check.txt requirements/peers-deepctr.txt
+# The peer venv's pins (pandas 3, numpy 2.4) need Python 3.11, the project's lock 3.10.
+UV_COMPILE_PEERS = $(subst --python-version 3.10,--python-version 3.11,$(UV_COMPILE))
 
 # A lock that comes out the same keeps its timestamp, so the venv is not rebuilt for nothing.
 lock: venv
@@ -120,6 +122,8 @@ lock: venv
 		-c requirements/dev.txt -o requirements/train.txt
 	$(UV_COMPILE) pyproject.toml --extra serve --extra loadtest -c requirements/dev.txt \
 		-o requirements/gpu-check.txt
+	$(UV_COMPILE_PEERS) requirements/peers-deepctr.in --override requirements/no-torch.txt \
+		--no-emit-package torch -o requirements/peers-deepctr.txt
 	for f in $(LOCKS); do \
 		cmp -s .lock-before/$$(basename $$f) $$f && touch -r .lock-before/$$(basename $$f) $$f; \
 	done; rm -rf .lock-before
