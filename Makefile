@@ -82,14 +82,15 @@ k8s-rules: venv
 RUN_DIR ?= runs/demo
 MODEL_REPO ?= model_repo
 
-# A small model, only when the repository has none: a small world and one SARN epoch (~2.5 min
-# on 2 shared cores; a second epoch took as long again and scored lower on validation); see
-# `ctr train --help` for full-size settings. simulate prints the oracle (true-probability)
-# AUC, train one line per epoch, evaluate one JSON line of test metrics; export checks
+# A small model, only when the repository has none: a small world and one SARN epoch (a second
+# scored lower on validation); see `ctr train --help` for full-size settings. One torch thread:
+# with two, on a box where another process held a core, an epoch took 160 s instead of ~8 s
+# (OpenMP threads waiting for each other). simulate prints the oracle (true-probability) AUC,
+# train one line per epoch, evaluate one JSON line of test metrics; export checks
 # ONNX-vs-PyTorch parity before the version appears.
 $(MODEL_REPO)/sarn: | venv
 	$(BIN)/ctr simulate --out $(RUN_DIR)/world --users 300 --items 200 --seed 0
-	$(BIN)/ctr train --model sarn --train $(RUN_DIR)/world/behavior/train.parquet \
+	OMP_NUM_THREADS=1 $(BIN)/ctr train --model sarn --train $(RUN_DIR)/world/behavior/train.parquet \
 		--valid $(RUN_DIR)/world/behavior/test.parquet --out $(RUN_DIR)/sarn \
 		--epochs 1 --history-len 10 --batch-size 256
 	$(BIN)/ctr evaluate --run $(RUN_DIR)/sarn --data $(RUN_DIR)/world/behavior/test.parquet
