@@ -65,10 +65,11 @@ history 50, validation AUC per epoch from train_log.jsonl, test AUC of the kept 
 * Epochs. With Adam 2e-3, no user token and at most 5 epochs (patience 1), the 3-seed
   table's runs picked epochs 5/5, 5/5 and 3/4 (seed 2 stopped after one flat epoch, 0.9217 ->
   0.9216): FAT is still improving where DIN has levelled off, and its row (test AUC 0.9273 ±
-  0.0018, above the best DeepCTR peer's 0.9260 by less than the noise) is bounded by the
-  budget. The OOV user token, the slow 1e-3 rate and stopping while still improving are what
-  these runs show between FAT's defaults (0.9139 after 3 epochs, below every peer, like the
-  0.913 of issue 21's outside run, whose settings are not known here) and 0.9273.
+  0.0018, above DeepCTR's DIN and Wide&Deep, 0.9260, by less than the noise, and 0.009 below
+  DeepCTR's DIEN, 0.9367) is bounded by the budget. The OOV user token, the slow 1e-3 rate and
+  stopping while still improving are what these runs show between FAT's defaults (0.9139
+  after 3 epochs, below every peer, like the 0.913 of issue 21's outside run, whose settings
+  are not known here) and 0.9273.
 * Regularisation. `dropout` (here) and `embedding_l2` / `weight_decay` (`ctr train --set`, every
   model) exist now, default off, and were not measured on MovieLens (CPU budget). FAT's
   validation AUC rose up to the last epoch or flattened, never fell by more than 0.0001, in
