@@ -22,9 +22,9 @@ request's own run: with `a` the fixed cost of a batch and `b` the cost per candi
 (`CostModel`, calibrated by the engine at start-up on the real model and refined from every
 batch), the work ahead is what the running batches have left, `b` for every queued
 candidate and `a` for every batch those candidates will form (`m`, the mean batch size,
-says how many); and every batch, the request's own included, waits for its read (`prepare`,
-an average of the recent ones: 0.7 ms at concurrency 1, 8.6 ms per batch on a loop contended
-at 2x saturation, where leaving it out let admitted requests expire: docs/performance.md). A
+says how many); and the request's own batch waits for its read (`prepare`, an average of the
+recent ones: 0.7 ms at concurrency 1, 8.6 ms per batch on a loop contended at 2x saturation,
+where leaving it out let admitted requests expire: docs/performance.md). A
 small slack proportional to the wait and a fixed margin (the answer's own path) absorb
 estimator noise, and `Lateness` what the estimate misses on a busy host: how much later than
 estimated the answers have recently come back to their waiting tasks (contention for the
@@ -284,9 +284,10 @@ class Batcher(Generic[Req, Prep, Res]):
         left = sum(max(0.0, end - now) for end in self._running.values())
         queued = self._queued_candidates
         batches = math.ceil(queued / max(cost.mean_batch, 1.0)) if queued else 0
-        # Each batch also waits for its read (`prepare`) before it runs, on the worker it holds.
-        per_batch = cost.a + self._prepare_s
-        ahead = (left + cost.b * queued + per_batch * batches) / config.workers
+        # The request's own batch waits for its read (`prepare`) before it runs. The batches
+        # ahead read too, but counting a read per mean-sized batch refused a quarter of a
+        # burst (where one large batch reads once): docs/performance.md "The trade-off".
+        ahead = (left + cost.b * queued + cost.a * batches) / config.workers
         own = self._prepare_s + cost.batch(size)
         return now + ahead * (1 + config.slack) + own + config.margin_s
 
