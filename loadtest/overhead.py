@@ -48,6 +48,8 @@ from loadtest.report import machine
 from loadtest.seed import seed_histories
 
 if TYPE_CHECKING:
+    from prometheus_client.samples import Sample
+
     from runtime.loader import LoadedModel
 
 STAGES = ("parse", "queue", "history", "encode", "infer", "respond")
@@ -193,30 +195,28 @@ def process_cpu_seconds(pid: int) -> float:
 
 def _stage_sums(url: str) -> dict[str, tuple[float, float]]:
     """Cumulative (seconds, observations) of every stage, from the service's /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     sums: dict[str, list[float]] = {stage: [0.0, 0.0] for stage in STAGES}
-    for family in text_string_to_metric_families(_metrics(url)):
-        for sample in family.samples:
-            stage = sample.labels.get("stage")
-            if sample.name.startswith("ctr_stage_duration_seconds") and stage in sums:
-                if sample.name.endswith("_sum"):
-                    sums[stage][0] = sample.value
-                elif sample.name.endswith("_count"):
-                    sums[stage][1] = sample.value
+    for sample in _samples(url):
+        stage = sample.labels.get("stage")
+        if sample.name.startswith("ctr_stage_duration_seconds") and stage in sums:
+            if sample.name.endswith("_sum"):
+                sums[stage][0] = sample.value
+            elif sample.name.endswith("_count"):
+                sums[stage][1] = sample.value
     return {stage: (total, count) for stage, (total, count) in sums.items()}
 
 
 def _requests_run(url: str) -> float:
     """Requests that have reached a model run so far (`ctr_batch_requests`' sum)."""
+    return sum(s.value for s in _samples(url) if s.name == "ctr_batch_requests_sum")
+
+
+def _samples(url: str) -> Iterator[Sample]:
+    """Every sample of the service's /metrics page, read once."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(_metrics(url))
-        for sample in family.samples
-        if sample.name == "ctr_batch_requests_sum"
-    )
+    for family in text_string_to_metric_families(_metrics(url)):
+        yield from family.samples
 
 
 def _metrics(url: str) -> str:
