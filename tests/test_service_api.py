@@ -161,6 +161,35 @@ def test_oversized_and_broken_bodies_get_4xx(client: TestClient) -> None:
     assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "where"),
+    [
+        # What FastAPI's own body parameter answered, kept by the hand-decoded scoring body.
+        (b'{"user_id": "u1",', "application/json", 422, ["body", 17]),  # offset of the end
+        (b'{"user_id": "u1"}', "text/plain", 422, ["body"]),
+        (b'{"user_id": "u1"}', None, 422, ["body"]),
+        (b"", "application/json", 422, ["body"]),
+        (b'{"user_id": "\xff"}', "application/json", 400, None),  # not UTF-8
+        (b"[" * 300 + b"]" * 300, "application/json", 422, ["body"]),  # deep, but decodable
+    ],
+)
+def test_scoring_bodies_that_are_not_a_request_say_where(
+    client: TestClient, content: bytes, content_type: str | None, status: int, where: Any
+) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = client.post("/v1/score", content=content, headers=headers)
+    error = _assert_error(response, status, "invalid_request" if status == 422 else "bad_request")
+    if where is not None:
+        assert [d["loc"] for d in error["error"]["details"]] == [where]
+
+
+def test_json_media_types_with_parameters_or_suffixes_are_json(client: TestClient) -> None:
+    body = json.dumps({"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c"}]})
+    for media in ("application/json; charset=utf-8", "application/vnd.score+json"):
+        answer = client.post("/v1/score", content=body, headers={"content-type": media})
+        _assert_error(answer, 503, "model_unavailable")  # decoded and valid; no model loaded
+
+
 def test_event_timestamps_are_checked(client: TestClient) -> None:
     bad = [_event(1, ts=True), _event(1, ts=-1), _event(1, ts=4e9), _event(1, ts="soon")]
     for event in bad:

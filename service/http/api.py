@@ -23,6 +23,7 @@ from service.http.errors import install_error_handlers
 from service.http.management import router as management_router
 from service.http.middleware import RequestContextMiddleware
 from service.http.routes import router
+from service.http.score_input import score_components
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.tracing import StageTracer, setup_tracing
@@ -83,9 +84,10 @@ def build_app(
 def _with_configured_limits(
     openapi: Callable[[], dict[str, Any]], settings: Settings
 ) -> Callable[[], dict[str, Any]]:
-    """The OpenAPI document with the list limits these settings enforce (the request models
-    carry only the hard ceilings that settings may lower), so a client generated from it
-    refuses what the service refuses."""
+    """The OpenAPI document with the scoring body's models (its route decodes the body itself)
+    and the list limits these settings enforce (the request models carry only the hard
+    ceilings that settings may lower), so a client generated from it refuses what the service
+    refuses."""
     limits = {
         ("ScoreRequest", "candidates"): settings.max_candidates,
         ("ScoreRequest", "history"): settings.max_inline_history,
@@ -94,8 +96,11 @@ def _with_configured_limits(
 
     def document() -> dict[str, Any]:
         schema = openapi()
+        components = schema["components"]["schemas"]
+        for name, component in score_components().items():
+            components.setdefault(name, component)
         for (model, field), limit in limits.items():
-            prop = schema["components"]["schemas"][model]["properties"][field]
+            prop = components[model]["properties"][field]
             for branch in prop.get("anyOf", [prop]):  # an optional list: its array branch
                 if branch.get("type") == "array":
                     branch["maxItems"] = limit

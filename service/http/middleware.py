@@ -30,11 +30,13 @@ import uuid
 from typing import Any
 
 from fastapi import HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.errors import error_response
+from service.http.score_input import TIMEOUT_HEADER, timeout_ms
 from service.logs import request_id_var
 from service.metrics import ServiceMetrics
 from service.scoring.batcher import Overloaded
@@ -70,13 +72,11 @@ def _declared_length(scope: Scope) -> int:
 
 
 def _requested_timeout_ms(scope: Scope) -> float | None:
-    """The client's X-Request-Timeout-Ms if it is a usable number (the route validates it)."""
-    text = _header(scope, b"x-request-timeout-ms")
+    """The client's X-Request-Timeout-Ms if it is valid (else the route answers 422)."""
     try:
-        value = float(text) if text is not None else None
-    except ValueError:
+        return timeout_ms(_header(scope, TIMEOUT_HEADER.encode()))
+    except RequestValidationError:
         return None
-    return value if value is not None and 0 < value < float("inf") else None
 
 
 class RequestContextMiddleware:

@@ -96,14 +96,18 @@ def connect(url: str, timeout_s: float, max_connections: int, cluster: bool) -> 
     the asyncio `Retry` (redis-py 8 converts a synchronous one, with a warning).
     """
     common: dict[str, Any] = {
-        "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), 0),
         "decode_responses": True,
         "health_check_interval": 30,
     }
-    if cluster:
-        return RedisCluster.from_url(url, max_connections=max_connections, **common)
+    if cluster:  # the cluster client also talks to nodes outside our calls (slot discovery)
+        return RedisCluster.from_url(
+            url, max_connections=max_connections, socket_timeout=timeout_s, **common
+        )
+    # No socket timeout on one server: every call is bounded as a whole by
+    # `BehaviorStore._bounded`, and with one redis-py writes each command in a task of its own
+    # (`asyncio.wait_for`), a loop round trip more per history read.
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=timeout_s, **common
     )
