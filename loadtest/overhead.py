@@ -8,9 +8,13 @@ past saturation, in one run, on one model, on this machine.
    httpx alone adds 2 ms per request, which is the client's cost, not the service's. The mean
    of every stage comes from the service's own `ctr_stage_duration_seconds`. Then the same in
    CPU time: what one `/v1/score` and one `/healthz` cost the service's process (from
-   /proc/PID/stat, its threads together; the embedded redis-server is a child, not counted)
-   and what the model alone costs in-process on one thread, as the service's worker runs it.
-   CPU time hardly moves with neighbours on a shared host, where wall times swing 10×.
+   /proc/PID/stat, its threads together, and its main thread, the event loop, apart; the
+   embedded redis-server is a child, not counted) and what the model alone costs in-process
+   on one thread, as the service's worker runs it.
+   CPU time hardly moves with neighbours on a shared host, where wall times swing 10×. Before
+   all of it, the machine's idle penalty (`loadtest.idle_penalty`): how much more CPU the same
+   code takes right after its thread slept, which every stage of a request at concurrency 1
+   pays.
 2. A burst: `burst_requests` requests of `burst_slate` candidates from `burst_clients` threads
    at once, at the service's default deadline.
 3. Saturation (closed loop, `clients` threads) -> goodput μ; then open-loop Poisson arrivals at
@@ -42,6 +46,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from loadtest.idle_penalty import idle_penalty
 from loadtest.local_service import LocalService
 from loadtest.population import Population, read_events
 from loadtest.report import machine
@@ -171,25 +176,42 @@ def cpu_costs(
         for user, slate in zip(users, slates, strict=True)
     ]
 
-    def service_ms(call: Callable[[int], Answer]) -> float:
-        before = process_cpu_seconds(pid)
+    def service_ms(call: Callable[[int], Answer]) -> tuple[float, float]:
+        """CPU ms per call: the whole process, and its event loop."""
+        before, loop_before = process_cpu_seconds(pid), main_thread_cpu_seconds(pid)
         for i in range(len(bodies)):
             call(i)
-        return (process_cpu_seconds(pid) - before) / len(bodies) * 1e3
+        spent = process_cpu_seconds(pid) - before, main_thread_cpu_seconds(pid) - loop_before
+        return spent[0] / len(bodies) * 1e3, spent[1] / len(bodies) * 1e3
 
-    score = service_ms(lambda i: client.post("/v1/score", bodies[i]))
-    health = service_ms(lambda _: client.get("/healthz"))
+    score, score_loop = service_ms(lambda i: client.post("/v1/score", bodies[i]))
+    health, _ = service_ms(lambda _: client.get("/healthz"))
     start = time.process_time()
     for request in requests:
         model.score([request])
     alone = (time.process_time() - start) / len(requests) * 1e3
-    return {"score": score, "healthz": health, "model": alone, "overhead": score - alone}
+    return {
+        "score": score,
+        "score_loop": score_loop,
+        "score_other_threads": score - score_loop,
+        "healthz": health,
+        "model": alone,
+        "overhead": score - alone,
+    }
 
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process `pid` so far (Linux /proc; its threads together)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return _cpu_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """The same for the process's main thread alone: in `ctr serve`, uvicorn's event loop."""
+    return _cpu_seconds(Path(f"/proc/{pid}/task/{pid}/stat"))
+
+
+def _cpu_seconds(stat_file: Path) -> float:
+    fields = stat_file.read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -338,6 +360,8 @@ def run_overhead(config: OverheadConfig, progress: Callable[[str], None] = print
     frame = read_events(config.world)
     frame = frame[frame["user_id"].isin(set(population.users))]
     result: dict[str, Any] = {"config": _jsonable(asdict(config)), "machine": machine()}
+    progress("idle penalty")
+    result["idle_penalty_us"] = idle_penalty()
     with _service(config, config.out / "service.log") as service:
         url = service.url
         assert service.process is not None
@@ -372,6 +396,22 @@ def run_overhead(config: OverheadConfig, progress: Callable[[str], None] = print
     (config.out / "overhead.json").write_text(json.dumps(result, indent=2))
     (config.out / "overhead.md").write_text(markdown(result))
     return result
+
+
+def _idle_lines(cpu_us: dict[str, float] | None) -> list[str]:
+    """The machine's idle penalty (`loadtest.idle_penalty`): what waking costs every stage."""
+    if not cpu_us:
+        return []
+    hot = cpu_us["0"]
+    return [
+        "| idle before each in-process /healthz | CPU µs | × back to back |",
+        "|---|---|---|",
+        *(
+            f"| {'none' if gap == '0' else gap + ' ms'} | {us:.0f} | {us / hot:.2f} |"
+            for gap, us in cpu_us.items()
+        ),
+        "",
+    ]
 
 
 def _jsonable(value: Any) -> Any:
@@ -425,12 +465,18 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {c1['cpu_ms'][key]:.2f} |"
             for name, key in (
                 ("/v1/score, service", "score"),
+                ("of it, the event loop (main thread)", "score_loop"),
+                (
+                    "of it, every other thread (inference worker, ONNX Runtime)",
+                    "score_other_threads",
+                ),
                 ("model alone", "model"),
                 ("**service CPU overhead** (score − model)", "overhead"),
                 ("/healthz, service", "healthz"),
             )
         ),
         "",
+        *_idle_lines(result.get("idle_penalty_us")),
         f"Burst of {config['burst_requests']} × {config['burst_slate']} candidates from "
         f"{config['burst_clients']} clients: {result['burst']}",
         "",

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import pandas as pd
 import pytest
 
 from loadtest.local_service import LocalService
-from loadtest.overhead import process_cpu_seconds
+from loadtest.overhead import _idle_lines, main_thread_cpu_seconds, process_cpu_seconds
 from loadtest.population import Population, parse_range, zipf_weights
 from loadtest.report import Slo
 from loadtest.seed import event_batches
@@ -286,11 +287,31 @@ def test_population_draws_zipf_users_and_bounded_inputs() -> None:
 
 
 def test_the_overhead_bench_reads_a_process_cpu_time_as_the_process_own_clock_does() -> None:
-    """`ctr bench overhead` charges the service's CPU from /proc/PID/stat; checked here against
-    this process's own `time.process_time` over a busy loop (ticks are 10 ms)."""
+    """`ctr bench overhead` charges the service's CPU from /proc/PID/stat, and its event loop's
+    from the main thread's /proc/PID/task/PID/stat: checked here against this process's own
+    clocks while its main thread spins and while another thread spins (ticks are 10 ms)."""
     pid = os.getpid()
-    before, clock = process_cpu_seconds(pid), time.process_time()
-    while time.process_time() - clock < 0.3:
-        sum(range(1000))
+
+    def spin() -> None:
+        start = time.thread_time()
+        while time.thread_time() - start < 0.3:
+            sum(range(1000))
+
+    before, main_before, clock = (
+        process_cpu_seconds(pid),
+        main_thread_cpu_seconds(pid),
+        time.process_time(),
+    )
+    spin()  # on the main thread
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join()
     spent = process_cpu_seconds(pid) - before
     assert abs(spent - (time.process_time() - clock)) <= 0.05
+    assert abs(main_thread_cpu_seconds(pid) - main_before - 0.3) <= 0.05  # the worker's not in
+
+
+def test_the_idle_penalty_is_reported_against_the_back_to_back_cost() -> None:
+    lines = _idle_lines({"0": 200.0, "3": 500.0})
+    assert lines[2:4] == ["| none | 200 | 1.00 |", "| 3 ms | 500 | 2.50 |"]
+    assert _idle_lines(None) == []  # a report from before the measurement existed
