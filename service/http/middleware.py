@@ -1,5 +1,6 @@
 """Per-request context: request id, arrival time, body-size limit, early refusal, latency
-histogram, in-flight gauge and one JSON access line.
+histogram, in-flight gauge and one JSON access line; `POST /v1/score` then goes straight to its
+endpoint (`service.http.shortcut`), everything else down the app's stack.
 
 The arrival time (`scope["state"]["arrival"]`, monotonic) starts a scoring request's deadline:
 time spent before the handler (body read, validation) counts against it. Before the body is
@@ -37,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.http.errors import error_response
 from service.http.score_input import TIMEOUT_HEADER, timeout_ms
+from service.http.shortcut import is_score, score_route, serve_score
 from service.logs import request_id_var
 from service.metrics import ServiceMetrics
 from service.scoring.batcher import Overloaded
@@ -88,6 +90,7 @@ class RequestContextMiddleware:
         # (endpoint, model, variant, status) -> its histogram child: a `.labels()` look-up per
         # request costs as much as the observation (label values are few: DESIGN.md metrics).
         self._durations: dict[tuple[str, str, str, str], Any] = {}
+        self._score_route = score_route()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,6 +135,8 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_with_id)
             elif early is not None:
                 await early(scope, receive, send_with_id)
+            elif is_score(scope):
+                await serve_score(self._score_route, scope, limited_receive, send_with_id)
             else:
                 await self.app(scope, limited_receive, send_with_id)
         except Exception as exc:
