@@ -25,7 +25,11 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from runtime.feeds import SCORES  # torch- and onnxruntime-free
-from service.scoring.batcher import BatchObserver
+from service.scoring.batcher import BatchObserver, Draining, Overloaded, QueueFull
+
+# Every reason `ctr_requests_rejected_total` counts: the refusals, and "deadline" for requests
+# whose deadline passed before they were scored.
+REJECT_REASONS = (Overloaded.reason, QueueFull.reason, Draining.reason, "deadline")
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -132,6 +136,8 @@ class ServiceMetrics:
             ["reason"],
             registry=r,
         )
+        for reason in REJECT_REASONS:  # known label values up front, as for the reloads below
+            self.rejected.labels(reason)
         self.history_source = Counter(
             "ctr_history_source_total",
             "Where each scored request's history came from.",

@@ -40,3 +40,11 @@ def test_two_worker_processes_are_aggregated_in_one_scrape(tmp_path: Path) -> No
     ) in text
     # le="0.005" bucket holds both 4 ms observations: the SLO-sized buckets survive aggregation.
     assert 'le="0.005",model="sarn",status="200",variant="default"} 2.0' in text
+
+
+def test_every_rejection_reason_is_exported_before_the_first_rejection() -> None:
+    """Known label values start at zero (Prometheus' advice): an alert on the rejection rate
+    or a dashboard panel sees a series from start-up, not only after the first refusal."""
+    text = _python(SCRAPE, {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
+    for reason in ("overloaded", "queue_full", "draining", "deadline"):
+        assert f'ctr_requests_rejected_total{{reason="{reason}"}} 0.0' in text
