@@ -142,7 +142,8 @@ def train(
         typer.Option(
             "--set",
             help="Model config field NAME=VALUE (repeatable), e.g. --set auxiliary_loss=false; "
-            "also weight_decay (Adam) and embedding_l2 (loss term), e.g. --set embedding_l2=1e-6.",
+            "also weight_decay (Adam), embedding_l2 (loss term) and lr_decay (epoch e trains at "
+            "lr x lr_decay^(e-1)), e.g. --set embedding_l2=1e-6.",
         ),
     ] = None,
     nproc: Annotated[

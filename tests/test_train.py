@@ -132,6 +132,20 @@ def test_steps_per_epoch_trains_the_first_batches_of_every_epoch() -> None:
     assert drawn == [(1, 0), (1, 1), (2, 0), (2, 1)]  # no batch past the cap is even made
 
 
+def test_lr_decay_sets_each_epochs_rate_from_its_number() -> None:
+    config = TrainConfig(epochs=3, lr=0.1, lr_decay=0.5, patience=5, device="cpu")
+    result = fit(nn.Linear(1, 1, bias=False), FlippingTask(), config, progress=False)
+    # Read back from the optimizer at each epoch's end: the rate it really trained at.
+    assert [e["lr"] for e in result["epochs"]] == pytest.approx([0.1, 0.05, 0.025])
+    plain = fit(
+        nn.Linear(1, 1, bias=False),
+        FlippingTask(),
+        TrainConfig(epochs=2, device="cpu"),
+        progress=False,
+    )
+    assert [e["lr"] for e in plain["epochs"]] == [1e-3, 1e-3]  # no decay by default
+
+
 def test_model_defaults_apply_unless_overridden() -> None:
     assert train_config_for("sarn").lr == 0.01
     assert train_config_for("din").lr == 1e-3

@@ -93,6 +93,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3  # see MODEL_DEFAULTS for the per-model values `ctr train` uses
     weight_decay: float = 0.0  # Adam's L2 term on every parameter (`ctr train --set`)
+    lr_decay: float = 1.0  # epoch e trains at lr × lr_decay^(e-1) (`ctr train --set`)
     embedding_l2: float = 0.0  # extra loss: this × sum of squared embedding weights (--set)
     patience: int = 2  # epochs without a better validation AUC before stopping
     seed: int = 0
@@ -114,7 +115,7 @@ MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # TrainConfig fields that `ctr train --set NAME=VALUE` reaches beside the model's config fields:
 # the standard regularisation every model can take (issue 21).
-TRAIN_SET_FIELDS = ("weight_decay", "embedding_l2")
+TRAIN_SET_FIELDS = ("weight_decay", "embedding_l2", "lr_decay")
 
 
 def train_config_for(model_name: str, **overrides: Any) -> TrainConfig:
@@ -260,6 +261,10 @@ class _Loop:
     def train_epoch(self) -> None:
         """Trains the rest of the current epoch (all of it unless resumed mid-epoch)."""
         self.model.train()
+        # A step decay set from the epoch number, not accumulated in the optimizer: a resumed
+        # run trains each epoch at the rate an uninterrupted one would have.
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.lr * self.config.lr_decay ** (self.state.epoch - 1)
         batches: Iterable[Any] = self.task.train_batches(self.state.epoch, self.state.step)
         total = self.state.step + len(batches) if isinstance(batches, Sized) else None
         cap = self.config.steps_per_epoch
@@ -286,7 +291,8 @@ class _Loop:
 
     def end_epoch(self) -> None:
         """Epoch statistics, validation, the best epoch, early stopping, a checkpoint."""
-        record = {"epoch": self.state.epoch, **self._train_stats()}
+        lr = self.optimizer.param_groups[0]["lr"]  # what this epoch trained at
+        record = {"epoch": self.state.epoch, "lr": lr, **self._train_stats()}
         self.ranks.share_buffers(self.model)
         valid = _evaluate(self.model, self.task)
         record.update({f"valid_{k}": v for k, v in valid.items()})
