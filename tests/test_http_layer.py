@@ -305,6 +305,11 @@ def test_a_score_no_model_could_answer_in_time_is_refused_before_its_body_is_rea
             assert (await client.get("/healthz")).status_code == 200  # only scoring sheds
             events = {"events": [{"user_id": "u", "item_id": "i", "category_id": "c", "ts": 1}]}
             assert (await client.post("/v1/events", json=events)).status_code == 202
+            # Counted under the scoring route, where the SLO rules look for its 429s.
+            text = (await client.get("/metrics")).text
+            refused = 'ctr_request_duration_seconds_count{endpoint="/v1/score",model=""'
+            assert f'{refused},status="429",variant=""}} 1.0' in text
+            assert 'endpoint="unmatched"' not in text
 
     run(go())
 

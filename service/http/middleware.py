@@ -127,6 +127,9 @@ class RequestContextMiddleware:
                     raise BodyTooLarge()
             return message
 
+        scoring = is_score(scope)
+        if scoring:  # refusals before the endpoint are counted under its route too
+            scope["route"] = self._score_route
         self.metrics.inflight.inc()
         try:
             early = self._early_refusal(scope, arrival)
@@ -135,7 +138,7 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_with_id)
             elif early is not None:
                 await early(scope, receive, send_with_id)
-            elif is_score(scope):
+            elif scoring:
                 await serve_score(self._score_route, scope, limited_receive, send_with_id)
             else:
                 await self.app(scope, limited_receive, send_with_id)
@@ -154,7 +157,7 @@ class RequestContextMiddleware:
 
     def _early_refusal(self, scope: Scope, arrival: float) -> JSONResponse | None:
         """429 for a scoring request no model could answer in time (see the module docstring)."""
-        if scope["path"] != "/v1/score" or scope["method"] != "POST":
+        if not is_score(scope):
             return None
         engine = getattr(scope["app"].state, "engine", None)
         deadline = arrival + self.settings.timeout_s(_requested_timeout_ms(scope))
