@@ -183,6 +183,21 @@ def test_scoring_bodies_that_are_not_a_request_say_where(
         assert [d["loc"] for d in error["error"]["details"]] == [where]
 
 
+def test_a_bad_timeout_header_and_a_bad_body_are_reported_together(client: TestClient) -> None:
+    body = {"user_id": "u 1", "candidates": [{"item_id": "i1", "category_id": "c1"}]}
+    response = client.post("/v1/score", json=body, headers={"X-Request-Timeout-Ms": "nan"})
+    details = _assert_error(response, 422, "invalid_request")["error"]["details"]
+    assert [d["loc"] for d in details] == [["header", "x-request-timeout-ms"], ["body", "user_id"]]
+    broken = client.post(  # not JSON at all: that alone, as it fails before any validation
+        "/v1/score",
+        content=b"{not json",
+        headers={"content-type": "application/json", "X-Request-Timeout-Ms": "nan"},
+    )
+    assert [
+        d["type"] for d in _assert_error(broken, 422, "invalid_request")["error"]["details"]
+    ] == ["json_invalid"]
+
+
 def test_json_media_types_with_parameters_or_suffixes_are_json(client: TestClient) -> None:
     body = json.dumps({"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c"}]})
     for media in ("application/json; charset=utf-8", "application/vnd.score+json"):

@@ -26,7 +26,7 @@ from service.http.schemas import (
     ScoreResponse,
     error_responses,
 )
-from service.http.score_input import SCORE_OPENAPI, TIMEOUT_HEADER, score_request, timeout_ms
+from service.http.score_input import SCORE_OPENAPI, TIMEOUT_HEADER, score_inputs
 from service.settings import Settings
 
 router = APIRouter()
@@ -47,8 +47,9 @@ async def score(request: Request) -> Response:
     # from the app state rather than as dependencies, and answers with the encoded body
     # (FastAPI would validate the ScoreResponse again).
     headers = request.headers
-    requested_ms = timeout_ms(headers.get(TIMEOUT_HEADER))
-    body = score_request(await request.body(), headers.get("content-type"))
+    body, requested_ms = score_inputs(
+        await request.body(), headers.get("content-type"), headers.get(TIMEOUT_HEADER)
+    )
     state = request.app.state
     engine: Engine = state.engine
     settings: Settings = state.settings

@@ -11,7 +11,7 @@ What a client sees is what FastAPI answered, kept: a content type other than JSO
 empty body, is a 422 at `["body"]`; malformed JSON a 422 `json_invalid` at `["body", offset]`;
 a body that cannot be decoded at all (invalid UTF-8, nesting deeper than the parser allows) a
 400; a field error a 422 at `["body", field, ...]`; a bad header a 422 at
-`["header", "x-request-timeout-ms"]`. The OpenAPI document describes the operation as FastAPI
+`["header", "x-request-timeout-ms"]`, listed before the body's field errors in one answer. The OpenAPI document describes the operation as FastAPI
 would have (`SCORE_OPENAPI`, `score_components`).
 """
 
@@ -67,6 +67,29 @@ def score_components() -> dict[str, Any]:
     the models of parameters it decodes itself)."""
     schema = ScoreRequest.model_json_schema(ref_template=_SCHEMAS)
     return {**schema.pop("$defs", {}), "ScoreRequest": schema}
+
+
+def score_inputs(
+    body: bytes, content_type: str | None, timeout_header: str | None
+) -> tuple[ScoreRequest, float | None]:
+    """The body (`score_request`) and the timeout in ms (`timeout_ms`). Their validation errors
+    come in one RequestValidationError, the header's first, as FastAPI listed its parameters';
+    a body that is not JSON at all fails alone, as FastAPI decoded it before validating
+    anything."""
+    try:
+        requested_ms, header_errors = timeout_ms(timeout_header), []
+    except RequestValidationError as exc:
+        requested_ms, header_errors = None, list(exc.errors())
+    try:
+        request = score_request(body, content_type)
+    except RequestValidationError as exc:
+        undecodable = any(e["type"] == "json_invalid" for e in exc.errors())
+        if not header_errors or undecodable:
+            raise
+        raise RequestValidationError(header_errors + list(exc.errors())) from None
+    if header_errors:
+        raise RequestValidationError(header_errors)
+    return request, requested_ms
 
 
 def score_request(body: bytes, content_type: str | None) -> ScoreRequest:
