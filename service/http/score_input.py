@@ -11,8 +11,9 @@ What a client sees is what FastAPI answered, kept: a content type other than JSO
 empty body, is a 422 at `["body"]`; malformed JSON a 422 `json_invalid` at `["body", offset]`;
 a body that cannot be decoded at all (invalid UTF-8, nesting deeper than the parser allows) a
 400; a field error a 422 at `["body", field, ...]`; a bad header a 422 at
-`["header", "x-request-timeout-ms"]`, listed before the body's field errors in one answer. The OpenAPI document describes the operation as FastAPI
-would have (`SCORE_OPENAPI`, `score_components`).
+`["header", "x-request-timeout-ms"]`, listed before the body's field errors in one answer.
+The OpenAPI document describes the operation as FastAPI would have (`SCORE_OPENAPI`,
+`score_components`).
 """
 
 from __future__ import annotations
