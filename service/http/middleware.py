@@ -132,7 +132,7 @@ class RequestContextMiddleware:
             scope["route"] = self._score_route
         self.metrics.inflight.inc()
         try:
-            early = self._early_refusal(scope, arrival)
+            early = self._early_refusal(scope, arrival) if scoring else None
             if _declared_length(scope) > self.max_body_bytes:
                 response = error_response(413, "payload_too_large", "request body too large")
                 await response(scope, receive, send_with_id)
@@ -157,8 +157,6 @@ class RequestContextMiddleware:
 
     def _early_refusal(self, scope: Scope, arrival: float) -> JSONResponse | None:
         """429 for a scoring request no model could answer in time (see the module docstring)."""
-        if not is_score(scope):
-            return None
         engine = getattr(scope["app"].state, "engine", None)
         deadline = arrival + self.settings.timeout_s(_requested_timeout_ms(scope))
         if engine is None or engine.admits_any(deadline):
