@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,7 +26,12 @@ import pandas as pd
 import pytest
 
 from loadtest.local_service import LocalService
-from loadtest.overhead import _idle_lines, main_thread_cpu_seconds, process_cpu_seconds
+from loadtest.overhead import (
+    _idle_lines,
+    bucket_quantile,
+    main_thread_cpu_seconds,
+    process_cpu_seconds,
+)
 from loadtest.population import Population, parse_range, zipf_weights
 from loadtest.report import Slo
 from loadtest.seed import event_batches
@@ -315,3 +321,14 @@ def test_the_idle_penalty_is_reported_against_the_back_to_back_cost() -> None:
     lines = _idle_lines({"0": 200.0, "3": 500.0})
     assert lines[2:4] == ["| none | 200 | 1.00 |", "| 3 ms | 500 | 2.50 |"]
     assert _idle_lines(None) == []  # a report from before the measurement existed
+
+
+def test_a_quantile_from_two_readings_of_a_cumulative_histogram_is_its_bucket_bound() -> None:
+    """`ctr bench overhead` reads the service's own refusal durations as the difference of two
+    scrapes: 100 refusals between them, 60 within 0.5 ms, 98 within 2.5 ms, 100 within 5 ms."""
+    before = {0.0005: 10.0, 0.0025: 10.0, 0.005: 10.0, math.inf: 10.0}
+    after = {0.0005: 70.0, 0.0025: 108.0, 0.005: 110.0, math.inf: 110.0}
+    assert bucket_quantile(before, after, 0.5) == 0.0005
+    assert bucket_quantile(before, after, 0.98) == 0.0025
+    assert bucket_quantile(before, after, 0.99) == 0.005
+    assert math.isnan(bucket_quantile(before, before, 0.99))  # nothing refused in between
