@@ -30,18 +30,18 @@ where leaving it out let admitted requests expire: docs/performance.md).
 The estimate is trusted only with headroom in proportion to it (`slack`, 1.0: a request is
 admitted when twice its estimated wait, plus a fixed margin for the answer's own path, fits
 before its deadline). Under overload the queue fills until the estimated finish meets the
-deadline, so every admitted request sits at that edge, and the share of them that end in
-504s is the share of waits the estimate undershoots by more than the headroom. With every
-estimate logged through a saturation run and 1-2x its load, the actual wait was within 1.32x
-of the estimate for 90 % of requests and 1.75x for 99 %; with the former 2 % slack, a third
-of the requests admitted within 15 % of their deadline became 504s (17-19 % of all requests
-at 2x saturation). With 1.0, 2.5-3.1 %, and goodput at 2x rose from 0.63-0.93 to 0.93-0.95 of
-the peak: a shorter queue still keeps the workers busy, and no work goes to requests that
-then expire (docs/performance.md, "Fourth pass"). `Lateness` covers what the estimate misses
-on a busy host: how much later than estimated the answers have recently come back to their
-waiting tasks (contention for the cores, a lagging event loop), added to every estimate until
-it fades. Before this model, one "seconds per candidate" absorbed the fixed costs and the
-thread hops: it admitted 1,200-candidate batches that ran past their deadlines and, once
+deadline, so every admitted request sits at that edge, and the share of them that end in 504s is
+the share of waits the estimate undershoots by more than the headroom. With every estimate
+logged through a saturation run and 1-2x its load, the actual wait was within 1.32x of the
+estimate for 90 % of requests and 1.75x for 99 %; with the former slack (2 % of the wait ahead
+only), a third of the requests admitted within 15 % of their deadline became 504s (17-19 % of
+all requests at 2x saturation). With 1.0, 2.5-3.1 %, and goodput at 2x rose from 0.63-0.93 to
+0.93-0.95 of the peak: a shorter queue still keeps the workers busy, and no work goes to
+requests that then expire (docs/performance.md, "Fourth pass"). `Lateness` covers what the
+estimate misses on a busy host: how much later than estimated the answers have recently come
+back to their waiting tasks (contention for the cores, a lagging event loop), added to every
+estimate until it fades. Before this model, one "seconds per candidate" absorbed the fixed costs
+and the thread hops: it admitted 1,200-candidate batches that ran past their deadlines and, once
 inflated, refused everything (docs/performance.md).
 """
 
