@@ -234,25 +234,24 @@ def _stage_sums(url: str) -> dict[str, tuple[float, float]]:
     return {stage: (total, count) for stage, (total, count) in sums.items()}
 
 
-def _requests_run(url: str) -> float:
-    """Requests that have reached a model run so far (`ctr_batch_requests`' sum)."""
-    return sum(s.value for s in _samples(url) if s.name == "ctr_batch_requests_sum")
-
-
-def _refusal_durations(url: str) -> dict[float, float]:
-    """The service's own histogram of refused scoring requests (429 and 503 under
-    `/v1/score`, every model and variant together): cumulative count per bucket bound."""
-    counts: dict[float, float] = {}
+def _overload_counters(url: str) -> tuple[float, dict[float, float]]:
+    """From one read of the service's /metrics: the requests that have reached a model run so
+    far (`ctr_batch_requests`' sum), and its own histogram of refused scoring requests (429
+    and 503 under `/v1/score`, every model and variant together) as cumulative counts per
+    bucket bound."""
+    ran, refusals = 0.0, dict[float, float]()
     for s in _samples(url):
         labels = s.labels
-        if (
+        if s.name == "ctr_batch_requests_sum":
+            ran += s.value
+        elif (
             s.name == "ctr_request_duration_seconds_bucket"
             and labels.get("endpoint") == "/v1/score"
             and labels.get("status") in ("429", "503")
         ):
             bound = float(labels["le"])
-            counts[bound] = counts.get(bound, 0.0) + s.value
-    return counts
+            refusals[bound] = refusals.get(bound, 0.0) + s.value
+    return ran, refusals
 
 
 def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
@@ -297,6 +296,7 @@ class Load:
         self._sampler = population.sampler(2)
         self._lock = threading.Lock()
         self._local = threading.local()
+        self.threads = threads
         self.pool = ThreadPoolExecutor(threads)
 
     def one(self, start_at: float | None = None) -> Answer:
@@ -312,18 +312,18 @@ class Load:
         answer = client.post("/v1/score", body)
         return Answer(answer.status, time.monotonic() - began)
 
-    def connect_all(self, threads: int) -> None:
-        """Opens each of the pool's `threads` connections before any request is timed, as a
-        fleet of backends keeps its connections open. (Opened by their first request, the
-        connects of a whole step waited for the accept of a saturated event loop: every
-        refusal over 50 ms at 2× saturation was the first request on its connection.)"""
-        ready = threading.Barrier(threads)  # each task holds its thread until all are open
+    def connect_all(self) -> None:
+        """Opens each of the pool's connections before any request is timed, as a fleet of
+        backends keeps its connections open. (Opened by their first request, the connects of a
+        whole step waited for the accept of a saturated event loop: every refusal over 50 ms at
+        2× saturation was the first request on its connection.)"""
+        ready = threading.Barrier(self.threads)  # each task holds its thread until all are open
 
         def connect(_: int) -> None:
             self._client().connect()
             ready.wait(30)
 
-        list(self.pool.map(connect, range(threads)))
+        list(self.pool.map(connect, range(self.threads)))
 
     def _client(self) -> Client:
         client = getattr(self._local, "client", None)
@@ -372,17 +372,17 @@ def open_loop(
     retried (what a fleet of independent clients looks like to one replica)."""
     rng = np.random.default_rng(3)
     gaps = rng.exponential(1 / rate, int(rate * seconds * 1.2) + 1)
-    threads = min(256, max(16, int(rate * 0.25)))
-    load = Load(url, population, slate, threads)
-    load.connect_all(threads)
-    ran_before, refusals_before = _requests_run(url), _refusal_durations(url)
+    load = Load(url, population, slate, threads=min(256, max(16, int(rate * 0.25))))
+    load.connect_all()
+    ran_before, refusals_before = _overload_counters(url)
     begin = time.monotonic() + 0.2
     starts = [begin + t for t in np.cumsum(gaps) if t < seconds]
     answers = list(load.pool.map(load.one, starts))
     load.close()
     ok = [a for a in answers if a.status == 200]
-    ran = _requests_run(url) - ran_before
-    in_service = bucket_quantile(refusals_before, _refusal_durations(url), 0.99)
+    ran_after, refusals_after = _overload_counters(url)
+    ran = ran_after - ran_before
+    in_service = bucket_quantile(refusals_before, refusals_after, 0.99)
     refused = [a.seconds for a in answers if a.status in (429, 503)]
     return {
         "offered_per_s": len(answers) / seconds,
