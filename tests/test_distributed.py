@@ -110,13 +110,16 @@ def test_two_ranks_validate_on_every_validation_row_and_leave_a_clean_run(
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert metrics["valid"]["auc"] > 0.56  # it learnt: chance is 0.5, one s.e. about 0.025
     # The ranks' predictions were gathered: the metrics are those of the whole validation set,
-    # the numbers `ctr evaluate` computes on it in one process.
+    # the numbers `ctr evaluate` computes on it in one process. Equal up to float rounding
+    # only: the two score the rows in different batches, so a score can differ in its last
+    # bits, and one near-tie pair that flips moves the AUC by 1/(positives·negatives), about
+    # 1e-5 here (seen on one CPU model). Half the rows would be 0.01 away.
     evaluated = json.loads(
         ctr(["evaluate", "--run", str(reference), "--data", str(world / "test")]).stdout
     )
     assert evaluated["n"] == metrics["valid"]["n"]
-    assert evaluated["auc"] == pytest.approx(metrics["valid"]["auc"], abs=1e-9)
-    assert evaluated["logloss"] == pytest.approx(metrics["valid"]["logloss"], abs=1e-9)
+    assert evaluated["auc"] == pytest.approx(metrics["valid"]["auc"], abs=1e-4)
+    assert evaluated["logloss"] == pytest.approx(metrics["valid"]["logloss"], abs=1e-6)
     # A complete run keeps the model and drops its checkpoints and shards.
     assert not (reference / "resume").exists() and not (reference / "shards").exists()
 
