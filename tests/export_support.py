@@ -24,7 +24,13 @@ from runtime.features import FeatureSpec, vocab_sizes
 
 # Small configs keep export + parity of all eleven models within seconds on 2 shared cores.
 TINY: dict[str, dict[str, Any]] = {
-    "sarn": {"embedding_dim": 6, "relation_width": 8, "attention_hidden": 8, "hidden_dims": (8, 4)},
+    "sarn": {
+        "embedding_dim": 6,
+        "relation_width": 8,
+        "attention_hidden": 8,
+        "hidden_dims": (8, 4),
+        "recent_items": 2,
+    },
     "fat": {
         "d": 8,
         "heads": 2,

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from models.data.batch import BehaviorBatch
 from models.nets.fat import FAT, FATConfig, FieldAttention, TargetAttentionPool
 from models.nets.hypernet import BasisBank, BasisHypernetwork
+from models.nets.layers import last_slots
 from runtime.features import PAD
 
 torch.set_num_threads(1)
@@ -299,15 +300,14 @@ def test_target_attention_pool_weights_real_slots_only() -> None:
     assert (solution > 0).all() and abs(float(solution.sum()) - 1) < 1e-4
 
 
-def test_recent_tokens_are_the_last_real_items() -> None:
-    model = FAT(SIZES, tiny(recent_tokens=2))
+def test_last_slots_are_the_last_real_items_oldest_first() -> None:
     hist = torch.arange(5.0)[None, :, None].expand(3, 5, 8)  # slot s holds the value s
     mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0.0] * 5])
-    recent = model._recent(hist, mask)[..., 0]  # [3, R]
+    recent = last_slots(hist, mask, 2)[..., 0]  # [3, R]
     expected = torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.0, 0.0]])  # missing slots are zero
     torch.testing.assert_close(recent, expected)
     hist = hist + 10  # distinguish slot 0 (value 10) from a missing slot (0)
-    torch.testing.assert_close(model._recent(hist, mask)[1, :, 0], torch.tensor([0.0, 10.0]))
+    torch.testing.assert_close(last_slots(hist, mask, 2)[1, :, 0], torch.tensor([0.0, 10.0]))
 
 
 def test_basis_bank_composes_the_top_k_bases() -> None:

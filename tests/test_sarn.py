@@ -8,6 +8,7 @@ formulas written out with a materialised cube, and every optimised path is check
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -301,9 +302,10 @@ def test_relation_matches_formula() -> None:
     assert torch.equal(relation[1, 2, :], torch.zeros(3))  # padded i: φ = 0
 
 
-def test_appending_padding_changes_no_score() -> None:
+@pytest.mark.parametrize("recent", [0, 2])
+def test_appending_padding_changes_no_score(recent: int) -> None:
     """Includes full rows (no padding) and an empty row; eval mode."""
-    model = make_model().eval()
+    model = randomized(make_model(recent_items=recent), seed=2).eval()
     batch = make_batch([5, 5, 5, 5, 2, 0, 1], history_len=5, seed=3)
     pad = (0, 3)
     longer = dataclasses.replace(
@@ -332,6 +334,27 @@ def test_score_invariant_to_history_permutation(positional: bool) -> None:
     permuted = dataclasses.replace(batch, hist_items=items, hist_cats=cats)
     with torch.no_grad():
         assert torch.allclose(model(batch), model(permuted), atol=1e-5)
+
+
+def test_recent_items_read_the_order_of_the_last_r_items_only() -> None:
+    """With R = 2 the last two slots enter z as they are: reordering the older slots (pooled,
+    order-free) changes no score, swapping the two newest does."""
+    model = randomized(make_model(recent_items=2), seed=4).eval()
+    batch = make_batch([6, 5, 4], history_len=6, seed=6)
+
+    def reordered(order: Callable[[int], list[int]]) -> BehaviorBatch:
+        items, cats = batch.hist_items.clone(), batch.hist_cats.clone()
+        for row, n in enumerate([6, 5, 4]):
+            perm = torch.tensor(order(n))
+            items[row, :n], cats[row, :n] = items[row, perm], cats[row, perm]
+        return dataclasses.replace(batch, hist_items=items, hist_cats=cats)
+
+    older_reversed = reordered(lambda n: [*range(n - 3, -1, -1), n - 2, n - 1])
+    newest_swapped = reordered(lambda n: [*range(n - 2), n - 1, n - 2])
+    with torch.no_grad():
+        score = model(batch)
+        assert torch.allclose(score, model(older_reversed), atol=1e-5)
+        assert ((score - model(newest_swapped)).abs() > 1e-4).all()
 
 
 def test_every_parameter_gets_a_gradient() -> None:

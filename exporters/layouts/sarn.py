@@ -85,8 +85,7 @@ class SARNServing(SlateScoringGraph):
         q = F.linear(t, gate.hidden.weight[:, : gate.dim], gate.hidden.bias)  # [N, H]
         pool_args = (s.x, s.relation, s.gate_proj, s.mask, q, gate.out.weight[0], gate.out.bias)
         u = _sarn_pool(*pool_args, idx)  # [N, D]
-        mean, mx, ctx = (v.index_select(0, idx) for v in (s.mean, s.max, s.context))
-        return m._output(t, u, mean, mx, ctx)
+        return m.output_for(s, idx, t, u)
 
 
 class SARNSlateShared(SlateScoringGraph):
@@ -106,8 +105,7 @@ class SARNSlateShared(SlateScoringGraph):
         weight = (gate * mask[:, :, None]).unsqueeze(1)  # [N, 1, L, L] a_ij·m_i
         cells = weight * cube.index_select(0, idx)  # [N, D, L, L]
         u = cells.amax(dim=(2, 3)).clamp_min(0.0)  # [N, D]
-        mean, mx, ctx = (v.index_select(0, idx) for v in (s.mean, s.max, s.context))
-        return m._output(t, u, mean, mx, ctx)
+        return m.output_for(s, idx, t, u)
 
 
 # ------------------------------------------------------------------ standard-ONNX forms

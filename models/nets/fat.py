@@ -104,7 +104,7 @@ from torch import Tensor, nn
 
 from models.nets.base import BehaviorModel, UserState
 from models.nets.hypernet import BasisHypernetwork, FieldWeights, MaterializedWeights
-from models.nets.layers import masked_mean
+from models.nets.layers import last_slots, masked_mean
 from runtime.features import PAD
 
 MASK_FILL = -1e9  # large negative instead of -inf: an all-masked row stays finite
@@ -290,15 +290,6 @@ class FAT(BehaviorModel):
         both = torch.cat([self.item_embedding(items), self.category_embedding(cats)], dim=-1)
         return self.history_projection(both)
 
-    def _recent(self, hist: Tensor, mask: Tensor) -> Tensor:
-        """The last R real slots of hist [U, L, d] (padding at the end) -> [U, R, d]."""
-        r = self.config.recent_tokens
-        length = mask.sum(dim=1, keepdim=True).long()  # [U, 1]
-        slot = length - r + torch.arange(r, device=hist.device)  # [U, R], oldest of the R first
-        present = (slot >= 0).unsqueeze(-1).to(hist.dtype)  # [U, R, 1]
-        index = slot.clamp_min(0).unsqueeze(-1).expand(-1, -1, hist.shape[-1])
-        return hist.gather(1, index) * present
-
     def encode_user(
         self, user: Tensor, hist_items: Tensor, hist_cats: Tensor, context: Tensor
     ) -> UserState:
@@ -307,7 +298,7 @@ class FAT(BehaviorModel):
         tokens = [self.user_embedding(user).unsqueeze(1)] if self.config.user_token else []
         tokens += [emb(context[:, c]).unsqueeze(1) for c, emb in enumerate(self.context_embeddings)]
         if self.config.recent_tokens:
-            tokens.append(self._recent(hist, mask))  # [U, R, d]
+            tokens.append(last_slots(hist, mask, self.config.recent_tokens))  # [U, R, d]
         if self.target_pool is None:
             tokens.append(masked_mean(hist, mask).unsqueeze(1))
             return (torch.cat(tokens, dim=1),)

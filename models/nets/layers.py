@@ -61,3 +61,13 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean over axis 1 of [B, L, D] where mask [B, L] is 1 for real rows; empty rows give 0."""
     m = mask.to(x.dtype).unsqueeze(-1)
     return (x * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def last_slots(x: Tensor, mask: Tensor, count: int) -> Tensor:
+    """The last `count` real rows of x [B, L, D] (padding at the end) -> [B, count, D], oldest
+    of them first; rows a short history lacks are 0."""
+    length = mask.sum(dim=1, keepdim=True).long()  # [B, 1]
+    slot = length - count + torch.arange(count, device=x.device)  # [B, count]
+    present = (slot >= 0).unsqueeze(-1).to(x.dtype)  # [B, count, 1]
+    index = slot.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+    return x.gather(1, index) * present
