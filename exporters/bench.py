@@ -47,6 +47,7 @@ from exporters.onnx_export import (
 from exporters.parity import run_eager, run_session
 from models.data.batch import BehaviorBatch
 from models.nets.base import BehaviorModel
+from models.overrides import with_overrides
 from models.registry import BEHAVIOR_MODELS, model_class
 from runtime.feeds import BEHAVIOR_INPUTS
 from runtime.loader import register_ops, session_options
@@ -80,6 +81,8 @@ class BenchConfig:
     seed: int = 0
     pairwise: bool = True  # the pairwise form (slowest at large K·L)
     eager: bool = True
+    # NAME=VALUE config fields: each model is timed with its defaults, then with these set
+    overrides: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -177,12 +180,17 @@ def _onnx_call(session: ort.InferenceSession) -> Call:
     return lambda feeds: run_session(session, feeds)
 
 
-def _forms(name: str, config: BenchConfig, workdir: Path) -> dict[str, Call]:
-    """Form name -> a call on the slate-shared feeds, ready to time."""
+def _forms(
+    name: str, assignments: list[str], config: BenchConfig, workdir: Path
+) -> dict[str, Call]:
+    """Form name -> a call on the slate-shared feeds, ready to time, for model `name` with
+    its config fields set by `assignments` (NAME=VALUE)."""
     torch.manual_seed(config.seed)
     sizes = {"item": config.items, "category": config.categories, "user": 1000}
-    model: BehaviorModel = serving_copy(model_class(name)(sizes))  # type: ignore[assignment]
-    directory = workdir / name
+    cls = model_class(name)
+    built = cls(sizes, with_overrides(cls.config_class(), assignments))
+    model: BehaviorModel = serving_copy(built)  # type: ignore[assignment]
+    directory = workdir / " ".join([name, *assignments])
     directory.mkdir()
     graphs = export_layouts(model, directory, 0, fused=library_path() is not None)
     forms: dict[str, Call] = {}
@@ -238,15 +246,20 @@ def run_bench(config: BenchConfig) -> list[BenchRow]:
     unknown = [m for m in config.models if m not in BEHAVIOR_MODELS]
     if unknown:
         raise ValueError(f"not behaviour models: {unknown}; choose from {sorted(BEHAVIOR_MODELS)}")
+    for name in config.models:  # a bad field fails before any timing
+        with_overrides(model_class(name).config_class(), config.overrides)
     torch.set_num_threads(config.threads)
     rows = []
+    variants = [[], config.overrides] if config.overrides else [[]]
     with tempfile.TemporaryDirectory() as tmp:
         for name in config.models:
-            forms = _forms(name, config, Path(tmp))
-            for history in config.histories:
-                for slate in config.slates:
-                    for users in config.users:
-                        rows += _cell(name, forms, config, users, slate, history)
+            for assignments in variants:
+                forms = _forms(name, assignments, config, Path(tmp))
+                label = " ".join([name, *assignments])
+                for history in config.histories:
+                    for slate in config.slates:
+                        for users in config.users:
+                            rows += _cell(label, forms, config, users, slate, history)
     return rows
 
 

@@ -163,19 +163,32 @@ def bench_export(
     history: Annotated[str, typer.Option(help="History lengths (L), comma-separated.")] = "30,50",
     repeats: Annotated[int, typer.Option(help="Interleaved timed calls per form (median).")] = 15,
     threads: Annotated[int, typer.Option(help="Threads for ORT and torch.")] = 1,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="A model config field, NAME=VALUE (repeatable): every model is timed with its "
+            "defaults and then with these, e.g. --models sarn --set recent_items=5.",
+        ),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Also write the rows as JSON here.")] = None,
 ) -> None:
     """Per-candidate cost of every serving layout vs the slate-shared reference graph, the
     pairwise graph and PyTorch eager (CPU; thread CPU time and wall time, medians)."""
     from exporters.bench import BenchConfig, format_table, run_bench
 
+    model_names = names(models)
+    for name in model_names:  # unknown fields or values: a usage error, before any work
+        if training := parsed_sets(name, set_ or [])[1]:
+            raise typer.BadParameter(f"not model fields: {sorted(training)}", param_hint="--set")
     config = BenchConfig(
-        models=names(models),
+        models=model_names,
         users=_ints(users, "--users"),
         slates=_ints(slate, "--slate"),
         histories=_ints(history, "--history"),
         repeats=repeats,
         threads=threads,
+        overrides=set_ or [],
     )
     rows = run_bench(config)
     typer.echo(format_table(rows, config))

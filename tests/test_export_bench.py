@@ -51,3 +51,29 @@ def test_the_cli_prints_the_table_and_writes_json(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert [r["form"] for r in rows] == [REFERENCE, "pairwise", "eager"]
     assert rows[0]["candidates"] == 6 and rows[0]["us_per_candidate"] > 0
+
+
+def test_set_times_each_model_with_its_defaults_and_then_with_the_fields_set(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "bench.json"
+    args = ["bench", "export", "--models", "sarn", "--users", "2", "--slate", "3", "--history"]
+    args += ["4", "--repeats", "1", "--set", "recent_items=2", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    labels = [r["model"] for r in rows if r["form"] == REFERENCE]
+    assert labels == ["sarn", "sarn recent_items=2"]
+    assert all(r["max_abs_diff"] <= 1e-5 for r in rows)
+    with pytest.raises(ValueError, match="recent_items: 'two' is not a valid int"):
+        run_bench(BenchConfig(models=["sarn"], overrides=["recent_items=two"]))
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [("recent_items=two", "not a valid int"), ("lr_decay=0.5", "not model fields")],
+)
+def test_set_refuses_what_is_not_a_model_field(assignment: str, message: str) -> None:
+    args = ["bench", "export", "--models", "sarn", "--set", assignment]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in result.output
