@@ -181,16 +181,15 @@ def _onnx_call(session: ort.InferenceSession) -> Call:
 
 
 def _forms(
-    name: str, assignments: list[str], config: BenchConfig, workdir: Path
+    name: str, assignments: list[str], config: BenchConfig, directory: Path
 ) -> dict[str, Call]:
     """Form name -> a call on the slate-shared feeds, ready to time, for model `name` with
-    its config fields set by `assignments` (NAME=VALUE)."""
+    its config fields set by `assignments` (NAME=VALUE); its graphs go to `directory`."""
     torch.manual_seed(config.seed)
     sizes = {"item": config.items, "category": config.categories, "user": 1000}
     cls = model_class(name)
     built = cls(sizes, with_overrides(cls.config_class(), assignments))
     model: BehaviorModel = serving_copy(built)  # type: ignore[assignment]
-    directory = workdir / " ".join([name, *assignments])
     directory.mkdir()
     graphs = export_layouts(model, directory, 0, fused=library_path() is not None)
     forms: dict[str, Call] = {}
@@ -254,8 +253,8 @@ def run_bench(config: BenchConfig) -> list[BenchRow]:
     with tempfile.TemporaryDirectory() as tmp:
         for name in config.models:
             for assignments in variants:
-                forms = _forms(name, assignments, config, Path(tmp))
                 label = " ".join([name, *assignments])
+                forms = _forms(name, assignments, config, Path(tmp) / label)
                 for history in config.histories:
                     for slate in config.slates:
                         for users in config.users:
