@@ -15,14 +15,16 @@ past saturation, in one run, on one model, on this machine.
    all of it, the machine's idle penalty (`loadtest.idle_penalty`): how much more CPU the same
    code takes right after its thread slept, which every stage of a request at concurrency 1
    pays.
-2. A burst: `burst_requests` requests of `burst_slate` candidates from `burst_clients` threads
-   at once, at the service's default deadline.
-3. Saturation (closed loop, `clients` threads) -> goodput μ; then open-loop Poisson arrivals at
+2. A burst: `burst_requests` requests of `burst_slate` candidates over `burst_clients`
+   connections at once, at the service's default deadline.
+3. Saturation (closed loop, `clients` connections) -> goodput μ; then open-loop Poisson arrivals at
    0.5, 1, 1.5 and 2 μ: per step the goodput (200/s), the shares of 429 and 504 (and of 504s
    after a model run, from the service's `ctr_batch_requests`: work spent for nothing), and
-   the p99 of the refusals' latency, as the client saw it and as the service's own
-   `ctr_request_duration_seconds` did (from the middleware on: the difference waited before
-   the service's code ran, or in the client).
+   the p99 of the refusals' latency: as the client saw it from each request's scheduled
+   start, from the moment the generator actually sent it (the generator's own delay left
+   out), and as the service's own `ctr_request_duration_seconds` did (from the middleware
+   on: the difference waited before the service's code ran, or in the client). The load
+   comes from `loadtest.http_load`: one event loop, requests encoded before the clock starts.
 4. Saturation goodput with each of `workers` inference workers (a restart per setting).
 
 Targets (issue 17): overhead ≤ 1 ms; the burst all 200 on a quiet box; at 2× saturation goodput
@@ -36,11 +38,9 @@ import json
 import math
 import os
 import statistics
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +49,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from loadtest import http_load
+from loadtest.http_load import Answer, post_request
 from loadtest.idle_penalty import idle_penalty
 from loadtest.local_service import LocalService
 from loadtest.population import Population, read_events
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
 
 STAGES = ("parse", "queue", "history", "encode", "infer", "respond")
 LOAD_STEPS = (0.5, 1.0, 1.5, 2.0)
+SATURATION_REQUESTS = 2000  # encoded ahead, taken in turn by the closed-loop clients
 
 
 @dataclass
@@ -80,12 +83,6 @@ class OverheadConfig:
     step_seconds: float = 8.0
     workers: list[int] = field(default_factory=lambda: [1, 2])
     users: int = 200  # seeded users the requests draw from
-
-
-@dataclass
-class Answer:
-    status: int
-    seconds: float
 
 
 class Client:
@@ -288,57 +285,18 @@ def _stage_means(
     return means
 
 
-class Load:
-    """Requests from a pool of threads, each with its own kept-alive connection."""
-
-    def __init__(self, url: str, population: Population, slate: int, threads: int) -> None:
-        self._url, self._slate = url, slate
-        self._sampler = population.sampler(2)
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self.threads = threads
-        self.pool = ThreadPoolExecutor(threads)
-
-    def one(self, start_at: float | None = None) -> Answer:
-        """One scoring request (at `start_at`, monotonic, when given; its latency counts from
-        then, so a late start is the load generator's delay, charged honestly)."""
-        with self._lock:  # numpy's generator is not thread-safe
-            user = self._sampler.user()
-            body = _body(user, self._sampler.candidates(self._slate))
-        if start_at is not None:
-            time.sleep(max(0.0, start_at - time.monotonic()))
-        client = self._client()
-        began = start_at if start_at is not None else time.monotonic()
-        answer = client.post("/v1/score", body)
-        return Answer(answer.status, time.monotonic() - began)
-
-    def connect_all(self) -> None:
-        """Opens each of the pool's connections before any request is timed, as a fleet of
-        backends keeps its connections open. (Opened by their first request, the connects of a
-        whole step waited for the accept of a saturated event loop: every refusal over 50 ms at
-        2× saturation was the first request on its connection.)"""
-        ready = threading.Barrier(self.threads)  # each task holds its thread until all are open
-
-        def connect(_: int) -> None:
-            self._client().connect()
-            ready.wait(30)
-
-        list(self.pool.map(connect, range(self.threads)))
-
-    def _client(self) -> Client:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = Client(self._url)
-        return client
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+def _requests(url: str, population: Population, slate: int, count: int) -> list[bytes]:
+    """`count` scoring requests, encoded before any is timed (the same draw every run)."""
+    sampler = population.sampler(2)
+    return [
+        post_request(url, "/v1/score", _body(sampler.user(), sampler.candidates(slate)))
+        for _ in range(count)
+    ]
 
 
 def burst(config: OverheadConfig, url: str, population: Population) -> dict[str, Any]:
-    load = Load(url, population, config.burst_slate, config.burst_clients)
-    answers = list(load.pool.map(lambda _: load.one(), range(config.burst_requests)))
-    load.close()
+    requests = _requests(url, population, config.burst_slate, config.burst_requests)
+    answers = http_load.burst(url, requests, config.burst_clients)
     return {"requests": len(answers), **_statuses(answers)}
 
 
@@ -350,19 +308,10 @@ def _statuses(answers: list[Answer]) -> dict[str, int]:
 
 
 def saturation(url: str, population: Population, slate: int, clients: int, seconds: float) -> float:
-    """Goodput (200/s) of `clients` closed-loop threads."""
-    load = Load(url, population, slate, clients)
-    stop = time.monotonic() + seconds
-
-    def client_loop(_: int) -> int:
-        served = 0
-        while time.monotonic() < stop:
-            served += load.one().status == 200
-        return served
-
-    served = sum(load.pool.map(client_loop, range(clients)))
-    load.close()
-    return served / seconds
+    """Goodput (200/s) of `clients` closed-loop clients."""
+    requests = _requests(url, population, slate, SATURATION_REQUESTS)
+    answers = http_load.closed_loop(url, requests, clients, seconds)
+    return sum(a.status == 200 for a in answers) / seconds
 
 
 def open_loop(
@@ -372,18 +321,17 @@ def open_loop(
     retried (what a fleet of independent clients looks like to one replica)."""
     rng = np.random.default_rng(3)
     gaps = rng.exponential(1 / rate, int(rate * seconds * 1.2) + 1)
-    load = Load(url, population, slate, threads=min(256, max(16, int(rate * 0.25))))
-    load.connect_all()
+    starts = [float(t) for t in np.cumsum(gaps) if t < seconds]
+    requests = _requests(url, population, slate, len(starts))
     ran_before, refusals_before = _overload_counters(url)
-    begin = time.monotonic() + 0.2
-    starts = [begin + t for t in np.cumsum(gaps) if t < seconds]
-    answers = list(load.pool.map(load.one, starts))
-    load.close()
+    connections = min(256, max(16, int(rate * 0.25)))
+    answers = http_load.open_loop(url, requests, starts, connections)
     ok = [a for a in answers if a.status == 200]
     ran_after, refusals_after = _overload_counters(url)
     ran = ran_after - ran_before
     in_service = bucket_quantile(refusals_before, refusals_after, 0.99)
-    refused = [a.seconds for a in answers if a.status in (429, 503)]
+    refusals = [a for a in answers if a.status in (429, 503)]
+    refused = [a.seconds for a in refusals]
     return {
         "offered_per_s": len(answers) / seconds,
         "goodput_per_s": len(ok) / seconds,
@@ -393,10 +341,14 @@ def open_loop(
         # were answered before any inference
         "share_504_after_run": max(0, ran - len(ok)) / len(answers),
         "refusal_p99_ms": _p(refused, 0.99) * 1e3,
+        # the same from the moment the generator started each one (its own delay left out)
+        "refusal_p99_sent_ms": _p([a.seconds - a.late for a in refusals], 0.99) * 1e3,
         # the same refusals from the middleware's start to their last byte (a bucket bound):
         # what the client saw beyond it waited before the service's code, or in the client
         "refusal_p99_in_service_ms": in_service * 1e3,
         "ok_p99_ms": _p([a.seconds for a in ok], 0.99) * 1e3,
+        # how late the generator itself started requests (charged in the latencies above)
+        "start_late_p99_ms": _p([a.late for a in answers], 0.99) * 1e3,
         "statuses": _statuses(answers),
     }
 
@@ -539,13 +491,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['saturation_per_s']:.1f} answered/s",
         "",
         "| load | offered/s | goodput/s | 429+503 | 504 (after a run) | refusal p99 ms "
-        "(in the service, ≤) | 200 p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "(from its start; in the service, ≤) | 200 p99 ms | start late p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
         *(
             f"| {s['load']}× | {s['offered_per_s']:.1f} | {s['goodput_per_s']:.1f} | "
             f"{s['share_429_503']:.1%} | {s['share_504']:.1%} ({s['share_504_after_run']:.1%}) "
-            f"| {s['refusal_p99_ms']:.1f} ({s['refusal_p99_in_service_ms']:g}) "
-            f"| {s['ok_p99_ms']:.1f} |"
+            f"| {s['refusal_p99_ms']:.1f} ({s.get('refusal_p99_sent_ms', math.nan):.1f}; "
+            f"{s['refusal_p99_in_service_ms']:g}) "
+            f"| {s['ok_p99_ms']:.1f} | {s.get('start_late_p99_ms', math.nan):.1f} |"
             for s in result["steps"]
         ),
         "",
