@@ -100,9 +100,6 @@ class Client:
         response.read()
         return Answer(response.status, time.perf_counter() - start)
 
-    def connect(self) -> None:
-        self._connection.connect()
-
     def get(self, path: str) -> Answer:
         start = time.perf_counter()
         self._connection.request("GET", path)
