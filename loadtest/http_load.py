@@ -62,6 +62,8 @@ class _Connection:
     async def exchange(self, request: bytes) -> int:
         """Sends `request`, reads its whole answer, returns its status (`NO_ANSWER` if the
         connection broke; it reopens on the next call)."""
+        if self._reader is not None and self._reader.at_eof():
+            self.close()  # the server closed it while it was idle (its keep-alive timeout)
         try:
             await self.open()
             assert self._reader is not None and self._writer is not None
@@ -92,12 +94,14 @@ class _Connection:
 
 
 class Load:
-    """`connections` kept-alive connections to `url`; a request waits for a free one."""
+    """`connections` kept-alive connections to `url`; a request waits for a free one. They
+    are taken in turn, so none idles past the server's keep-alive timeout (uvicorn's 5 s)
+    during a step and has to be reopened on the clock."""
 
     def __init__(self, url: str, connections: int) -> None:
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        self._idle: asyncio.LifoQueue[_Connection] = asyncio.LifoQueue()
+        self._idle: asyncio.Queue[_Connection] = asyncio.Queue()
         self._all = [_Connection(host, port) for _ in range(connections)]
         for connection in self._all:
             self._idle.put_nowait(connection)

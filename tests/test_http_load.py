@@ -107,3 +107,22 @@ def test_a_broken_connection_is_no_answer_and_the_next_request_reconnects() -> N
         answers = http_load.burst(url, [request] * 3, connections=1)
         server.shutdown()
     assert [a.status for a in answers] == [NO_ANSWER, 200, 201]
+
+
+class _OneAnswerHandler(_FlakyHandler):
+    """Answers one request per connection, then closes it, as a server does with a connection
+    left idle past its keep-alive timeout."""
+
+    def handle(self) -> None:
+        if self._read_request():
+            self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+
+
+def test_a_connection_the_server_closed_while_idle_is_reopened_before_the_next_request() -> None:
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _OneAnswerHandler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        request = post_request(url, "/x", b"{}")
+        answers = http_load.open_loop(url, [request] * 2, [0.0, 0.3], connections=1)
+        server.shutdown()
+    assert [a.status for a in answers] == [200, 200]
