@@ -10,7 +10,7 @@ Rows (CPU, one model, K candidates and L history per request, the world's real i
   at half that throughput (Poisson arrivals);
 * the naive service (`CTR_NAIVE=true`: no batching, history repeated per candidate), same load;
 * the peer: Triton through PyTriton serving the same ONNX file with its dynamic batcher on
-  (loadtest/peer_triton.py), same slates with the history inline, same two measurements;
+  (loadtest/triton/server.py), same slates with the history inline, same two measurements;
 * slate-shared vs pairwise export vs PyTorch eager: `exporters.bench` (random weights).
 
 Issue targets checked in the table: service / raw ORT >= 0.6, p99 at half load <= 25 ms,
@@ -32,12 +32,12 @@ import httpx
 
 from loadtest.bench_report import write_bench_report
 from loadtest.local_service import LocalService
-from loadtest.peer import TritonPeer, find_peer_python
 from loadtest.population import Population
 from loadtest.report import machine
 from loadtest.runner import LoadTestConfig, run_loadtest
+from loadtest.triton.peer import TritonPeer, find_peer_python
 
-TRITON_LOCUSTFILE = Path(__file__).with_name("triton_locustfile.py")
+TRITON_LOCUSTFILE = Path(__file__).parent / "triton" / "locustfile.py"
 
 
 @dataclass

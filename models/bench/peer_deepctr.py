@@ -2,8 +2,9 @@
 behaviour sample files (train / valid / test Parquet in the project's schema, e.g. written by
 `ctr data movielens`); docs/models.md "MovieLens-100k" has the table it produced.
 
-Like the Triton peer (loadtest/peer.py), it runs in its own venv, by path, and imports nothing
-from the project: `make venv-peers` builds .venv-peers from requirements/peers-deepctr.txt, then
+Like the Triton peer (loadtest/triton/peer.py), it runs in its own venv, by path, and imports
+nothing from the project: `make venv-peers` builds .venv-peers from
+requirements/peers-deepctr.txt, then
 
     nice -n 10 .venv-peers/bin/python models/bench/peer_deepctr.py --data data/movielens \
         --out reports/peers.jsonl --models pop,wdl,din,dien --seeds 0,1,2 --epochs 30

@@ -1,4 +1,4 @@
-"""Starts and stops the benchmark peer (loadtest/peer_triton.py) in its own Python.
+"""Starts and stops the benchmark peer (loadtest/triton/server.py) in its own Python.
 
 `nvidia-pytriton` pins numpy < 2, so it cannot share the project's environment: it goes into a
 separate venv (`pip install -e ".[bench]" onnxruntime` there, see docs/performance.md) and
@@ -24,7 +24,7 @@ from types import TracebackType
 from loadtest.local_service import ServiceError
 from service.processes import NotReady, free_port, http_ok, wait_until
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PEER_PYTHON_ENV = "CTR_BENCH_PEER_PYTHON"
 
 
@@ -95,7 +95,7 @@ class TritonPeer:
         command = [
             str(self.python),
             "-m",
-            "loadtest.peer_triton",
+            "loadtest.triton.server",
             "--model-dir",
             str(self.model_dir),
             "--name",

@@ -3,7 +3,7 @@
 Run it in an environment with the `bench` extra (`nvidia-pytriton`, which pins numpy < 2, so
 it lives in its own venv; see docs/performance.md) and the repository on PYTHONPATH:
 
-    LD_LIBRARY_PATH=<python>/lib PYTHONPATH=. python -m loadtest.peer_triton \
+    LD_LIBRARY_PATH=<python>/lib PYTHONPATH=. python -m loadtest.triton.server \
         --model-dir REPO/sarn/1 --http-port 8010
 
 Triton's dynamic batcher is on: requests queued while the model runs are merged into one

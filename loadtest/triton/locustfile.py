@@ -1,4 +1,4 @@
-"""Locust scenario for the benchmark peer (loadtest/peer_triton.py): the same slates as
+"""Locust scenario for the benchmark peer (loadtest/triton/server.py): the same slates as
 loadtest/locustfile.py, sent to Triton's KServe-v2 `infer` endpoint as index tensors.
 
 Triton has no behaviour store, so each request carries the user's history inline, padded
