@@ -152,6 +152,43 @@ def test_deadline_passing_during_prepare_skips_inference() -> None:
     asyncio.run(scenario())
 
 
+def test_a_run_past_the_deadline_gives_504_at_the_deadline() -> None:
+    async def scenario() -> None:
+        recorder = Recorder()
+        batcher = _batcher(recorder)
+        batcher.start()
+        recorder.gate.clear()
+        start = time.perf_counter()
+        request = asyncio.ensure_future(batcher.submit(1, 1, time.monotonic() + 0.05))
+        with pytest.raises(DeadlineExceeded):
+            await request
+        assert time.perf_counter() - start < 0.5  # not held until the run ends
+        recorder.gate.set()
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_run_that_returned_before_the_deadline_keeps_its_answer_on_a_late_loop() -> None:
+    """The worker finishes well before the deadline while the event loop is blocked until after
+    it (time.sleep on the loop): the deadline timer and the answer come due in the same pass."""
+
+    async def scenario() -> int:
+        recorder = Recorder()
+        batcher = _batcher(recorder)
+        batcher.start()
+        recorder.gate.clear()
+        request = asyncio.ensure_future(batcher.submit(3, 1, time.monotonic() + 0.2))
+        await asyncio.to_thread(recorder.entered.wait, 5)
+        recorder.gate.set()
+        time.sleep(0.4)  # the loop runs late, past the deadline
+        answer = await request
+        await batcher.stop()
+        return answer
+
+    assert asyncio.run(scenario()) == 30
+
+
 def test_already_expired_request_is_refused_at_admission() -> None:
     async def scenario() -> None:
         recorder = Recorder()

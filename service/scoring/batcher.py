@@ -15,20 +15,21 @@ Overload is refused at admission, never queued without bound: a full queue raise
 by its deadline `Overloaded` (429) at once, before any work is spent on it. A request whose
 deadline passes anyway before its inference starts gets `DeadlineExceeded` (504) and is never
 run; so does one that, once its batch is read, could no longer finish by the batch's estimated
-end: it is left out at once rather than expire in flight, slowing the batch it rides in.
+end: it is left out at once rather than expire in flight, slowing the batch it rides in. One
+whose run has returned by its deadline keeps its answer, even if the loop gets to it late.
 
-The estimate (`estimated_finish`) is the work ahead shared over the workers plus the
-request's own run: with `a` the fixed cost of a batch and `b` the cost per candidate
-(`CostModel`, calibrated by the engine at start-up on the real model and refined from every
-batch), the work ahead is what the batches already taken have left (those still reading their
-histories included: a request admitted meanwhile waits for them too), `b` for every queued
-candidate and `a` for every batch those candidates will form (`m`, the mean batch size,
-says how many); and the request's own batch waits for its read (`prepare`, an average of the
-recent ones: 0.7 ms at concurrency 1, 8.6 ms per batch on a loop contended at 2x saturation,
-where leaving it out let admitted requests expire: docs/performance.md).
+The estimate (`estimated_finish`) is the work ahead shared over the workers plus the request's
+own run: with `a` the fixed cost of a batch and `b` the cost per candidate (`CostModel`,
+calibrated by the engine at start-up on the real model and refined from every batch), the work
+ahead is what the batches already taken have left (those still reading their histories included:
+a request admitted meanwhile waits for them too), `b` for every queued candidate and `a` for
+every batch those candidates will form (`m`, the mean batch size, says how many; before the
+first batch, one per queued request); and the request's own batch waits for its read (`prepare`,
+an average of the recent ones: 0.7 ms at concurrency 1, 8.6 ms per batch on a loop contended at
+2x saturation, where leaving it out let admitted requests expire: docs/performance.md).
 
-The estimate is trusted only with headroom in proportion to it (`slack`, 1.0: a request is
-admitted when twice its estimated wait, plus a fixed margin for the answer's own path, fits
+The estimate is trusted only with headroom in proportion to it (`slack`, 1.5: a request is
+admitted when 2.5 times its estimated wait, plus a fixed margin for the answer's own path, fits
 before its deadline). Under overload the queue fills until the estimated finish meets the
 deadline, so every admitted request sits at that edge, and the share of them that end in 504s is
 the share of waits the estimate undershoots by more than the headroom. With every estimate
@@ -37,12 +38,14 @@ estimate for 90 % of requests and 1.75x for 99 %; with the former slack (2 % of 
 only), a third of the requests admitted within 15 % of their deadline became 504s (17-19 % of
 all requests at 2x saturation). With 1.0, 2.5-3.1 %, and goodput at 2x rose from 0.63-0.93 to
 0.93-0.95 of the peak: a shorter queue still keeps the workers busy, and no work goes to
-requests that then expire (docs/performance.md, "Fourth pass"). `Lateness` covers what the
-estimate misses on a busy host: how much later than estimated the answers have recently come
-back to their waiting tasks (contention for the cores, a lagging event loop), added to every
-estimate until it fades. Before this model, one "seconds per candidate" absorbed the fixed costs
-and the thread hops: it admitted 1,200-candidate batches that ran past their deadlines and, once
-inflated, refused everything (docs/performance.md).
+requests that then expire (docs/performance.md, "Fourth pass"). With 1.5, 504s stayed within
+0-0.9 % at every step up to 2x in six runs; with 1.0, in the runs alternated with them, five of
+six had a step at 1.2-2.9 %; goodput at 2x the same (docs/performance.md, "Seventh pass").
+`Lateness` covers what the estimate misses on a busy host: how much later than estimated the
+answers have recently come back to their waiting tasks (contention for the cores, a lagging
+event loop), added to every estimate until it fades. Before this model, one "seconds per
+candidate" absorbed the fixed costs and the thread hops: it admitted 1,200-candidate batches
+that ran past their deadlines and, once inflated, refused everything (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ class BatcherConfig:
     shed_status: int = 429
     retry_after_s: int = 1
     workers: int = 1  # batches of this model run at once (threads over one ORT session)
-    slack: float = 1.0  # headroom proportional to the estimated wait (see the module docstring)
+    slack: float = 1.5  # headroom proportional to the estimated wait (see the module docstring)
     margin_s: float = 0.003  # the answer's own path after inference, one scheduling delay
 
 
@@ -160,6 +163,7 @@ class _Pending(Generic[Req, Res]):
     deadline: float  # time.monotonic() seconds
     enqueued: float
     future: asyncio.Future[Res] = field(repr=False)
+    computed_at: float = math.inf  # when its run returned (set on the worker thread)
 
 
 class Lateness:
@@ -295,7 +299,10 @@ class Batcher(Generic[Req, Prep, Res]):
         cost, config = self.cost, self.config
         left = sum(max(0.0, end - now) for end in self._running.values())
         queued = self._queued_candidates
-        batches = math.ceil(queued / max(cost.mean_batch, 1.0)) if queued else 0
+        # A batch holds at least one request: before the first batch there is no mean, and
+        # one batch per queued candidate had a fresh service refuse most of its first burst.
+        per_batch = max(cost.mean_batch, self._typical_size, 1.0)
+        batches = math.ceil(queued / per_batch) if queued else 0
         # The request's own batch waits for its read (`prepare`) before it runs. The batches
         # ahead read too, but counting a read per mean-sized batch refused a quarter of a
         # burst (where one large batch reads once): docs/performance.md "The trade-off".
@@ -442,6 +449,9 @@ class Batcher(Generic[Req, Prep, Res]):
         """Runs on a worker thread; the time it takes is what the cost model learns from."""
         start = time.perf_counter()
         results = self._infer([x for _, x in live])
+        computed_at = time.monotonic()
+        for p, _ in live:
+            p.computed_at = computed_at
         if len(results) != len(live):
             raise RuntimeError(f"infer returned {len(results)} results for {len(live)}")
         self.cost.learn(time.perf_counter() - start, sum(p.size for p, _ in live))
@@ -459,7 +469,12 @@ class Batcher(Generic[Req, Prep, Res]):
         return True
 
     def _expire(self, pending: _Pending[Req, Res]) -> None:
-        self._fail(pending, DeadlineExceeded())
+        """The deadline timer. A request whose run returned before its deadline keeps its
+        answer, which is on its way back to the loop: on a loop running late, the timer and
+        the answer come due in the same pass, and the 504 would leave no sooner than the 200
+        (0.15-0.17 % of requests at 1.5-2x saturation, a tenth of the 504s, were these)."""
+        if pending.computed_at > pending.deadline:
+            self._fail(pending, DeadlineExceeded())
 
     @staticmethod
     def _fail(pending: _Pending[Req, Res], exc: BaseException) -> None:
