@@ -78,7 +78,8 @@ history 50, validation AUC per epoch from train_log.jsonl, test AUC of the kept 
   0.9247 / 0.9253 against 0.855 / 0.9078 / 0.9196 / 0.9239; stopped during epoch 5 to free a
   core): no sign that capacity is what it lacked either. With 5 recent tokens (seed 0, valid
   AUC of the kept epoch against 0.9368): d=128, d_ff=256 0.9363; 3 layers 0.9346; 1 layer
-  (mean pooling) 0.9362; dropout 0.1 (mean pooling) 0.9363. None helps there either.
+  (mean pooling) 0.9362; dropout 0.1 (mean pooling) 0.9363; `embedding_l2=1e-4` (mean
+  pooling), which lifted SARN, 0.9350. None helps there either.
 * Recent items (`recent_tokens`): what it lacked. One pooled history token carries no order, and
   the strongest peer here reads the sequence (DIEN: a GRU over it; SARN's score is order-free
   too, and gained as much from its own `recent_items`). With the last 5 items as their own
