@@ -189,6 +189,28 @@ def test_a_run_that_returned_before_the_deadline_keeps_its_answer_on_a_late_loop
     assert asyncio.run(scenario()) == 30
 
 
+def test_a_cancelled_dispatch_does_not_leave_its_requests_waiting() -> None:
+    """The guard behind the spared timer above: a dispatch cancelled mid-run (the loop being
+    torn down) settles its requests itself. The dispatch task is reached through a private
+    attribute: no public call cancels one."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        batcher = _batcher(recorder)
+        batcher.start()
+        recorder.gate.clear()
+        request = asyncio.ensure_future(batcher.submit(2, 1, later()))
+        await asyncio.to_thread(recorder.entered.wait, 5)
+        for dispatch in list(batcher._dispatches):
+            dispatch.cancel()
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(request, 1)  # not the 5 s deadline
+        recorder.gate.set()
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_already_expired_request_is_refused_at_admission() -> None:
     async def scenario() -> None:
         recorder = Recorder()

@@ -396,6 +396,10 @@ class Batcher(Generic[Req, Prep, Res]):
             await self._run_batch(batch, batch_id, taken)
         finally:
             del self._running[batch_id]
+            # Settled already unless this dispatch was cancelled; then no timer may be left to
+            # do it (`_expire` spares a request whose run returned in time).
+            for p in batch:
+                self._fail(p, DeadlineExceeded())
 
     async def _run_batch(
         self, batch: list[_Pending[Req, Res]], batch_id: int, taken: float
