@@ -67,7 +67,22 @@ def test_closed_loop_clients_take_the_requests_in_turn(
     assert [a.status for a in answers] == [(200, 422)[i % 2] for i in range(len(answers))]
 
 
-class _FlakyHandler(socketserver.StreamRequestHandler):
+class _RequestReader(socketserver.StreamRequestHandler):
+    """Stand-in servers' request reading: the head, then a body of its content-length."""
+
+    def _read_request(self) -> bool:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = self.rfile.readline()
+            if not line:
+                return False
+            head += line
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        self.rfile.read(length)
+        return True
+
+
+class _FlakyHandler(_RequestReader):
     """A stand-in server, to force what the service never does: its first connection closes
     without an answer; later ones answer a chunked 200, then a 201 with a length."""
 
@@ -87,17 +102,6 @@ class _FlakyHandler(socketserver.StreamRequestHandler):
                 return  # closes with the request unanswered
             self.wfile.write(answer)
 
-    def _read_request(self) -> bool:
-        head = b""
-        while not head.endswith(b"\r\n\r\n"):
-            line = self.rfile.readline()
-            if not line:
-                return False
-            head += line
-        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-        self.rfile.read(length)
-        return True
-
 
 def test_a_broken_connection_is_no_answer_and_the_next_request_reconnects() -> None:
     with socketserver.ThreadingTCPServer(("127.0.0.1", 0), _FlakyHandler) as server:
@@ -109,7 +113,7 @@ def test_a_broken_connection_is_no_answer_and_the_next_request_reconnects() -> N
     assert [a.status for a in answers] == [NO_ANSWER, 200, 201]
 
 
-class _OneAnswerHandler(_FlakyHandler):
+class _OneAnswerHandler(_RequestReader):
     """Answers one request per connection, then closes it, as a server does with a connection
     left idle past its keep-alive timeout."""
 
