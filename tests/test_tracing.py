@@ -139,6 +139,53 @@ def test_without_an_endpoint_the_app_is_not_instrumented(tmp_path: Path) -> None
     assert done.stdout.strip() == "[] False"
 
 
+# A process-wide provider, as `opentelemetry-instrument` or another library installs one; in a
+# subprocess, since the global provider can be set only once per process.
+GLOBAL_PROVIDER_RUN = """
+import asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from service_support import running, score_body
+from service.http.api import build_app
+from service.settings import Settings
+
+exported = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exported))
+trace.set_tracer_provider(provider)
+settings = Settings(repo={repo!r}, redis_url={redis!r}, default_model="sarn")
+
+
+async def server_spans(app):
+    exported.clear()
+    async with running(app) as client:
+        answer = await client.post("/v1/score", json=score_body())
+        assert answer.status_code == 200, answer.text
+    return [s.name for s in exported.get_finished_spans() if s.kind == trace.SpanKind.SERVER]
+
+
+print(asyncio.run(server_spans(build_app(settings))))
+print(asyncio.run(server_spans(build_app(settings, tracer_provider=provider))))
+"""
+
+
+def test_a_global_provider_gets_no_second_server_span_per_request(
+    service_model_repo: Path, redis_server: RedisServer
+) -> None:
+    # FastAPI >= 0.142 traces every request itself whenever a global provider is set; the
+    # service's own tracing is the one that carries the scoring stages, so FastAPI's is off.
+    code = GLOBAL_PROVIDER_RUN.format(repo=str(service_model_repo), redis=redis_server.url)
+    tests = str(Path(__file__).parent)
+    env = {**_environment(), "PYTHONPATH": tests}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    untraced, traced = done.stdout.strip().splitlines()
+    assert untraced == "[]"  # no endpoint configured: no spans at all
+    assert traced == "['POST /v1/score']"  # the service's own server span, once
+
+
 def _environment() -> dict[str, str]:
     import os
 

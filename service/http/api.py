@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from service.contracts import Engine
 from service.engine import ScoringEngine
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # Builds a started engine (`ScoringEngine.open`); tests pass a fake one to test the HTTP layer.
 OpenEngine = Callable[[Settings, ServiceMetrics, StageTracer | None], Awaitable[Engine]]
+NO_FASTAPI_TELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def build_app(
@@ -69,6 +71,10 @@ def build_app(
         title="SlateCTR scoring service",
         version="1",
         lifespan=lifespan,
+        # Spans are service.tracing's (OTLP to the configured endpoint, with the scoring
+        # stages). FastAPI's own telemetry would add a second server span per request under
+        # any global provider, and asks the providers whether one is set on every request.
+        telemetry=NO_FASTAPI_TELEMETRY,
     )
     app.state.settings = settings
     app.state.metrics = metrics
