@@ -40,6 +40,8 @@ TINY: dict[str, dict[str, Any]] = {
         "meta_dim": 4,
         "top_k": 2,
         "recent_tokens": 2,
+        "history_recency": 3,
+        "auxiliary_weight": 1.0,  # training only: the export must leave it out
         "tower_hidden": 8,
     },
     "din": {"embed_dim": 4, "context_dim": 4, "attention_hidden": (8, 4), "mlp_hidden": (8, 4)},

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from models.data.batch import BehaviorBatch
-from models.nets.fat import FAT, FATConfig, FieldAttention, TargetAttentionPool
+from models.nets.fat import (
+    FAT,
+    FATConfig,
+    FieldAttention,
+    NextClickAuxiliary,
+    TargetAttentionPool,
+    recency_rank,
+)
 from models.nets.hypernet import BasisBank, BasisHypernetwork
 from models.nets.layers import last_slots
 from runtime.features import PAD
@@ -42,6 +49,7 @@ CONFIGS = {
     "mean+recent": tiny(history_pooling="mean", recent_tokens=2),
     "target_attention+recent": tiny(history_pooling="target_attention", recent_tokens=2),
     "double_residual": tiny(residual="double"),
+    "target_attention+recency": tiny(history_pooling="target_attention", history_recency=3),
 }
 
 
@@ -308,6 +316,59 @@ def test_last_slots_are_the_last_real_items_oldest_first() -> None:
     torch.testing.assert_close(recent, expected)
     hist = hist + 10  # distinguish slot 0 (value 10) from a missing slot (0)
     torch.testing.assert_close(last_slots(hist, mask, 2)[1, :, 0], torch.tensor([0.0, 10.0]))
+
+
+def test_recency_rank_counts_the_real_items_after_each_slot() -> None:
+    mask = torch.tensor([[1.0, 1, 1, 1, 0], [1, 0, 0, 0, 0], [0.0] * 5])
+    expected = torch.tensor([[2, 2, 1, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]])  # capped at 2
+    torch.testing.assert_close(recency_rank(mask, 3), expected)
+
+
+def test_history_recency_lets_target_attention_tell_the_order() -> None:
+    # The same items in another order pool to the same token without it, to different ones
+    # with it (once the recency rows differ: they start at zero, i.e. as the order-free model).
+    torch.manual_seed(0)
+    sizes = {"user": 5, "item": 9, "category": 4}
+    items, cats = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 2, 3]])
+    flipped = (items.flip(1), cats.flip(1))
+    for recency, same in ((0, True), (3, False)):
+        model = FAT(sizes, tiny(history_pooling="target_attention", history_recency=recency))
+        if model.recency_embedding is not None:
+            torch.nn.init.normal_(model.recency_embedding.weight)
+        model.eval()
+        user, context, target = torch.tensor([0]), torch.zeros(1, 0).long(), torch.tensor([4])
+        with torch.no_grad():
+            logits = [
+                model.score_candidates(model.encode_user(user, *h, context), target, target % 4)
+                for h in ((items, cats), flipped)
+            ]
+        assert torch.allclose(logits[0], logits[1]) is same
+
+
+def test_next_click_auxiliary_scores_each_slot_against_the_mean_before_it() -> None:
+    torch.manual_seed(0)
+    aux = NextClickAuxiliary(d=4, hidden=8)
+    hist, negatives = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+    mask = torch.tensor([[1.0, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    terms = []  # slot by slot: the slots with a real slot before them
+    for b in range(2):
+        for t in range(1, 5):
+            if mask[b, t]:
+                state = hist[b, :t][mask[b, :t] > 0].mean(dim=0)
+                clicked = aux.score(torch.cat([state, hist[b, t]]))
+                other = aux.score(torch.cat([state, negatives[b, t]]))
+                terms.append(
+                    -torch.log(torch.sigmoid(clicked)) - torch.log(1 - torch.sigmoid(other))
+                )
+    with torch.no_grad():
+        torch.testing.assert_close(aux(hist, negatives, mask), torch.stack(terms).mean())
+        negatives[:, 0], negatives[0, 4], negatives[1, 1:] = 9.0, 9.0, 9.0  # slots not scored
+        torch.testing.assert_close(aux(hist, negatives, mask), torch.stack(terms).mean())
+
+
+def test_fat_asks_for_negative_histories_only_with_its_auxiliary_loss() -> None:
+    assert not FAT.samples_negatives(tiny())
+    assert FAT.samples_negatives(tiny(auxiliary_weight=1.0))
 
 
 def test_basis_bank_composes_the_top_k_bases() -> None:

@@ -252,6 +252,18 @@ def test_every_behaviour_model_trains_saves_and_evaluates(
     assert result["auc"] == pytest.approx(metrics["valid"]["auc"], abs=1e-9)
 
 
+def test_fat_trains_with_its_auxiliary_loss_only_when_it_asks_for_it(
+    files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    config = TrainConfig(epochs=1, batch_size=128, history_len=8, device="cpu")
+    tiny = {"d": 8, "heads": 2, "d_ff": 16, "num_bases": 4, "meta_dim": 4, "top_k": 2}
+    plain = train_run("fat", *files, tmp_path / "plain", config, tiny, progress=False)
+    aux = {**tiny, "auxiliary_weight": 1.0}
+    with_aux = train_run("fat", *files, tmp_path / "aux", config, aux, progress=False)
+    assert "train_auxiliary" not in plain["epochs"][0]
+    assert with_aux["epochs"][0]["train_auxiliary"] > 0  # BCE of sampled clicks: never 0
+
+
 # --- run directories --------------------------------------------------------------------------
 def saved_din(run_dir: Path) -> tuple[DIN, BehaviorBatch]:
     vocabs = {

@@ -41,7 +41,7 @@ class FATSplit(SlateScoringGraph):
         if not self.supports(model):
             raise ValueError(
                 "FATSplit covers a materialised FAT with target-attention pooling, "
-                "recent_tokens=0 and residual='single'"
+                "recent_tokens=0, history_recency=0 and residual='single'"
             )
         super().__init__(model, per_user)
         cfg = model.config
@@ -52,7 +52,7 @@ class FATSplit(SlateScoringGraph):
     def supports(model: FAT) -> bool:
         """Whether this layout computes `model` (other FAT options keep the slate-shared graph)."""
         cfg = model.config
-        plain = cfg.recent_tokens == 0 and cfg.residual == "single"
+        plain = cfg.recent_tokens == 0 and cfg.history_recency == 0 and cfg.residual == "single"
         return plain and model.is_materialized and model.target_pool is not None
 
     def _pool(self, q: Tensor, hist: Tensor, mask: Tensor, idx: Tensor) -> Tensor:

@@ -15,9 +15,9 @@ The loss is the model's task losses (`models.nets.multitask.task_losses`: BCE of
 the CTCVR term for a multi-task model) plus every auxiliary loss its `forward_train` returns
 (already weighted by the model, e.g. SARN's positional and interest losses), plus
 `TrainConfig.embedding_l2` times the squared norm of the embedding tables when it is set.
-Negative history items are sampled only for models whose class sets `needs_negatives`, by a
-sampler seeded per rank. A conversion-only model (`tasks=("cvr",)`) trains and validates on the
-clicked rows alone.
+Negative history items are sampled only for models whose `samples_negatives(config)` is true
+(SARN; FAT with its auxiliary loss), by a sampler seeded per rank. A conversion-only model
+(`tasks=("cvr",)`) trains and validates on the clicked rows alone.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class BehaviorTask:
     batch_size: int = 128
     eval_batch_size: int = 1024
     ranks: Ranks = field(default_factory=Ranks)
-    sampler: NegativeSampler | None = None  # set for models with `needs_negatives`
+    sampler: NegativeSampler | None = None  # set for models that sample negatives
     embedding_l2: float = 0.0  # TrainConfig.embedding_l2
 
     def train_batches(self, epoch: int, skip: int = 0) -> SizedBatches:
