@@ -123,6 +123,13 @@ class ServiceMetrics:
             registry=r,
         )
         self.stages = {stage: self.stage_duration.labels(stage) for stage in STAGES}
+        self.loop_lag = Histogram(
+            "ctr_event_loop_lag_seconds",
+            "How late the event loop ran a timer that was due (every 0.1 s): the wait a request "
+            "has before its first stage starts, when the loop is busy.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.store_duration = Histogram(
             "ctr_store_duration_seconds",
             "Redis behaviour-store call latency.",

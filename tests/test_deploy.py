@@ -350,6 +350,7 @@ def test_dashboard_layout_and_coverage() -> None:
         "ctr_requests_rejected_total",
         "ctr_stage_duration_seconds_bucket",
         "ctr_stage_duration_seconds_sum",
+        "ctr_event_loop_lag_seconds_bucket",
     ):
         assert metric in text, metric
     for quantile in ("0.5", "0.95", "0.99"):

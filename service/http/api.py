@@ -9,6 +9,7 @@ and only call the `service.contracts.Engine` methods.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from service.http.management import router as management_router
 from service.http.middleware import RequestContextMiddleware
 from service.http.routes import router
 from service.http.score_input import score_components
+from service.loop_lag import watch_loop_lag
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from service.tracing import StageTracer, setup_tracing
@@ -61,9 +63,11 @@ def build_app(
         gc.freeze()
         ready, reasons = engine.readiness()
         log.info("service started", extra={"ready": ready, "reasons": reasons})
+        lag = asyncio.get_running_loop().create_task(watch_loop_lag(metrics.loop_lag.observe))
         try:
             yield
         finally:
+            lag.cancel()
             await engine.stop(settings.graceful_timeout_s)
             log.info("service stopped")
 
