@@ -116,8 +116,7 @@ def _task(
     if is_slate_model(model_name):
         sizes, task, spec, vocabs = build_slate_task(*paths, config)
         return task, sizes, spec, vocabs
-    samples_negatives = getattr(model_class(model_name), "samples_negatives", None)
-    negatives = bool(samples_negatives and samples_negatives(model_config))
+    negatives = bool(model_class(model_name).samples_negatives(model_config))
     sizes, task, spec, vocabs = build_behavior_task(
         *paths, config, negatives, model_config.tasks, run_dir, ranks, progress and ranks.leader
     )
