@@ -211,6 +211,74 @@ def test_a_cancelled_dispatch_does_not_leave_its_requests_waiting() -> None:
     asyncio.run(scenario())
 
 
+def _passes() -> tuple[list[int], asyncio.Task[None]]:
+    """A counter of the event loop's passes: a task that steps once per pass."""
+    count = [0]
+
+    async def tick() -> None:
+        while True:
+            count[0] += 1
+            await asyncio.sleep(0)
+
+    return count, asyncio.ensure_future(tick())
+
+
+def test_a_batch_is_answered_a_few_requests_per_pass_of_the_loop() -> None:
+    """A batch's answers go back `ANSWERS_PER_PASS` at a time with a pass of the loop between
+    (what a request arriving meanwhile needs to be read), not all in one pass."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        batcher = _batcher(recorder)
+        batcher.start()
+        first = await _hold_worker(batcher, recorder)
+        count, ticker = _passes()
+        seen: dict[int, int] = {}
+
+        async def request(k: int) -> None:
+            assert await batcher.submit(k, 1, later()) == 10 * k
+            seen[k] = count[0]
+
+        rest = [asyncio.ensure_future(request(k)) for k in range(1, 11)]
+        await asyncio.sleep(0.05)
+        recorder.gate.set()
+        await first
+        await asyncio.gather(*rest)
+        ticker.cancel()
+        assert recorder.batches == [[0], list(range(1, 11))]
+        per_pass = [
+            sorted(k for k, n in seen.items() if n == p) for p in sorted(set(seen.values()))
+        ]
+        assert per_pass == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]  # in order, 4 per pass
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_dispatch_cancelled_while_answering_answers_the_rest_at_once() -> None:
+    """Cancelled between two passes of its answers (the loop's teardown), a dispatch settles
+    the rest with their results, not with errors, and leaves none waiting."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        batcher = _batcher(recorder)
+        batcher.start()
+        first = await _hold_worker(batcher, recorder)
+        rest = [asyncio.ensure_future(batcher.submit(k, 1, later())) for k in range(1, 11)]
+        await asyncio.sleep(0.05)
+        recorder.gate.set()
+        await first
+        while not any(r.done() for r in rest):  # the first pass of the batch's answers is out
+            await asyncio.sleep(0)
+        assert not all(r.done() for r in rest)
+        for dispatch in list(batcher._dispatches):
+            dispatch.cancel()
+        assert await asyncio.wait_for(asyncio.gather(*rest), 1) == [10 * k for k in range(1, 11)]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_already_expired_request_is_refused_at_admission() -> None:
     async def scenario() -> None:
         recorder = Recorder()

@@ -8,7 +8,7 @@ batch it awaits `prepare` on the event loop (the engine reads histories there: o
 trip per batch), drops requests whose deadline has passed, and runs `infer` on one of
 `workers` threads (ONNX Runtime releases the GIL and its `run` is thread-safe, so N batches of
 one session run at once; the event loop never blocks). Each future gets its result or the
-batch's exception.
+batch's exception, a few futures per pass of the event loop (`_hand_back`).
 
 Overload is refused at admission, never queued without bound: a full queue raises `QueueFull`
 (429/503 + Retry-After), a draining batcher `Draining` (503), and a request that cannot finish
@@ -58,6 +58,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+# Answers settled per pass of the event loop (`Batcher._hand_back`): a response costs its
+# handler ~0.15-0.3 ms of the loop on a 2-core VM, so a request arriving while a batch's answers
+# go back waits about a millisecond for the loop, not a whole batch's worth of them.
+ANSWERS_PER_PASS = 4
 
 Req = TypeVar("Req")
 Prep = TypeVar("Prep")
@@ -378,11 +383,32 @@ class Batcher(Generic[Req, Prep, Res]):
 
     async def _dispatch(self, batch: list[_Pending[Req, Res]]) -> None:
         try:
-            await self._prepare_and_infer(batch)
+            answers = await self._prepare_and_infer(batch)
         finally:
-            self._free.release()
+            self._free.release()  # the next batch may run while these answers go back
+        await self._hand_back(answers)
 
-    async def _prepare_and_infer(self, batch: list[_Pending[Req, Res]]) -> None:
+    async def _hand_back(self, answers: list[tuple[_Pending[Req, Res], Res | Exception]]) -> None:
+        """Settles the futures `ANSWERS_PER_PASS` at a time, one pass of the event loop each.
+        Each settled request's handler encodes and writes its response in the loop's next
+        pass; a whole batch settled at once made that pass as long as all its responses
+        (20-30 at saturation), and every request arriving meanwhile, a refusal too, waited
+        for it (docs/performance.md, "Ninth pass"). Between passes the loop reads its sockets."""
+        try:
+            for start in range(0, len(answers), ANSWERS_PER_PASS):
+                if start:
+                    await asyncio.sleep(0)
+                for pending, result in answers[start : start + ANSWERS_PER_PASS]:
+                    self._settle(pending, result)
+        finally:  # cancelled (the loop's teardown): the rest are ready, answer them at once
+            for pending, result in answers:
+                self._settle(pending, result)
+
+    async def _prepare_and_infer(
+        self, batch: list[_Pending[Req, Res]]
+    ) -> list[tuple[_Pending[Req, Res], Res | Exception]]:
+        """The batch's answers, each with its request, for `_hand_back`; the requests without
+        one are settled here."""
         taken = time.monotonic()
         for p in batch:
             self._observer.on_queue_wait(taken - p.enqueued)
@@ -392,30 +418,34 @@ class Batcher(Generic[Req, Prep, Res]):
         # neither the queue nor a worker, yet a request admitted meanwhile waits for it.
         size = sum(p.size for p in batch)
         self._running[batch_id] = taken + self._prepare_s + self.cost.batch(size)
+        answers: list[tuple[_Pending[Req, Res], Res | Exception]] = []
         try:
-            await self._run_batch(batch, batch_id, taken)
+            answers = await self._run_batch(batch, batch_id, taken)
         finally:
             del self._running[batch_id]
-            # Settled already unless this dispatch was cancelled; then no timer may be left to
-            # do it (`_expire` spares a request whose run returned in time).
+            # Settled already or answered unless this dispatch was cancelled; then no timer
+            # may be left to do it (`_expire` spares a request whose run returned in time).
+            answered = {id(p) for p, _ in answers}
             for p in batch:
-                self._fail(p, DeadlineExceeded())
+                if id(p) not in answered:
+                    self._fail(p, DeadlineExceeded())
+        return answers
 
     async def _run_batch(
         self, batch: list[_Pending[Req, Res]], batch_id: int, taken: float
-    ) -> None:
+    ) -> list[tuple[_Pending[Req, Res], Res | Exception]]:
         try:
             prepared = await self._prepare([p.request for p in batch])
         except Exception as exc:
             for p in batch:
                 self._fail(p, exc)
-            return
+            return []
         start = time.monotonic()
         read_s = start - taken
         self._prepare_s += 0.2 * (read_s - self._prepare_s) if self._prepare_s else read_s
         live = self._runnable(list(zip(batch, prepared, strict=True)))
         if not live:
-            return
+            return []
         candidates = sum(p.size for p, _ in live)
         self._observer.on_batch(len(live), candidates)
         self._running[batch_id] = start + self.cost.batch(candidates)
@@ -425,12 +455,8 @@ class Batcher(Generic[Req, Prep, Res]):
         except Exception as exc:
             for p, _ in live:
                 self._fail(p, exc)
-            return
-        for (p, _), result in zip(live, results, strict=True):
-            if isinstance(result, Exception):
-                self._fail(p, result)
-            elif not p.future.done():
-                p.future.set_result(result)
+            return []
+        return [(p, result) for (p, _), result in zip(live, results, strict=True)]
 
     def _runnable(
         self, batch: list[tuple[_Pending[Req, Res], Prep]]
@@ -484,3 +510,10 @@ class Batcher(Generic[Req, Prep, Res]):
     def _fail(pending: _Pending[Req, Res], exc: BaseException) -> None:
         if not pending.future.done():
             pending.future.set_exception(exc)
+
+    @classmethod
+    def _settle(cls, pending: _Pending[Req, Res], result: Res | Exception) -> None:
+        if isinstance(result, Exception):
+            cls._fail(pending, result)
+        elif not pending.future.done():
+            pending.future.set_result(result)
