@@ -5,6 +5,9 @@ Retry-After); after `drain_delay_s` (time for a load balancer to notice) uvicorn
 accepting connections, lets in-flight requests finish within `graceful_timeout_s`, then the
 lifespan stops the engine (batchers drained, Redis clients closed, embedded Redis stopped).
 
+uvicorn runs the service's HTTP protocol (`service.http.protocol`): refusals answered in the read
+that brought them, each response in one write.
+
 One process per container is the documented deployment: metrics need no multiprocess mode and
 each process owns one ONNX Runtime session per model (see docs/service.md).
 """
@@ -20,6 +23,7 @@ from fastapi import FastAPI
 
 from service.contracts import Engine
 from service.http.api import build_app
+from service.http.protocol import scoring_protocol
 from service.logs import configure_logging
 from service.settings import Settings
 
@@ -62,5 +66,6 @@ def serve(settings: Settings) -> None:
         timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s),
         server_header=False,
         lifespan="on",
+        http=scoring_protocol(app),
     )
     DrainingServer(config, app, settings.drain_delay_s).run()

@@ -81,6 +81,15 @@ def _requested_timeout_ms(scope: Scope) -> float | None:
         return None
 
 
+def refused_early(app: Any, scope: Scope, arrival: float) -> bool:
+    """Whether `app` refuses the scoring request `scope` from its headers: no loaded model could
+    answer a request of its usual size by its deadline."""
+    engine = getattr(app.state, "engine", None)
+    settings: Settings = app.state.settings
+    deadline = arrival + settings.timeout_s(_requested_timeout_ms(scope))
+    return engine is not None and not engine.admits_any(deadline)
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: ServiceMetrics, settings: Settings) -> None:
         self.app = app
@@ -157,9 +166,7 @@ class RequestContextMiddleware:
 
     def _early_refusal(self, scope: Scope, arrival: float) -> JSONResponse | None:
         """429 for a scoring request no model could answer in time (see the module docstring)."""
-        engine = getattr(scope["app"].state, "engine", None)
-        deadline = arrival + self.settings.timeout_s(_requested_timeout_ms(scope))
-        if engine is None or engine.admits_any(deadline):
+        if not refused_early(scope["app"], scope, arrival):
             return None
         self.metrics.rejected.labels(Overloaded.reason).inc()
         retry = str(self.settings.retry_after_s)
