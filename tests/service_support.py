@@ -1,6 +1,7 @@
 """Shared helpers of the service scoring tests: the app factory over the session's tiny model
 repository, the loader reference, an in-process HTTP client with the app's lifespan running,
-and a gate that holds a model's real `run()` so a test controls what runs and what queues."""
+the app under a real uvicorn server on a real socket, and a gate that holds a model's real
+`run()` so a test controls what runs and what queues."""
 
 from __future__ import annotations
 
@@ -8,18 +9,21 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 from fastapi import FastAPI
 
 from runtime.loader import LoadedModel, ScoringRequest, open_model
 from runtime.repository import latest_version, model_dir
 from service.http.api import build_app
+from service.http.protocol import scoring_protocol
+from service.processes import free_port
 from service.settings import Settings
 from service.store.embedded_redis import RedisServer
 
@@ -100,6 +104,36 @@ async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://svc") as client:
             yield client
+
+
+@contextlib.contextmanager
+def served(app: FastAPI) -> Iterator[httpx.Client]:
+    """`app` under uvicorn with the service's HTTP protocol, as `ctr serve` runs it, on a free
+    port, its loop on a thread of its own; a client for it. The server stops on exit, its
+    lifespan's shutdown included."""
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=free_port(),
+        http=scoring_protocol(app),
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)  # off the main thread it leaves the signals alone
+    thread = threading.Thread(target=server.run, name="uvicorn")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        with httpx.Client(base_url=f"http://127.0.0.1:{config.port}") as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def run(coro: Coroutine[Any, Any, None]) -> None:

@@ -1,7 +1,9 @@
 """HTTP API without a model: validation, limits, auth, ingestion, history, health, metrics.
 
-The app runs in-process (TestClient runs its lifespan) against a real redis-server; the model
-repository is empty, so the service is live but not ready, as a service whose models failed.
+The app runs under a real uvicorn server with the service's HTTP protocol (in this process, on
+a thread: `service_support.served`) against a real redis-server, and the tests talk to it over
+a socket; the model repository is empty, so the service is live but not ready, as a service
+whose models failed.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from fastapi.testclient import TestClient
+from service_support import served
 
 from service.http.api import build_app
 from service.settings import Settings
@@ -24,7 +27,7 @@ INGEST, ADMIN = "ingest-key-1", "admin-key"
 
 
 @pytest.fixture
-def client(redis_server: RedisServer, tmp_path: Path) -> Iterator[TestClient]:
+def client(redis_server: RedisServer, tmp_path: Path) -> Iterator[httpx.Client]:
     settings = Settings(
         repo=tmp_path / "empty-repo",
         redis_url=redis_server.url,
@@ -35,8 +38,8 @@ def client(redis_server: RedisServer, tmp_path: Path) -> Iterator[TestClient]:
         max_events=5,
         max_body_bytes=4096,
     )
-    with TestClient(build_app(settings)) as test_client:
-        yield test_client
+    with served(build_app(settings)) as http_client:
+        yield http_client
 
 
 def _event(k: int, user: str = "u1", **extra: Any) -> dict[str, Any]:
@@ -50,7 +53,9 @@ def _event(k: int, user: str = "u1", **extra: Any) -> dict[str, Any]:
     }
 
 
-def _post_events(client: TestClient, events: list[dict[str, Any]], key: str | None = INGEST) -> Any:
+def _post_events(
+    client: httpx.Client, events: list[dict[str, Any]], key: str | None = INGEST
+) -> Any:
     headers = {"X-API-Key": key} if key else {}
     return client.post("/v1/events", json={"events": events}, headers=headers)
 
@@ -63,7 +68,7 @@ def _assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     return dict(body)
 
 
-def test_liveness_is_up_and_readiness_says_why_not(client: TestClient) -> None:
+def test_liveness_is_up_and_readiness_says_why_not(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 503
@@ -71,7 +76,7 @@ def test_liveness_is_up_and_readiness_says_why_not(client: TestClient) -> None:
     assert "\nctr_ready 0.0\n" in client.get("/metrics").text  # what an alert sees
 
 
-def test_scoring_without_a_model_is_a_503_not_a_crash(client: TestClient) -> None:
+def test_scoring_without_a_model_is_a_503_not_a_crash(client: httpx.Client) -> None:
     body = {"user_id": "u1", "candidates": [{"item_id": "i1", "category_id": "c1"}]}
     response = client.post("/v1/score", json=body)
     _assert_error(response, 503, "model_unavailable")
@@ -110,7 +115,7 @@ def test_scoring_without_a_model_is_a_503_not_a_crash(client: TestClient) -> Non
     ],
 )
 def test_malformed_score_requests_get_422_with_the_location(
-    client: TestClient, body: dict[str, Any], where: list[Any]
+    client: httpx.Client, body: dict[str, Any], where: list[Any]
 ) -> None:
     response = client.post("/v1/score", json=body)
     details = _assert_error(response, 422, "invalid_request")["error"]["details"]
@@ -119,7 +124,7 @@ def test_malformed_score_requests_get_422_with_the_location(
     assert client.get("/healthz").status_code == 200
 
 
-def test_a_timeout_header_that_is_not_a_finite_number_says_so(client: TestClient) -> None:
+def test_a_timeout_header_that_is_not_a_finite_number_says_so(client: httpx.Client) -> None:
     body = {"user_id": "u1", "candidates": [{"item_id": "i1", "category_id": "c1"}]}
     response = client.post("/v1/score", json=body, headers={"X-Request-Timeout-Ms": "nan"})
     (detail,) = _assert_error(response, 422, "invalid_request")["error"]["details"]
@@ -127,7 +132,7 @@ def test_a_timeout_header_that_is_not_a_finite_number_says_so(client: TestClient
     assert "finite number" in detail["msg"]
 
 
-def test_configured_limits_give_422(client: TestClient) -> None:
+def test_configured_limits_give_422(client: httpx.Client) -> None:
     candidates = [{"item_id": f"i{k}", "category_id": "c"} for k in range(51)]
     over = client.post("/v1/score", json={"user_id": "u1", "candidates": candidates})
     assert _assert_error(over, 422, "invalid_request")["error"]["details"][0]["loc"] == [
@@ -140,7 +145,7 @@ def test_configured_limits_give_422(client: TestClient) -> None:
     _assert_error(_post_events(client, [_event(k) for k in range(6)]), 422, "invalid_request")
 
 
-def test_oversized_and_broken_bodies_get_4xx(client: TestClient) -> None:
+def test_oversized_and_broken_bodies_get_4xx(client: httpx.Client) -> None:
     big = json.dumps({"user_id": "u1", "candidates": [], "pad": "x" * 5000}).encode()
     headers = {"content-type": "application/json"}
     _assert_error(client.post("/v1/score", content=big, headers=headers), 413, "payload_too_large")
@@ -174,7 +179,7 @@ def test_oversized_and_broken_bodies_get_4xx(client: TestClient) -> None:
     ],
 )
 def test_scoring_bodies_that_are_not_a_request_say_where(
-    client: TestClient, content: bytes, content_type: str | None, status: int, where: Any
+    client: httpx.Client, content: bytes, content_type: str | None, status: int, where: Any
 ) -> None:
     headers = {} if content_type is None else {"content-type": content_type}
     response = client.post("/v1/score", content=content, headers=headers)
@@ -183,7 +188,7 @@ def test_scoring_bodies_that_are_not_a_request_say_where(
         assert [d["loc"] for d in error["error"]["details"]] == [where]
 
 
-def test_a_bad_timeout_header_and_a_bad_body_are_reported_together(client: TestClient) -> None:
+def test_a_bad_timeout_header_and_a_bad_body_are_reported_together(client: httpx.Client) -> None:
     body = {"user_id": "u 1", "candidates": [{"item_id": "i1", "category_id": "c1"}]}
     response = client.post("/v1/score", json=body, headers={"X-Request-Timeout-Ms": "nan"})
     details = _assert_error(response, 422, "invalid_request")["error"]["details"]
@@ -198,27 +203,27 @@ def test_a_bad_timeout_header_and_a_bad_body_are_reported_together(client: TestC
     ] == ["json_invalid"]
 
 
-def test_json_media_types_with_parameters_or_suffixes_are_json(client: TestClient) -> None:
+def test_json_media_types_with_parameters_or_suffixes_are_json(client: httpx.Client) -> None:
     body = json.dumps({"user_id": "u1", "candidates": [{"item_id": "i", "category_id": "c"}]})
     for media in ("application/json; charset=utf-8", "application/vnd.score+json"):
         answer = client.post("/v1/score", content=body, headers={"content-type": media})
         _assert_error(answer, 503, "model_unavailable")  # decoded and valid; no model loaded
 
 
-def test_event_timestamps_are_checked(client: TestClient) -> None:
+def test_event_timestamps_are_checked(client: httpx.Client) -> None:
     bad = [_event(1, ts=True), _event(1, ts=-1), _event(1, ts=4e9), _event(1, ts="soon")]
     for event in bad:
         _assert_error(_post_events(client, [event]), 422, "invalid_request")
 
 
-def test_ingest_requires_an_ingest_key(client: TestClient) -> None:
+def test_ingest_requires_an_ingest_key(client: httpx.Client) -> None:
     _assert_error(_post_events(client, [_event(1)], key=None), 401, "unauthorized")
     _assert_error(_post_events(client, [_event(1)], key="wrong"), 403, "forbidden")
     _assert_error(_post_events(client, [_event(1)], key=ADMIN), 403, "forbidden")  # other scope
     assert _post_events(client, [_event(1)], key="ingest-key-2").status_code == 202  # rotation
 
 
-def test_history_endpoints_require_the_admin_key(client: TestClient) -> None:
+def test_history_endpoints_require_the_admin_key(client: httpx.Client) -> None:
     _assert_error(client.get("/v1/users/u1/history"), 401, "unauthorized")
     _assert_error(
         client.get("/v1/users/u1/history", headers={"X-API-Key": INGEST}), 403, "forbidden"
@@ -228,7 +233,7 @@ def test_history_endpoints_require_the_admin_key(client: TestClient) -> None:
     )
 
 
-def test_events_are_idempotent_and_history_round_trips(client: TestClient) -> None:
+def test_events_are_idempotent_and_history_round_trips(client: httpx.Client) -> None:
     first = _post_events(client, [_event(2), _event(1), _event(3)])
     assert first.status_code == 202
     assert first.json() == {"accepted": 3, "duplicates": 0, "ignored": 0}
@@ -247,7 +252,7 @@ def test_events_are_idempotent_and_history_round_trips(client: TestClient) -> No
     _assert_error(client.get("/v1/users/bad%20id/history", headers=admin), 422, "invalid_request")
 
 
-def test_only_click_events_join_the_history(client: TestClient) -> None:
+def test_only_click_events_join_the_history(client: httpx.Client) -> None:
     """The models were trained on click histories: a conversion sent to the same endpoint
     must not show up as a second click of the item."""
     types: list[dict[str, Any]] = [{}, {"type": "click"}, {"type": "conversion"}, {"type": "view"}]
@@ -261,7 +266,7 @@ def test_only_click_events_join_the_history(client: TestClient) -> None:
 
 
 def test_ingest_answers_503_while_redis_is_down(
-    client: TestClient, redis_server: RedisServer
+    client: httpx.Client, redis_server: RedisServer
 ) -> None:
     os.kill(redis_server.pid, signal.SIGSTOP)
     try:
@@ -274,7 +279,7 @@ def test_ingest_answers_503_while_redis_is_down(
     assert client.get("/readyz").json()["reasons"] == ["default model not loaded"]  # not Redis
 
 
-def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
+def test_request_id_is_echoed_or_generated(client: httpx.Client) -> None:
     echoed = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     assert echoed.headers["X-Request-ID"] == "abc-123"
     unsafe = client.get("/healthz", headers={"X-Request-ID": "bad id\twith spaces"})
@@ -282,7 +287,7 @@ def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
     assert len(unsafe.headers["X-Request-ID"]) == 32
 
 
-def test_metrics_carry_histograms_with_route_templates(client: TestClient) -> None:
+def test_metrics_carry_histograms_with_route_templates(client: httpx.Client) -> None:
     _post_events(client, [_event(1)])
     client.get("/v1/users/u1/history", headers={"X-API-Key": ADMIN})
     text = client.get("/metrics").text
@@ -297,7 +302,7 @@ def test_metrics_carry_histograms_with_route_templates(client: TestClient) -> No
     assert listing["routing"]["experiments"] == []
 
 
-def test_openapi_shows_the_limits(client: TestClient) -> None:
+def test_openapi_shows_the_limits(client: httpx.Client) -> None:
     schema = client.get("/openapi.json").json()
     score = schema["components"]["schemas"]["ScoreRequest"]
     assert score["additionalProperties"] is False
@@ -306,7 +311,7 @@ def test_openapi_shows_the_limits(client: TestClient) -> None:
 
 
 def test_the_openapi_limits_are_the_configured_ones_and_the_enforced_ones(
-    client: TestClient,
+    client: httpx.Client,
 ) -> None:
     """The client fixture configures 50 candidates, 20 inline history items, 5 events: the
     document says so, N passes validation and N + 1 is refused."""
@@ -325,7 +330,7 @@ def test_the_openapi_limits_are_the_configured_ones_and_the_enforced_ones(
     _assert_error(_post_events(client, [_event(k) for k in range(6)]), 422, "invalid_request")
 
 
-def test_the_openapi_document_uses_json_schema_keywords(client: TestClient) -> None:
+def test_the_openapi_document_uses_json_schema_keywords(client: httpx.Client) -> None:
     document = client.get("/openapi.json").json()
     ts = document["components"]["schemas"]["EventIn"]["properties"]["ts"]
     assert (ts["minimum"], ts["maximum"]) == (0, 1e11) and not {"ge", "le"} & ts.keys()
@@ -342,7 +347,7 @@ def test_the_openapi_document_uses_json_schema_keywords(client: TestClient) -> N
     assert all("400" in responses for path, responses in posts if "routing" not in path)
 
 
-def test_the_document_refuses_what_the_service_refuses(client: TestClient) -> None:
+def test_the_document_refuses_what_the_service_refuses(client: httpx.Client) -> None:
     """Found by the API fuzz test: `patternProperties` alone let any other context key through
     in JSON Schema, and nothing told a client about the clock-skew bound of `ts`."""
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
@@ -355,7 +360,7 @@ def test_the_document_refuses_what_the_service_refuses(client: TestClient) -> No
     assert "ts" in schemas["EventIn"]["required"]
 
 
-def test_a_body_that_is_not_text_is_a_400(client: TestClient) -> None:
+def test_a_body_that_is_not_text_is_a_400(client: httpx.Client) -> None:
     answer = client.post(
         "/v1/score",
         content=b'{"user_id": "\xff\xfe"}',
@@ -364,7 +369,7 @@ def test_a_body_that_is_not_text_is_a_400(client: TestClient) -> None:
     _assert_error(answer, 400, "bad_request")
 
 
-def test_a_wrong_method_names_every_allowed_one(client: TestClient) -> None:
+def test_a_wrong_method_names_every_allowed_one(client: httpx.Client) -> None:
     for method in ("OPTIONS", "PUT", "POST", "HEAD"):
         answer = client.request(method, "/v1/users/u1/history", headers={"X-API-Key": ADMIN})
         assert answer.status_code == 405
