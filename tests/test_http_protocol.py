@@ -9,6 +9,7 @@ service refuse (a real engine refuses only under an overload no test can time ex
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -245,12 +246,16 @@ def test_a_head_without_a_body_behind_it_leaves_in_the_next_pass_or_on_close(
     assert len(writes.writes) == 2
 
 
+request_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_var")
+
+
 def test_a_continued_coroutine_gets_its_result_and_its_cancellation() -> None:
     async def go() -> None:
         loop = asyncio.get_running_loop()
         seen: list[str] = []
 
         async def waits(future: asyncio.Future[str]) -> None:
+            token = request_var.set("set in the first step")
             try:
                 seen.append(await future)
                 seen.append(await future)  # a done future: no second suspension
@@ -258,18 +263,22 @@ def test_a_continued_coroutine_gets_its_result_and_its_cancellation() -> None:
             except asyncio.CancelledError:
                 seen.append("cancelled")
                 raise
+            finally:
+                request_var.reset(token)  # a ValueError in any other context than the first's
+                seen.append("reset")
 
         future: asyncio.Future[str] = loop.create_future()
         coroutine = waits(future)
-        pending = coroutine.send(None)
+        context = contextvars.copy_context()
+        pending = context.run(coroutine.send, None)
         assert pending is future  # suspended on it
-        task = loop.create_task(_Continued(coroutine, pending).wait())
+        task = loop.create_task(_Continued(coroutine, pending, context).wait())
         future.set_result("answer")
         await asyncio.sleep(0.05)
         assert seen == ["answer", "answer"]
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert seen[-1] == "cancelled"
+        assert seen[-2:] == ["cancelled", "reset"]
 
     run(go())

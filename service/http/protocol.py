@@ -54,13 +54,15 @@ class _ScoringProtocol(HttpToolsProtocol):
         if not (is_score(scope) and refused_early(self.served, scope, time.monotonic())):  # type: ignore[arg-type]
             super()._start_asgi_task(cycle, app)
             return
-        context = contextvars.copy_context()  # as create_task would: one context per request
+        # One context per request, as uvicorn's task would have
+        reset = self.config.reset_contextvars
+        context = contextvars.Context() if reset else contextvars.copy_context()
         coroutine = cycle.run_asgi(app)
         try:
             pending = context.run(coroutine.send, None)
         except StopIteration:
             return  # answered
-        task = self.loop.create_task(_Continued(coroutine, pending).wait(), context=context)
+        task = self.loop.create_task(_Continued(coroutine, pending, context).wait())
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
@@ -68,17 +70,21 @@ class _ScoringProtocol(HttpToolsProtocol):
 class _Continued:
     """A coroutine already run up to its first suspension (on `pending`, the future it
     yielded), to be awaited by a task for the rest: what `yield from` does, minus the first
-    step."""
+    step. Each step runs in `context`, the one its first step ran in (a context variable set
+    there is reset there; `create_task(context=...)` would need Python 3.11)."""
 
-    def __init__(self, coroutine: Coroutine[Any, Any, None], pending: Any) -> None:
+    def __init__(
+        self, coroutine: Coroutine[Any, Any, None], pending: Any, context: contextvars.Context
+    ) -> None:
         self._coroutine = coroutine
         self._pending = pending
+        self._context = context
 
     async def wait(self) -> None:
         await self
 
     def __await__(self) -> Generator[Any, None, None]:
-        coroutine, pending = self._coroutine, self._pending
+        coroutine, pending, run = self._coroutine, self._pending, self._context.run
         while True:
             try:
                 yield pending
@@ -87,12 +93,12 @@ class _Continued:
                 raise
             except BaseException as exc:  # thrown in by the task: cancellation
                 try:
-                    pending = coroutine.throw(exc)
+                    pending = run(coroutine.throw, exc)
                 except StopIteration:
                     return
             else:
                 try:
-                    pending = coroutine.send(None)
+                    pending = run(coroutine.send, None)
                 except StopIteration:
                     return
 
