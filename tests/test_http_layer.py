@@ -1,33 +1,28 @@
 """The HTTP layer alone, over a fake engine: what each route hands the `Engine` and what it
 makes of the answer or the error.
 
-The fake stands in for `ScoringEngine` on purpose (issue 15: the routes must talk to the
-`service.contracts.Engine` methods only): a route that reached into engine parts would fail
-here with an AttributeError. The real engine behind the same routes is covered by
-test_service_api.py, test_service_scoring.py and the end-to-end tests.
+The fake (tests/engine_support.py) stands in for `ScoringEngine` on purpose (issue 15: the
+routes must talk to the `service.contracts.Engine` methods only): a route that reached into
+engine parts would fail here with an AttributeError. The real engine behind the same routes is
+covered by test_service_api.py, test_service_scoring.py and the end-to-end tests.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from engine_support import FakeEngine
 from service_support import run
 
 from service.contracts import (
     Event,
-    HistoryItem,
-    IngestResult,
-    ModelReloaded,
-    ModelsResponse,
-    ModelStatus,
     ModelUnavailable,
     ReloadFailed,
-    RoutingReloaded,
     ScoreResult,
     ScoringRequest,
     StoreUnavailable,
@@ -37,71 +32,6 @@ from service.http.api import build_app
 from service.metrics import ServiceMetrics
 from service.scoring.batcher import DeadlineExceeded, QueueFull
 from service.settings import Settings
-
-
-class FakeEngine:
-    """Records every call; answers with `score_result` or raises `error`."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, Any]] = []
-        self.error: Exception | None = None
-        self.admitting = True
-        self.admits_asked: list[float] = []
-        self.score_result = ScoreResult("sarn", 3, "treatment", [0.25, 0.5], "redis", "exp-1")
-
-    def _answer(self, name: str, argument: Any) -> None:
-        self.calls.append((name, argument))
-        if self.error is not None:
-            raise self.error
-
-    async def score(self, request: ScoringRequest) -> ScoreResult:
-        self._answer("score", request)
-        return self.score_result
-
-    async def ingest(self, events: Sequence[Event], ignored: int = 0) -> IngestResult:
-        self._answer("ingest", (list(events), ignored))
-        return IngestResult(accepted=len(events), duplicates=0)
-
-    async def history(self, user_id: str) -> list[HistoryItem]:
-        self._answer("history", user_id)
-        return [HistoryItem("i1", "c1", 10.0), HistoryItem("i2", "c2", 20.0)]
-
-    async def erase(self, user_id: str) -> None:
-        self._answer("erase", user_id)
-
-    def readiness(self) -> tuple[bool, list[str]]:
-        return False, ["model sarn failed to load"]
-
-    def admits_any(self, deadline: float) -> bool:
-        self.admits_asked.append(deadline)
-        return self.admitting
-
-    def status(self) -> ModelsResponse:
-        model = ModelStatus(
-            name="sarn",
-            version=None,
-            kind=None,
-            max_history=None,
-            provider=None,
-            providers=[],
-            default=True,
-            status="failed",
-        )
-        return ModelsResponse(default_model="sarn", models=[model], reload_poll_s=7.0)
-
-    async def reload_model(self, name: str, version: int | None) -> ModelReloaded:
-        self._answer("reload_model", (name, version))
-        return ModelReloaded(name, version or 4, 3, True, "CPUExecutionProvider")
-
-    async def reload_routing(self) -> RoutingReloaded:
-        self._answer("reload_routing", None)
-        return RoutingReloaded("ab" * 32, True, 2)
-
-    def begin_drain(self) -> None:
-        self.calls.append(("begin_drain", None))
-
-    async def stop(self, timeout_s: float) -> None:
-        self.calls.append(("stop", timeout_s))
 
 
 async def _client(engine: FakeEngine, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:

@@ -2,7 +2,7 @@
 socket: a refusal answered inside the read that brought it, the answers the same as uvicorn's
 own protocol gives, and each response in one write.
 
-The engine is the HTTP layer's fake (tests/test_http_layer.py): it is how a test makes the
+The engine is the HTTP layer's fake (tests/engine_support.py): it is how a test makes the
 service refuse (a real engine refuses only under an overload no test can time exactly).
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import uvicorn
+from engine_support import FakeEngine
 from service_support import run
-from test_http_layer import FakeEngine
 
 from service.http.api import build_app
 from service.http.protocol import _Continued, _HeadWithBody, scoring_protocol
