@@ -137,6 +137,55 @@ def test_a_refusal_is_answered_in_the_read_of_its_headers_before_its_body_arrive
     run(go())
 
 
+class RefusesAfterAScore(FakeEngine):
+    """Admits until it has scored once, then refuses (a load that rose meanwhile)."""
+
+    def admits_any(self, deadline: float) -> bool:
+        super().admits_any(deadline)
+        return not self.calls
+
+
+async def _pipelined(port: int, requests: bytes, answers: int) -> list[tuple[bytes, bytes]]:
+    """Writes `requests` at once on one connection and reads `answers` responses in turn."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(requests)
+    read = []
+    for _ in range(answers):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        read.append((head, await reader.readexactly(int(_header(head, b"content-length")))))
+    writer.close()
+    return read
+
+
+def test_pipelined_requests_are_answered_in_order_around_a_refusal_in_the_read() -> None:
+    """HTTP/1.1 pipelining: a refusal answered in the read, then the next request; and a
+    refusal that waited in uvicorn's pipeline behind a scored request (started when that one
+    completes, inside its answer's write)."""
+
+    async def go() -> None:
+        healthz = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n"
+        refusing = FakeEngine()
+        refusing.admitting = False
+        async with _server(refusing) as port:
+            first = await _pipelined(port, _score_head(b"r1") + _BODY + healthz, 2)
+        assert [head[:12] for head, _ in first] == [b"HTTP/1.1 429", b"HTTP/1.1 200"]
+        assert json.loads(first[0][1])["request_id"] == "r1"
+        assert json.loads(first[1][1]) == {"status": "ok"}
+
+        turning, tasks = RefusesAfterAScore(), RequestTasks()
+        asyncio.get_running_loop().set_task_factory(tasks)
+        requests = _score_head(b"s1") + _BODY + _score_head(b"s2") + _BODY + healthz
+        async with _server(turning) as port:
+            second = await _pipelined(port, requests, 3)
+        statuses = [head[:12] for head, _ in second]
+        assert statuses == [b"HTTP/1.1 200", b"HTTP/1.1 429", b"HTTP/1.1 200"]
+        assert [json.loads(body)["request_id"] for _, body in second[:2]] == ["s1", "s2"]
+        assert [name for name, _ in turning.calls] == ["score", "stop"]
+        assert tasks.names == ["RequestResponseCycle.run_asgi"] * 2  # s1 and /healthz: not s2
+
+    run(go())
+
+
 @pytest.mark.parametrize("protocol", [True, False], ids=["service", "uvicorn"])
 def test_the_refusal_is_the_one_uvicorns_own_protocol_gives(protocol: bool) -> None:
     async def go() -> None:
