@@ -106,21 +106,27 @@ async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-@contextlib.contextmanager
-def served(app: FastAPI) -> Iterator[httpx.Client]:
-    """`app` under uvicorn with the service's HTTP protocol, as `ctr serve` runs it, on a free
-    port, its loop on a thread of its own; a client for it. The server stops on exit, its
-    lifespan's shutdown included."""
+def uvicorn_server(app: FastAPI, protocol: bool = True) -> uvicorn.Server:
+    """A uvicorn server for `app` on a free local port (`server.config.port`), with the
+    service's HTTP protocol as `ctr serve` runs it (or uvicorn's own, `protocol=False`)."""
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=free_port(),
-        http=scoring_protocol(app),
+        http=scoring_protocol(app) if protocol else "auto",
         log_config=None,
         access_log=False,
         lifespan="on",
     )
-    server = uvicorn.Server(config)  # off the main thread it leaves the signals alone
+    return uvicorn.Server(config)
+
+
+@contextlib.contextmanager
+def served(app: FastAPI) -> Iterator[httpx.Client]:
+    """`app` under `uvicorn_server`, its loop on a thread of its own; a client for it. The
+    server stops on exit, its lifespan's shutdown included."""
+    server = uvicorn_server(app)  # off the main thread it leaves the signals alone
+    config = server.config
     thread = threading.Thread(target=server.run, name="uvicorn")
     thread.start()
     try:

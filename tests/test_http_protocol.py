@@ -16,14 +16,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-import uvicorn
 from engine_support import FakeEngine
-from service_support import run
+from service_support import run, uvicorn_server
 
 from service.http.api import build_app
-from service.http.protocol import _Continued, _HeadWithBody, scoring_protocol
+from service.http.protocol import _Continued, _HeadWithBody
 from service.metrics import ServiceMetrics
-from service.processes import free_port
 from service.settings import Settings
 
 _BODY = json.dumps(
@@ -58,23 +56,12 @@ async def _server(engine: FakeEngine, protocol: bool = True) -> AsyncIterator[in
     async def open_engine(_: Settings, __: ServiceMetrics, ___: object) -> FakeEngine:
         return engine
 
-    app = build_app(Settings(retry_after_s=2), open_engine=open_engine)
-    port = free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        http=scoring_protocol(app) if protocol else "auto",
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn_server(build_app(Settings(retry_after_s=2), open_engine=open_engine), protocol)
     serving = asyncio.ensure_future(server.serve())
     while not server.started:
         await asyncio.sleep(0.01)
     try:
-        yield port
+        yield server.config.port
     finally:
         server.should_exit = True
         await serving

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from models.data.batch import BehaviorBatch
 from models.data.schema import write_table
 from models.nets.baselines import DIN
+from models.nets.sarn import SARNConfig
 from models.registry import BEHAVIOR_MODELS, model_class
 from models.training.checkpoint import CheckpointError, config_from_dict, load_run, save_run
 from models.training.evaluate import evaluate_run
@@ -246,8 +247,8 @@ def test_every_behaviour_model_trains_saves_and_evaluates(
     metrics = train_run(name, *files, tmp_path, config, progress=False)
     record = metrics["epochs"][0]
     assert np.isfinite(record["train_loss"]) and 0 < metrics["valid"]["auc"] < 1
-    if name == "sarn":  # needs_negatives: the sampler fed its interest (auxiliary) loss
-        assert model_class(name).needs_negatives and "train_auxiliary" in record
+    if name == "sarn":  # samples negatives: the sampler fed its interest (auxiliary) loss
+        assert model_class(name).samples_negatives(SARNConfig()) and "train_auxiliary" in record
     result = evaluate_run(tmp_path, files[1], device="cpu")
     assert result["auc"] == pytest.approx(metrics["valid"]["auc"], abs=1e-9)
 

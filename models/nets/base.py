@@ -53,17 +53,15 @@ class BehaviorModel(nn.Module, ABC):
     """
 
     config_class: ClassVar[type[Any]]
-    # True when forward_train always uses batch.neg_hist_items/neg_hist_cats (SARN's auxiliary
-    # loss); the trainer asks `samples_negatives(config)`, which defaults to this.
-    needs_negatives: ClassVar[bool] = False
     supports_multitask: ClassVar[bool] = True  # False: `_add_towers` gets no tower factory
     tasks: tuple[str, ...] = ("ctr",)  # set per instance by `_add_towers`
 
     @classmethod
     def samples_negatives(cls, config: Any) -> bool:
-        """Whether training samples batch.neg_hist_* for a model of this config (a model
-        whose auxiliary loss is optional says so from its config)."""
-        return cls.needs_negatives
+        """Whether training samples batch.neg_hist_items/neg_hist_cats for a model of this
+        config: true where forward_train's auxiliary loss reads them (SARN's always, FAT's
+        when it is on); the trainer samples negatives only then."""
+        return False
 
     def _add_towers(self, tasks: Sequence[str], make_tower: Callable[[], nn.Module] | None) -> None:
         """The model's own head serves tasks[0]; each further task gets `make_tower()`, a

@@ -21,7 +21,7 @@ the model's own forward stays one computation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -266,7 +266,10 @@ class SARN(BehaviorModel):
     """
 
     config_class = SARNConfig
-    needs_negatives: ClassVar[bool] = True  # the auxiliary loss reads batch.neg_hist_*
+
+    @classmethod
+    def samples_negatives(cls, config: SARNConfig) -> bool:
+        return True  # the auxiliary (interest) loss reads batch.neg_hist_*
 
     def __init__(self, sizes: dict[str, int], config: SARNConfig | None = None) -> None:
         super().__init__()

@@ -418,18 +418,16 @@ class Batcher(Generic[Req, Prep, Res]):
         # neither the queue nor a worker, yet a request admitted meanwhile waits for it.
         size = sum(p.size for p in batch)
         self._running[batch_id] = taken + self._prepare_s + self.cost.batch(size)
-        answers: list[tuple[_Pending[Req, Res], Res | Exception]] = []
         try:
-            answers = await self._run_batch(batch, batch_id, taken)
+            return await self._run_batch(batch, batch_id, taken)
+        except BaseException:
+            # Only a cancelled dispatch gets here, with requests unsettled; no timer may be
+            # left to settle them (`_expire` spares a request whose run returned in time).
+            for p in batch:
+                self._fail(p, DeadlineExceeded())
+            raise
         finally:
             del self._running[batch_id]
-            # Settled already or answered unless this dispatch was cancelled; then no timer
-            # may be left to do it (`_expire` spares a request whose run returned in time).
-            answered = {id(p) for p, _ in answers}
-            for p in batch:
-                if id(p) not in answered:
-                    self._fail(p, DeadlineExceeded())
-        return answers
 
     async def _run_batch(
         self, batch: list[_Pending[Req, Res]], batch_id: int, taken: float
