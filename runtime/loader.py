@@ -199,6 +199,11 @@ class LoadedModel:
         self.spec, self.vocabs = FeatureSpec.load(directory, slate=self.kind == "slate")
         self.slate = SlateContract.from_manifest(manifest) if self.kind == "slate" else None
 
+    @property
+    def on_device(self) -> bool:
+        """Runs on an accelerator (CUDA, TensorRT), not the CPU provider."""
+        return self.providers[0] != CPU
+
     def encode(self, requests: Sequence[ScoringRequest]) -> dict[str, np.ndarray]:
         """Raw requests -> the graph's feeds (vocabulary mapping, OOV, truncation, layout)."""
         if self.slate is not None:

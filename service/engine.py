@@ -50,6 +50,7 @@ from service.reload import Reloader
 from service.routing import ExperimentRouter, LoadedRouting, read_routing
 from service.scoring.batch import BatchTiming, BatchWork, Scored
 from service.scoring.batcher import Batcher, BatcherConfig, CostModel
+from service.scoring.cpus import usable_cores
 from service.scoring.naive import UnbatchedRunner
 from service.settings import Settings
 from service.shadow import ShadowJob, ShadowScorer, ShadowSettings
@@ -318,12 +319,16 @@ class ScoringEngine:
         )
         if s.naive:
             return UnbatchedRunner(model.name, work.infer_naive, work.prepare, s.retry_after_s)
-        config = BatcherConfig(
-            s.batch_max_candidates,
-            s.queue_max_requests,
-            s.shed_status,
-            s.retry_after_s,
-            workers=s.inference_workers(),
+        config = batcher_config(s, model.on_device)
+        log.info(
+            "model %s v%d on %s: inference workers %d, intra-op threads per session %d, "
+            "usable CPUs %d (affinity and cgroup CPU quota)",
+            model.name,
+            model.version,
+            model.providers[0],
+            config.workers,
+            s.session_threads(),
+            usable_cores(),
         )
         calibration = self.registry.calibrations.get((model.name, model.version))
         cost = CostModel(calibration.a, calibration.b) if calibration is not None else None
@@ -362,6 +367,18 @@ class ScoringEngine:
         self.metrics.store_duration.labels(operation, outcome).observe(elapsed)
         self.metrics.dependency_up.labels("redis").set(1 if outcome == "ok" else 0)
         self.metrics.redis_breaker_open.set(self.store.breaker.state != "closed")
+
+
+def batcher_config(s: Settings, on_device: bool) -> BatcherConfig:
+    """A model version's batching, on the CPU or on a device whose runs serialise."""
+    return BatcherConfig(
+        s.batch_max_candidates,
+        s.queue_max_requests,
+        s.shed_status,
+        s.retry_after_s,
+        workers=s.inference_workers(on_device),
+        parallel_runs=1 if on_device else None,
+    )
 
 
 def _start_embedded_redis() -> RedisServer:

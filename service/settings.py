@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.scoring.cpus import usable_cores
+
 # Hard ceilings that the request schemas enforce statically (and show in OpenAPI); the settings
 # below may only lower them, so a configured limit is always enforceable.
 HARD_MAX_CANDIDATES = 10_000
@@ -41,11 +43,6 @@ def _split_csv(value: Any) -> Any:
             return json.loads(text)
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
-
-
-def usable_cores() -> int:
-    """The CPUs this process may run on (a container's cpuset, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _lower(value: Any) -> Any:
@@ -160,8 +157,13 @@ class Settings(BaseSettings):
         """A request's time budget: the client's X-Request-Timeout-Ms (capped) or the default."""
         return min(requested_ms or self.request_timeout_ms, self.max_request_timeout_ms) / 1000
 
-    def inference_workers(self) -> int:
-        return self.infer_workers or max(1, usable_cores() - 1)
+    def inference_workers(self, on_device: bool = False) -> int:
+        """CTR_INFER_WORKERS, else: on the CPU one per usable core but the event loop's; on a
+        device, whose runs serialise on the session's one stream, 2 (one batch is encoded and
+        split on the CPU while another runs)."""
+        if self.infer_workers:
+            return self.infer_workers
+        return 2 if on_device else max(1, usable_cores() - 1)
 
     def session_threads(self) -> int:
         """Intra-op threads per ORT session: what is set, else the cores each worker gets."""

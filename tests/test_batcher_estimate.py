@@ -133,6 +133,30 @@ def test_workers_run_batches_of_one_model_at_once() -> None:
     asyncio.run(scenario())
 
 
+def test_the_queued_work_is_shared_over_the_runs_that_overlap() -> None:
+    """Two workers on CPU cores halve the wait for 20 queued candidates (200 ms); two on a GPU,
+    whose runs serialise on one stream (`parallel_runs=1`), do not."""
+
+    async def scenario() -> None:
+        model = PerCandidate()
+        cost = CostModel(a=0.0, b=PerCandidate.seconds_per_candidate)
+        bare = {"slack": 0.0, "margin_s": 0.0}
+        cores = Batcher("m", model.infer, Prepares(), BatcherConfig(workers=2, **bare), None, cost)
+        device = BatcherConfig(workers=2, parallel_runs=1, **bare)
+        gpu = Batcher("m", model.infer, Prepares(), device, None, cost)
+        waits = []
+        for batcher in (cores, gpu):  # not started: what is submitted stays queued
+            queued = [asyncio.ensure_future(batcher.submit(10, 10, later())) for _ in range(2)]
+            await asyncio.sleep(0)
+            waits.append(batcher.estimated_finish(0) - time.monotonic())
+            for request in queued:
+                request.cancel()
+        assert waits[0] == pytest.approx(0.1, abs=0.005)
+        assert waits[1] == pytest.approx(0.2, abs=0.005)
+
+    asyncio.run(scenario())
+
+
 def test_a_calibrated_batcher_refuses_at_once_what_it_cannot_finish_even_when_idle() -> None:
     async def scenario() -> None:
         model, observer = PerCandidate(), Counts()

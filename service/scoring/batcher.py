@@ -18,7 +18,8 @@ run; so does one that, once its batch is read, could no longer finish by the bat
 end: it is left out at once rather than expire in flight, slowing the batch it rides in. One
 whose run has returned by its deadline keeps its answer, even if the loop gets to it late.
 
-The estimate (`estimated_finish`) is the work ahead shared over the workers plus the request's
+The estimate (`estimated_finish`) is the work ahead shared over the workers (over one on a
+device whose runs serialise: `BatcherConfig.parallel_runs`) plus the request's
 own run: with `a` the fixed cost of a batch and `b` the cost per candidate (`CostModel`,
 calibrated by the engine at start-up on the real model and refined from every batch), the work
 ahead is what the batches already taken have left (those still reading their histories included:
@@ -111,7 +112,11 @@ class BatcherConfig:
     max_queue_requests: int = 256
     shed_status: int = 429
     retry_after_s: int = 1
-    workers: int = 1  # batches of this model run at once (threads over one ORT session)
+    workers: int = 1  # batches of this model in flight at once (threads over one ORT session)
+    # Of those, how many runs overlap in time (None: all of them, as on CPU cores). On a GPU the
+    # session's runs share one CUDA stream and serialise (SERVING.md 3.2): 1, and the queued
+    # work is not shared over the workers in the estimate.
+    parallel_runs: int | None = None
     slack: float = 1.5  # headroom proportional to the estimated wait (see the module docstring)
     margin_s: float = 0.003  # the answer's own path after inference, one scheduling delay
 
@@ -311,7 +316,8 @@ class Batcher(Generic[Req, Prep, Res]):
         # The request's own batch waits for its read (`prepare`) before it runs. The batches
         # ahead read too, but counting a read per mean-sized batch refused a quarter of a
         # burst (where one large batch reads once): docs/performance.md "The trade-off".
-        ahead = (left + cost.b * queued + cost.a * batches) / config.workers
+        at_once = config.parallel_runs or config.workers
+        ahead = (left + cost.b * queued + cost.a * batches) / at_once
         own = self._prepare_s + cost.batch(size)
         return now + (ahead + own) * (1 + config.slack) + config.margin_s
 
