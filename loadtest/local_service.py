@@ -16,6 +16,7 @@ from types import TracebackType
 
 import httpx
 
+from loadtest.cpu_split import pinned
 from service.processes import NotReady, free_port, stop_process, wait_until
 
 
@@ -58,6 +59,7 @@ class LocalService:
         env: Mapping[str, str] | None = None,
         ready_timeout_s: float = 120.0,
         ready_path: str = "/readyz",
+        cpus: set[int] | None = None,
     ) -> None:
         self.repo = Path(repo)
         self.log = Path(log)
@@ -66,6 +68,7 @@ class LocalService:
         # "/healthz" starts a service that may stay not-ready (CTR_REQUIRE_GPU on a host whose
         # CUDA fails): the models are loaded before it answers, so /readyz is then final.
         self.ready_path = ready_path
+        self.cpus = cpus  # where it runs (`loadtest.cpu_split`); None: where the caller does
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -89,7 +92,7 @@ class LocalService:
         )
         environment.pop("CTR_REDIS_URL", None)  # the embedded redis-server, owned by the child
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as sink:
+        with self.log.open("ab") as sink, pinned(self.cpus):
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "slatectr.cli", "serve"],
                 env=environment,

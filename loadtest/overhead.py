@@ -27,6 +27,9 @@ past saturation, in one run, on one model, on this machine.
    comes from `loadtest.http_load`: one event loop, requests encoded before the clock starts.
 4. Saturation goodput with each of `workers` inference workers (a restart per setting).
 
+With `service_cpus` and `generator_cpus` (`--service-cpus`, `--generator-cpus`) the service and
+this process, which sends the load, run on CPUs of their own (`loadtest.cpu_split`).
+
 Targets (issue 17): overhead ≤ 1 ms; the burst all 200 on a quiet box; at 2× saturation goodput
 ≥ 90% of the peak, 504s ≤ 1% at every step, refusals answered within 5 ms.
 """
@@ -50,6 +53,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from loadtest import http_load
+from loadtest.cpu_split import format_cpu_list, pinned
 from loadtest.http_load import Answer, post_request
 from loadtest.idle_penalty import idle_penalty
 from loadtest.local_service import LocalService
@@ -83,6 +87,8 @@ class OverheadConfig:
     step_seconds: float = 8.0
     workers: list[int] = field(default_factory=lambda: [1, 2])
     users: int = 200  # seeded users the requests draw from
+    service_cpus: set[int] | None = None  # where the service runs (`loadtest.cpu_split`)
+    generator_cpus: set[int] | None = None  # where this process, the load's sender, runs
 
 
 class Client:
@@ -357,11 +363,17 @@ def open_loop(
 
 @contextmanager
 def _service(config: OverheadConfig, log: Path, **env: str) -> Iterator[LocalService]:
-    with LocalService(config.repo, log, {"CTR_MODELS": config.model, **env}) as service:
+    env = {"CTR_MODELS": config.model, **env}
+    with LocalService(config.repo, log, env, cpus=config.service_cpus) as service:
         yield service
 
 
 def run_overhead(config: OverheadConfig, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    with pinned(config.generator_cpus):
+        return _run_overhead(config, progress)
+
+
+def _run_overhead(config: OverheadConfig, progress: Callable[[str], None]) -> dict[str, Any]:
     config.out.mkdir(parents=True, exist_ok=True)
     population = Population.load(config.world, config.history)
     population.users = population.users[: config.users]
@@ -424,7 +436,11 @@ def _idle_lines(cpu_us: dict[str, float] | None) -> list[str]:
 
 
 def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    return sorted(value) if isinstance(value, set) else str(value)
 
 
 def checks(result: dict[str, Any]) -> list[tuple[str, bool]]:
@@ -447,12 +463,22 @@ def checks(result: dict[str, Any]) -> list[tuple[str, bool]]:
     ]
 
 
+def _cpu_line(config: dict[str, Any]) -> str:
+    def where(cpus: list[int] | None) -> str:
+        return "any CPU" if cpus is None else f"CPUs {format_cpu_list(set(cpus))}"
+
+    service, generator = where(config["service_cpus"]), where(config["generator_cpus"])
+    return f"Service (and its redis-server) on {service}; load generator on {generator}."
+
+
 def markdown(result: dict[str, Any]) -> str:
     c1, config = result["concurrency_1"], result["config"]
     lines = [
         f"# ctr bench overhead: {config['model']}, K={config['slate']}, L={config['history']}",
         "",
         f"Machine: {result['machine']}",
+        "",
+        _cpu_line(config),
         "",
         "| concurrency 1 | ms |",
         "|---|---|",

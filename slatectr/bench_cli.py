@@ -258,6 +258,12 @@ def bench_overhead(
     clients: Annotated[int, typer.Option(help="Closed-loop clients at saturation.")] = 16,
     step_seconds: Annotated[float, typer.Option(help="Seconds per load step.")] = 8.0,
     workers: Annotated[str, typer.Option(help="Inference workers to compare.")] = "1,2",
+    service_cpus: Annotated[
+        str | None, typer.Option(help="CPUs for the service, e.g. 0-7 (default: any).")
+    ] = None,
+    generator_cpus: Annotated[
+        str | None, typer.Option(help="CPUs for the load generator, e.g. 8-15 (default: any).")
+    ] = None,
 ) -> None:
     """The service's own cost at concurrency 1 (with its stages), a burst, open-loop load to
     2x saturation, and throughput per inference-worker count; writes overhead.md/.json."""
@@ -274,9 +280,21 @@ def bench_overhead(
         clients=clients,
         step_seconds=step_seconds,
         workers=_ints(workers, "--workers"),
+        service_cpus=_cpus(service_cpus, "--service-cpus"),
+        generator_cpus=_cpus(generator_cpus, "--generator-cpus"),
     )
     run_overhead(config, progress=lambda step: typer.echo(f"... {step}", err=True))
     typer.echo((out / "overhead.md").read_text())
+
+
+def _cpus(text: str | None, option: str) -> set[int] | None:
+    """A CPU list ('0-3,8') of CPUs this process may use, or None; else a usage error."""
+    from loadtest.cpu_split import parse_cpu_list
+
+    try:
+        return None if text is None else parse_cpu_list(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
 
 def _ints(text: str, option: str) -> list[int]:

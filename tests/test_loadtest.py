@@ -25,6 +25,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from loadtest.cpu_split import format_cpu_list, parse_cpu_list
 from loadtest.local_service import LocalService
 from loadtest.overhead import (
     _idle_lines,
@@ -209,6 +210,41 @@ def test_external_url_missed_slo_counts_shed_apart_and_leaves_the_service(
     assert summary["totals"]["shed_rate"] > 0
     assert summary["by_name"]["/v1/score"]["requests"] > 0  # admitted ones were answered
     assert "--processes 2" in summary["command"]
+
+
+def test_a_local_service_runs_on_the_cpus_it_is_given_and_sizes_its_workers_from_them(
+    service_model_repo: Path, tmp_path: Path
+) -> None:
+    """`ctr bench overhead --service-cpus`: every thread of the service and of the redis-server
+    it starts on the one CPU given, the service's workers sized from that CPU, and the caller's
+    own CPUs as they were."""
+    mine = os.sched_getaffinity(0)
+    cpu = max(mine)
+    log = tmp_path / "service.log"
+    with LocalService(service_model_repo, log, {"CTR_LOG_LEVEL": "info"}, cpus={cpu}) as service:
+        assert service.process is not None
+        pid = service.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        assert children, "the embedded redis-server"
+        threads = [int(t.name) for p in [pid, *map(int, children)] for t in _tasks(p)]
+        assert {tid: os.sched_getaffinity(tid) for tid in threads} == {t: {cpu} for t in threads}
+    assert os.sched_getaffinity(0) == mine
+    assert "usable CPUs 1 (affinity and cgroup CPU quota)" in log.read_text()
+
+
+def _tasks(pid: int) -> list[Path]:
+    return list(Path(f"/proc/{pid}/task").iterdir())
+
+
+def test_cpu_lists_in_the_kernel_format() -> None:
+    usable = os.sched_getaffinity(0)
+    assert parse_cpu_list(format_cpu_list(usable)) == usable
+    assert format_cpu_list({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11"
+    for bad in ("", "a", "3-1", "-1", "1,,x"):
+        with pytest.raises(ValueError, match="CPU list"):
+            parse_cpu_list(bad)
+    with pytest.raises(ValueError, match=f"CPUs {max(usable) + 1} are not usable here"):
+        parse_cpu_list(str(max(usable) + 1))
 
 
 # --- step statistics (no processes) ------------------------------------------------------
