@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.loader import LoadedModel, ModelIntegrityError, ScoringRequest, open_model
+from runtime.loader import CUDA, LoadedModel, ModelIntegrityError, ScoringRequest, open_model
 from runtime.repository import latest_version, list_models, model_dir
 
 log = logging.getLogger(__name__)
-CUDA = "CUDAExecutionProvider"
 
 
 class WarmupError(ValueError):
