@@ -94,6 +94,13 @@ def test_unreadable_or_malformed_files_mean_no_limit(tmp_path: Path) -> None:
     assert cgroup_cpu_limit(tmp_path / "no-such-proc") is None
 
 
+def test_a_line_of_proc_cgroup_it_cannot_read_is_passed_over(tmp_path: Path) -> None:
+    mount = tmp_path / "cgroup2"
+    _write(mount / "a", cpu_max="100000 100000")
+    proc = _proc(tmp_path, V2_MOUNT.format(root="/", point=mount), "not a cgroup line\n0::/a\n")
+    assert cgroup_cpu_limit(proc) == 1.0
+
+
 def test_usable_cores_rounds_a_fractional_quota_up_and_never_exceeds_the_affinity(
     tmp_path: Path,
 ) -> None:

@@ -54,7 +54,9 @@ def _cpu_cgroups(mountinfo: str, memberships: str) -> Iterator[tuple[Path, Path,
     mounted hierarchy with the cpu controller that the process belongs to."""
     paths: dict[str, str] = {}  # "" for the v2 hierarchy, "cpu" for the v1 cpu controller
     for line in memberships.splitlines():
-        _, controllers, path = line.split(":", 2)
+        if len(parts := line.split(":", 2)) != 3:
+            continue
+        _, controllers, path = parts
         if controllers == "":
             paths[""] = path
         elif "cpu" in controllers.split(","):
