@@ -406,9 +406,10 @@ class Batcher(Generic[Req, Prep, Res]):
                     await asyncio.sleep(0)
                 for pending, result in answers[start : start + ANSWERS_PER_PASS]:
                     self._settle(pending, result)
-        finally:  # cancelled (the loop's teardown): the rest are ready, answer them at once
+        except BaseException:  # cancelled (the loop's teardown): the rest are ready, answer them
             for pending, result in answers:
                 self._settle(pending, result)
+            raise
 
     async def _prepare_and_infer(
         self, batch: list[_Pending[Req, Res]]
